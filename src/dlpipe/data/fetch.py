@@ -1,0 +1,225 @@
+"""The fetch stage's work: MNIST's four files and the IMDB reviews into data/raw, all or nothing.
+
+A data mirror (`DLPIPE_DATA_MIRROR`: a folder or URL base holding mnist/ and imdb/) is tried
+before the canonical URLs, so the pipeline runs offline. Every file is checked against the pinned
+checksums in `sources`, and the result is built in a temp folder beside `out_dir` and swapped in
+only once complete, so a failed or interrupted fetch never leaves partial data for DVC to cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dlpipe.config import FetchConfig
+from dlpipe.data.archive import SPLIT_FOLDERS, read_aclimdb_archive, read_imdb_csv
+from dlpipe.data.download import (
+    SourcesExhaustedError,
+    default_mode,
+    download_from,
+    is_url,
+    local_path,
+)
+from dlpipe.data.sources import DEFAULT_SOURCES, RemoteFile, Sources
+from dlpipe.errors import DlpipeError
+from dlpipe.paths import project_root, resolve_from_root
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """Where large canonical downloads are kept between runs (outside any DVC temp copy)."""
+    return project_root() / ".dlpipe" / "downloads"
+
+
+def resolve_mirror(mirror: str | None) -> str | None:
+    """The mirror as an absolute folder or a URL base without trailing slash; None when unset."""
+    if not mirror:
+        return None
+    if is_url(mirror):
+        return mirror.rstrip("/")
+    path = local_path(mirror)
+    if path is None:
+        raise DlpipeError(f"DLPIPE_DATA_MIRROR={mirror}: use a folder or an http(s) URL")
+    folder = Path(resolve_from_root(str(path)))
+    if not folder.is_dir():
+        raise DlpipeError(f"DLPIPE_DATA_MIRROR={mirror}: no such folder ({folder})")
+    return str(folder)
+
+
+def fetch_all(
+    out_dir: Path,
+    cfg: FetchConfig,
+    mirror: str | None,
+    *,
+    sources: Sources = DEFAULT_SOURCES,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Write `out_dir/mnist/*.gz` and `out_dir/imdb/{train,test,unsup}.parquet`; return a summary.
+
+    `out_dir` is replaced only after everything is downloaded and verified; on any failure it is
+    left as it was and the temp folder is removed.
+    """
+    out_dir = Path(out_dir)
+    base = resolve_mirror(mirror)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        build.chmod(default_mode(directory=True))
+        summary = {
+            "mnist": _fetch_mnist(build, cfg, base, sources),
+            "imdb": _fetch_imdb(build, cfg, base, sources, cache_dir or default_cache_dir()),
+        }
+        _swap_into_place(build, out_dir)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    for dataset, info in summary.items():
+        info["dir"] = str(out_dir / dataset)
+    return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """One human line per dataset, for the stage's output."""
+    lines = []
+    for dataset, info in summary.items():
+        rows = info.get("rows")
+        counts = f" ({', '.join(f'{k} {v:,}' for k, v in rows.items())} rows)" if rows else ""
+        lines.append(
+            f"{dataset}: {len(info['files'])} files{counts}, {info['bytes'] / 1e6:.1f} MB "
+            f"in {info['dir']}, from {info['origin']}, {info['seconds']:.2f}s"
+        )
+    return lines
+
+
+def _in_mirror(mirror: str, *parts: str) -> str:
+    return "/".join([mirror, *parts]) if is_url(mirror) else str(Path(mirror, *parts))
+
+
+def _get(candidates: list[str], dest: Path, remote: RemoteFile, cfg: FetchConfig) -> str:
+    """Download one pinned file; returns the source that delivered it."""
+    _, source = download_from(
+        candidates,
+        dest,
+        sha256=remote.sha256,
+        md5=remote.md5,
+        connect_timeout_s=cfg.connect_timeout_s,
+        read_timeout_s=cfg.read_timeout_s,
+        retries=cfg.retries,
+        desc=remote.name,
+    )
+    return source
+
+
+def _origin(used: dict[str, str], mirror: str | None) -> str:
+    """Where a dataset's files came from, in a word or two."""
+    kinds = set()
+    for source in used.values():
+        if source == "cached":
+            kinds.add("download cache")
+        elif mirror is not None and source.startswith(mirror):
+            kinds.add(f"mirror {mirror}")
+        else:
+            kinds.add("canonical URL")
+    return " + ".join(sorted(kinds))
+
+
+def _fetch_mnist(
+    build: Path, cfg: FetchConfig, mirror: str | None, sources: Sources
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    folder = build / "mnist"
+    used: dict[str, str] = {}
+    for remote in sources.mnist_files:
+        candidates = [_in_mirror(mirror, "mnist", remote.name)] if mirror else []
+        candidates += [f"{url.rstrip('/')}/{remote.name}" for url in sources.mnist_url_bases]
+        used[remote.name] = _get(candidates, folder / remote.name, remote, cfg)
+    files = {name: (folder / name).stat().st_size for name in used}
+    return {
+        "files": files,
+        "bytes": sum(files.values()),
+        "sources": used,
+        "origin": _origin(used, mirror),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _fetch_imdb(
+    build: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    frames: dict[str, pd.DataFrame] | None = None
+    used: dict[str, str] = {}
+    if mirror and sources.imdb_csv_files:
+        frames, used = _imdb_from_csv(build / ".imdb-csv", cfg, mirror, sources)
+    if frames is None:
+        remote = sources.imdb_archive
+        candidates = [_in_mirror(mirror, "imdb", remote.name)] if mirror else []
+        candidates += list(sources.imdb_archive_urls)
+        archive = cache_dir / remote.name
+        used = {remote.name: _get(candidates, archive, remote, cfg)}
+        frames = read_aclimdb_archive(archive)
+    folder = build / "imdb"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, data in frames.items():
+        path = folder / f"{split}.parquet"
+        data.to_parquet(path, index=False, engine="pyarrow")
+        files[path.name] = path.stat().st_size
+    return {
+        "files": files,
+        "bytes": sum(files.values()),
+        "rows": {split: len(data) for split, data in frames.items()},
+        "sources": used,
+        "origin": _origin(used, mirror),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _imdb_from_csv(
+    scratch: Path, cfg: FetchConfig, mirror: str, sources: Sources
+) -> tuple[dict[str, pd.DataFrame] | None, dict[str, str]]:
+    """The frames from the mirror's CSV export, or None when the mirror has no (complete) export.
+
+    A missing file falls back to the archive; a corrupt one is fatal like any checksum error.
+    """
+    splits = {remote.name.split(".", 1)[0]: remote for remote in sources.imdb_csv_files}
+    if set(splits) != set(SPLIT_FOLDERS):
+        raise ValueError(f"imdb_csv_files must be one per split {sorted(SPLIT_FOLDERS)}")
+    used: dict[str, str] = {}
+    try:
+        for remote in splits.values():
+            used[remote.name] = _get(
+                [_in_mirror(mirror, "imdb", remote.name)], scratch / remote.name, remote, cfg
+            )
+    except SourcesExhaustedError:
+        log.warning("mirror %s has no complete IMDB CSV export; using aclImdb_v1.tar.gz", mirror)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return None, {}
+    frames = {split: read_imdb_csv(scratch / splits[split].name, split) for split in SPLIT_FOLDERS}
+    shutil.rmtree(scratch)
+    return frames, used
+
+
+def _swap_into_place(build: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by `build`; the old one is moved aside first and restored on failure."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        os.rename(build, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
+    aside = old / out_dir.name
+    os.rename(out_dir, aside)
+    try:
+        os.rename(build, out_dir)
+    except BaseException:
+        os.rename(aside, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

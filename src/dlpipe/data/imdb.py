@@ -1,0 +1,164 @@
+"""IMDB: normalise, learn a subword vocabulary on the training split, encode to int32 token ids.
+
+The normaliser lives inside `tokenizer.json`, so any text given to the saved tokenizer later (the
+CLI, a served model) is cleaned exactly as the training data was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from dlpipe.config import PrepareImdbConfig
+from dlpipe.data.splits import class_counts, stratified_split
+from dlpipe.errors import DlpipeError
+from dlpipe.io import atomic_path, write_json_atomic, write_npz_atomic
+
+PAD, UNK = "[PAD]", "[UNK]"
+PAD_ID, UNK_ID = 0, 1
+NUM_CLASSES = 2
+LABEL_NAMES = ("negative", "positive")
+
+
+def new_tokenizer(config: PrepareImdbConfig) -> tuple[Tokenizer, trainers.Trainer]:
+    """An untrained tokenizer (normaliser + pre-tokeniser + subword model) and its trainer."""
+    steps = [normalizers.NFC(), normalizers.Replace(Regex(r"<br\s*/?>"), " ")]
+    if config.lowercase:
+        steps.append(normalizers.Lowercase())
+    steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    special = [PAD, UNK]
+    trainer: trainers.Trainer
+    if config.tokenizer == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+        tokenizer.decoder = decoders.BPEDecoder()
+        trainer = trainers.BpeTrainer(
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            special_tokens=special,
+            show_progress=False,
+        )
+    else:
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            special_tokens=special,
+            show_progress=False,
+        )
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer, trainer
+
+
+def train_tokenizer(texts: Iterable[str], config: PrepareImdbConfig) -> Tokenizer:
+    tokenizer, trainer = new_tokenizer(config)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if tokenizer.token_to_id(PAD) != PAD_ID or tokenizer.token_to_id(UNK) != UNK_ID:
+        raise DlpipeError("tokenizer special tokens did not get ids 0 ([PAD]) and 1 ([UNK])")
+    return tokenizer
+
+
+def truncate(ids: list[int], max_len: int, policy: str) -> list[int]:
+    """Keep `max_len` ids: the start, the end, or a quarter from the start and the rest from the end.
+
+    Reviews tend to open with context and close with the verdict, so head+tail keeps both.
+    """
+    if len(ids) <= max_len:
+        return ids
+    if policy == "head":
+        return ids[:max_len]
+    if policy == "tail":
+        return ids[-max_len:]
+    head = max_len // 4
+    return ids[:head] + ids[len(ids) - (max_len - head) :]
+
+
+def encode(
+    tokenizer: Tokenizer, texts: list[str], max_len: int, policy: str
+) -> dict[str, np.ndarray]:
+    """Token ids padded with PAD_ID to the longest kept review, lengths, and full lengths."""
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    full_lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(texts))
+    kept = [truncate(e.ids, max_len, policy) for e in encodings]
+    lengths = np.fromiter((len(ids) for ids in kept), dtype=np.int32, count=len(texts))
+    tokens = np.full((len(texts), max(1, int(lengths.max(initial=1)))), PAD_ID, dtype=np.int32)
+    for row, ids in enumerate(kept):
+        tokens[row, : len(ids)] = ids
+    return {"tokens": tokens, "lengths": lengths, "full_lengths": full_lengths}
+
+
+def _split_card(encoded: dict[str, np.ndarray], labels: np.ndarray, max_len: int) -> dict[str, Any]:
+    full = encoded["full_lengths"]
+    tokens, lengths = encoded["tokens"], encoded["lengths"]
+    real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    unk = int(((tokens == UNK_ID) & real).sum())
+    return {
+        "count": len(labels),
+        "class_counts": class_counts(labels, NUM_CLASSES),
+        "length_percentiles": {
+            f"p{p}": int(np.percentile(full, p)) if len(full) else 0 for p in (5, 25, 50, 75, 95, 99)
+        },
+        "mean_length": round(float(full.mean()), 1) if len(full) else 0.0,
+        "truncation_rate": round(float((full > max_len).mean()), 4) if len(full) else 0.0,
+        "unk_rate": round(unk / max(1, int(lengths.sum())), 6),
+    }
+
+
+def read_raw(raw_dir: Path, split: str) -> pd.DataFrame:
+    path = raw_dir / f"{split}.parquet"
+    if not path.exists():
+        raise DlpipeError(f"{path}: missing; run the fetch stage first (dvc repro fetch)")
+    frame = pd.read_parquet(path)
+    missing = {"review_id", "label", "text"} - set(frame.columns)
+    if missing:
+        raise DlpipeError(f"{path}: missing columns {sorted(missing)}")
+    return frame
+
+
+def prepare(
+    raw_dir: Path, out_dir: Path, card_path: Path, config: PrepareImdbConfig, seed: int
+) -> dict[str, Any]:
+    """Split train into train/val, train the tokenizer on train, encode train/val/test."""
+    train_all, test = read_raw(raw_dir, "train"), read_raw(raw_dir, "test")
+    for name, frame in (("train", train_all), ("test", test)):
+        if not frame["label"].isin([0, 1]).all():
+            raise DlpipeError(f"{raw_dir / name}.parquet: labels must be 0 or 1")
+    keep, val = stratified_split(train_all["label"].to_numpy(), config.val_size, seed)
+    frames = {"train": train_all.iloc[keep], "val": train_all.iloc[val], "test": test}
+
+    corpus = list(frames["train"]["text"])
+    if config.train_on_unsup:
+        corpus += list(read_raw(raw_dir, "unsup")["text"])
+    tokenizer = train_tokenizer(corpus, config)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card: dict[str, Any] = {
+        "num_classes": NUM_CLASSES,
+        "tokenizer": config.tokenizer,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "max_len": config.max_len,
+        "truncation": config.truncation,
+    }
+    for name, frame in frames.items():
+        labels = frame["label"].to_numpy(dtype=np.int64)
+        encoded = encode(tokenizer, list(frame["text"]), config.max_len, config.truncation)
+        write_npz_atomic(
+            out_dir / f"{name}.npz",
+            tokens=encoded["tokens"],
+            lengths=encoded["lengths"],
+            labels=labels,
+            review_id=frame["review_id"].to_numpy(dtype=str),
+        )
+        card[name] = _split_card(encoded, labels, config.max_len)
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        tokenizer.save(str(tmp))
+    meta = {"num_classes": NUM_CLASSES, "vocab_size": tokenizer.get_vocab_size(), "pad_id": PAD_ID}
+    write_json_atomic(out_dir / "meta.json", meta)
+    write_json_atomic(card_path, card)
+    return card

@@ -1,0 +1,28 @@
+"""Seeded, stratified train/validation splits: the same seed gives the same rows on any machine."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from dlpipe.errors import DlpipeError
+
+
+def stratified_split(
+    labels: np.ndarray, val_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of the kept training rows and of the validation rows."""
+    if not 0 < val_size < len(labels):
+        raise DlpipeError(f"val_size {val_size} must be between 1 and {len(labels) - 1}")
+    index = np.arange(len(labels))
+    try:
+        train_idx, val_idx = train_test_split(
+            index, test_size=val_size, random_state=seed, stratify=labels
+        )
+    except ValueError as err:
+        raise DlpipeError(f"cannot split {len(labels)} rows stratified: {err}") from None
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    return [int(c) for c in np.bincount(labels.astype(np.int64), minlength=num_classes)]

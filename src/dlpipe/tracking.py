@@ -1,0 +1,181 @@
+"""MLflow tracking for a training: one run per training, resumable, never fatal mid-training.
+
+The store is `MLFLOW_TRACKING_URI` when set, else `sqlite:///<project root>/mlflow.db` with
+artifacts in `<project root>/mlartifacts`: absolute, so `dvc exp run --temp/--queue` runs (which
+execute in `.dvc/tmp/exps/...`) land in the same place as plain `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from dlpipe.errors import DlpipeError
+from dlpipe.paths import project_root
+
+# Fail in seconds rather than retrying for minutes when a tracking server is down.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+import mlflow  # noqa: E402  (reads the two settings above on import)
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str) -> None:
+    """Raise one clear DlpipeError line when the store cannot be used, before any training."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise DlpipeError(f"MLflow store {uri}: folder {folder} is missing or not writable")
+        return
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as err:
+            raise DlpipeError(
+                f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it, "
+                "fix MLFLOW_TRACKING_URI, or set mlflow.require_tracking: false"
+            ) from None
+        return
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # any backend: its own exception types
+        raise DlpipeError(f"MLflow store {uri} is unusable: {str(err).splitlines()[0]}") from None
+
+
+def experiment_id(name: str, uri: str) -> str:
+    """The experiment's id, creating it (with an absolute artifact folder for local stores)."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def git_state() -> dict[str, str]:
+    """Commit and dirty flag of the code being run ('unknown' outside a git checkout)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": "unknown", "git_dirty": "unknown"}
+    return {"git_sha": sha, "git_dirty": str(dirty).lower()}
+
+
+def flatten(prefix: str, mapping: dict[str, Any]) -> dict[str, Any]:
+    """`{'model': {'d_model': 128}}` -> `{'<prefix>.model.d_model': 128}`."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat |= flatten(name, value)
+        else:
+            flat[name] = value
+    return flat
+
+
+class TrainingRun:
+    """An MLflow run that survives interruptions and never takes the training down with it.
+
+    Starting is strict (an unusable store is an error before training, unless tracking is
+    optional); everything after start only warns, so local outputs are always written.
+    """
+
+    def __init__(self, uri: str, required: bool) -> None:
+        self.uri = uri
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._broken = False
+        try:
+            check_reachable(uri)
+        except DlpipeError as err:
+            if required:
+                raise
+            warnings.warn(f"{err}; training without MLflow tracking", stacklevel=2)
+            self._broken = True
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None and not self._broken
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # a logging failure must never lose the training
+            self._broken = True
+            print(f"warning: MLflow {what} failed, tracking stops: {err}", file=sys.stderr)
+            return None
+
+    def start(
+        self,
+        experiment: str,
+        run_name: str,
+        resume_run_id: str | None,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        system_metrics_interval_s: float,
+    ) -> None:
+        if self._broken:
+            return
+        mlflow.set_tracking_uri(self.uri)
+        self.experiment_id = experiment_id(experiment, self.uri)
+        mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
+        mlflow.set_system_metrics_samples_before_logging(1)
+        run = mlflow.start_run(
+            run_id=resume_run_id,
+            experiment_id=None if resume_run_id else self.experiment_id,
+            run_name=None if resume_run_id else run_name,
+            log_system_metrics=True,
+        )
+        self.run_id = run.info.run_id
+        if resume_run_id is None:
+            self._guard("log params", mlflow.log_params, params)
+        self._guard("set tags", mlflow.set_tags, tags)
+
+    def log_dataset(self, name: str, source: Path, digest: str, context: str) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        def log() -> None:
+            dataset = MetaDataset(resolve_dataset_source(str(source)), name=name, digest=digest)
+            mlflow.log_input(dataset, context=context)
+
+        self._guard("log input", log)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._guard("log metrics", mlflow.log_metrics, metrics, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        self._guard("log artifact", mlflow.log_artifact, str(path))
+
+    def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run any other logging call under the same never-fatal rule."""
+        return self._guard(what, fn, *args, **kwargs)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None and mlflow.active_run() is not None:
+            try:
+                mlflow.end_run(status=status)
+            except Exception as err:
+                print(f"warning: MLflow end_run failed: {err}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Training: one loop for all model families, its runtime, schedule and checkpoints."""

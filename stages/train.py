@@ -1,0 +1,24 @@
+"""DVC stage train@<model>: train one model family, resumable, tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+
+from dlpipe.config import MODEL_NAMES, load_params
+from dlpipe.errors import exit_on_user_error
+from dlpipe.training.run import train
+
+
+@exit_on_user_error
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", choices=MODEL_NAMES)
+    summary = train(parser.parse_args().model, load_params())
+    print(
+        f"train@{summary['model']}: best val_accuracy {summary['best']['val_accuracy']:.4f} "
+        f"(epoch {summary['best_epoch']}/{summary['epochs']}) in {summary['wall_time_s']:.0f}s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""fetch_all(): tiny mirrors in place of the real data, all-or-nothing output, the stage script."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import pytest
+from conftest import TINY_IMDB
+
+from dlpipe.config import FetchConfig
+from dlpipe.data import download as dl
+from dlpipe.data.archive import read_aclimdb_archive
+from dlpipe.data.download import ChecksumError, SourcesExhaustedError
+from dlpipe.data.fetch import fetch_all, summary_lines
+from dlpipe.data.sources import RemoteFile, Sources
+from dlpipe.errors import DlpipeError
+
+if TYPE_CHECKING:
+    from conftest import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = FetchConfig(connect_timeout_s=1.0, read_timeout_s=1.0, retries=1)
+
+
+def idx_gz(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
+    header = struct.pack(f">{1 + len(dims)}I", magic, *dims)
+    return gzip.compress(header + payload, mtime=0)
+
+
+TINY_MNIST = {
+    "train-images-idx3-ubyte.gz": idx_gz(2051, (3, 28, 28), bytes(range(256)) * 9 + bytes(48)),
+    "train-labels-idx1-ubyte.gz": idx_gz(2049, (3,), bytes([5, 0, 4])),
+    "t10k-images-idx3-ubyte.gz": idx_gz(2051, (2, 28, 28), bytes(2 * 784)),
+    "t10k-labels-idx1-ubyte.gz": idx_gz(2049, (2,), bytes([7, 2])),
+}
+
+
+def pinned(path: Path) -> RemoteFile:
+    return RemoteFile(path.name, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dl, "BACKOFF_BASE_S", 0.0)
+
+
+@pytest.fixture
+def mirror(
+    tmp_path: Path,
+    closed_port: int,
+    make_acl_archive: Callable[..., Path],
+    make_csv_export: Callable[[Path], dict[str, Path]],
+) -> tuple[Path, Sources]:
+    """A tiny mirror folder (mnist/ + imdb CSVs) and sources pinning its checksums.
+
+    The canonical URLs point at a closed port, so anything not in the mirror fails fast.
+    """
+    folder = tmp_path / "mirror"
+    (folder / "mnist").mkdir(parents=True)
+    for name, data in TINY_MNIST.items():
+        (folder / "mnist" / name).write_bytes(data)
+    csvs = make_csv_export(folder / "imdb")
+    archive = make_acl_archive(tmp_path / "aclImdb_v1.tar.gz")
+    dead = f"http://127.0.0.1:{closed_port}"
+    sources = Sources(
+        mnist_files=tuple(pinned(folder / "mnist" / name) for name in TINY_MNIST),
+        mnist_url_bases=(f"{dead}/mnist/",),
+        imdb_csv_files=tuple(pinned(csvs[split]) for split in ("train", "test", "unsup")),
+        imdb_archive=pinned(archive),
+        imdb_archive_urls=(f"{dead}/aclImdb_v1.tar.gz",),
+    )
+    return folder, sources
+
+
+def read_raw_imdb(out_dir: Path) -> dict[str, pd.DataFrame]:
+    return {
+        s: pd.read_parquet(out_dir / "imdb" / f"{s}.parquet") for s in ("train", "test", "unsup")
+    }
+
+
+def test_fetch_from_csv_mirror(mirror: tuple[Path, Sources], tmp_path: Path) -> None:
+    folder, sources = mirror
+    out_dir = tmp_path / "data" / "raw"
+    summary = fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    for name, data in TINY_MNIST.items():
+        assert (out_dir / "mnist" / name).read_bytes() == data
+    raw = read_raw_imdb(out_dir)
+    assert sorted(p.name for p in (out_dir / "imdb").iterdir()) == [
+        "test.parquet",
+        "train.parquet",
+        "unsup.parquet",
+    ]
+    train = raw["train"]
+    assert len(train) == len(TINY_IMDB[("train", "neg")]) + len(TINY_IMDB[("train", "pos")])
+    assert train["review_id"].iloc[-1] == "train/pos/2"
+    assert train["text"].tolist()[:3] == TINY_IMDB[("train", "neg")][:3]
+    assert str(train["label"].dtype) == "int8"
+    assert raw["unsup"]["label"].eq(-1).all()
+    assert summary["imdb"]["rows"] == {"train": 15, "test": 3, "unsup": 4}
+    assert summary["mnist"]["origin"] == f"mirror {folder}"
+    assert summary["imdb"]["sources"]["train.csv.gz"] == str(folder / "imdb" / "train.csv.gz")
+    assert len(summary_lines(summary)) == 2
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["raw"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_archive_mirror_gives_the_same_output(mirror: tuple[Path, Sources], tmp_path: Path) -> None:
+    folder, sources = mirror
+    from_csv = tmp_path / "from_csv"
+    fetch_all(from_csv, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    for csv_file in (folder / "imdb").iterdir():
+        csv_file.unlink()
+    (folder / "imdb" / "aclImdb_v1.tar.gz").write_bytes(
+        (tmp_path / "aclImdb_v1.tar.gz").read_bytes()
+    )
+    from_archive = tmp_path / "from_archive"
+    summary = fetch_all(
+        from_archive, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache"
+    )
+    assert summary["imdb"]["sources"] == {
+        "aclImdb_v1.tar.gz": str(folder / "imdb" / "aclImdb_v1.tar.gz")
+    }
+    assert (tmp_path / "cache" / "aclImdb_v1.tar.gz").is_file()
+    for split, frame in read_raw_imdb(from_csv).items():
+        pd.testing.assert_frame_equal(read_raw_imdb(from_archive)[split], frame)
+
+
+def test_url_mirror_without_csv_export_uses_its_archive(
+    mirror: tuple[Path, Sources], http_server: Server, tmp_path: Path
+) -> None:
+    folder, sources = mirror
+    for name, data in TINY_MNIST.items():
+        http_server.serve(f"/m/mnist/{name}", data)
+    http_server.serve("/m/imdb/aclImdb_v1.tar.gz", (tmp_path / "aclImdb_v1.tar.gz").read_bytes())
+    out_dir = tmp_path / "raw"
+    summary = fetch_all(
+        out_dir, CFG, http_server.url("/m/"), sources=sources, cache_dir=tmp_path / "cache"
+    )
+    assert http_server.hits["/m/imdb/train.csv.gz"] == 1  # 404: no export, not retried
+    assert summary["imdb"]["origin"] == f"mirror {http_server.url('/m')}"
+    expected = read_aclimdb_archive(tmp_path / "aclImdb_v1.tar.gz")
+    pd.testing.assert_frame_equal(read_raw_imdb(out_dir)["test"], expected["test"])
+
+
+@pytest.mark.parametrize("corrupt", ["mnist/t10k-labels-idx1-ubyte.gz", "imdb/unsup.csv.gz"])
+@pytest.mark.parametrize("existed", [False, True])
+def test_corrupt_mirror_file_leaves_out_dir_alone(
+    mirror: tuple[Path, Sources], tmp_path: Path, corrupt: str, existed: bool
+) -> None:
+    folder, sources = mirror
+    bad = folder / corrupt
+    bad.write_bytes(bad.read_bytes() + b"\0")
+    out_dir = tmp_path / "data" / "raw"
+    if existed:
+        (out_dir / "mnist").mkdir(parents=True)
+        (out_dir / "mnist" / "old.txt").write_text("previous run")
+    with pytest.raises(ChecksumError) as err:
+        fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    message = str(err.value)
+    assert message.startswith(f"checksum mismatch for {bad.name} from {bad}: expected sha256 ")
+    assert "\n" not in message
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == (["raw"] if existed else [])
+    if existed:
+        assert [p.name for p in out_dir.rglob("*")] == ["mnist", "old.txt"]
+
+
+def test_no_mirror_and_no_network_says_how_to_fix_it(
+    mirror: tuple[Path, Sources], tmp_path: Path
+) -> None:
+    _, sources = mirror
+    out_dir = tmp_path / "data" / "raw"
+    with pytest.raises(SourcesExhaustedError, match="set DLPIPE_DATA_MIRROR"):
+        fetch_all(out_dir, CFG, None, sources=sources, cache_dir=tmp_path / "cache")
+    assert list(out_dir.parent.iterdir()) == []
+
+
+def test_relative_mirror_is_resolved_from_the_project_root(
+    mirror: tuple[Path, Sources], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, sources = mirror
+    monkeypatch.chdir(tmp_path)
+    summary = fetch_all(Path("raw"), CFG, "mirror", sources=sources, cache_dir=tmp_path / "c")
+    assert summary["mnist"]["origin"] == f"mirror {tmp_path / 'mirror'}"
+
+
+def test_missing_mirror_folder_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(DlpipeError, match="no such folder"):
+        fetch_all(tmp_path / "raw", CFG, str(tmp_path / "nope"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_script_reports_user_errors_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "DLPIPE_DATA_MIRROR": str(tmp_path / "nope")}
+    result = subprocess.run(
+        [sys.executable, "stages/fetch.py"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: DLPIPE_DATA_MIRROR={tmp_path / 'nope'}: no such folder ({tmp_path / 'nope'})"
+    ]

@@ -1,0 +1,231 @@
+"""The three models: shapes for every option, padding invariance, and that each one can learn."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlpipe.config import CNNConfig, RNNConfig, TransformerConfig
+from dlpipe.errors import DlpipeError
+from dlpipe.models import DataMeta, build_model
+
+VOCAB, PAD = 50, 1  # a non-zero pad id catches code that assumes 0
+TEXT = DataMeta(num_classes=3, vocab_size=VOCAB, pad_id=PAD)
+MNIST = DataMeta(num_classes=10)
+
+TINY_RNN = RNNConfig(embed_dim=16, hidden_size=24, dropout=0.0)
+TINY_TRANSFORMER = TransformerConfig(
+    d_model=32, heads=4, layers=2, ff_dim=64, dropout=0.0, max_len=64
+)
+
+
+def text_batch(lengths: list[int], width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens, each row padded with PAD after its length, to `width` columns."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = torch.randint(2, VOCAB, (n,), generator=g)
+    return tokens, torch.tensor(lengths)
+
+
+def pad_to(tokens: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(tokens, (0, width - tokens.size(1)), value=PAD)
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def test_unknown_model_name_lists_the_valid_ones() -> None:
+    with pytest.raises(DlpipeError, match="cnn, rnn, transformer"):
+        build_model("mlp", CNNConfig(), MNIST)
+
+
+def test_text_models_need_a_vocabulary() -> None:
+    with pytest.raises(DlpipeError, match="vocab_size"):
+        build_model("rnn", TINY_RNN, DataMeta(num_classes=2))
+
+
+def test_build_model_imports_only_the_model_it_builds() -> None:
+    """DVC's train@cnn depends on cnn.py alone, so building it must not import the other models."""
+    code = (
+        "import sys\n"
+        "from dlpipe.config import CNNConfig\n"
+        "from dlpipe.models import DataMeta, build_model\n"
+        "build_model('cnn', CNNConfig(), DataMeta(10))\n"
+        "others = [f'dlpipe.models.{m}' for m in ('rnn', 'transformer', 'text')]\n"
+        "assert not set(others) & set(sys.modules), sorted(set(others) & set(sys.modules))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- CNN ----------------------------------------------------------------------------------------
+
+
+def layer_signature(model: nn.Module) -> list[str]:
+    signature = []
+    for layer in model.modules():
+        if isinstance(layer, nn.Conv2d):
+            signature.append(
+                f"Conv2d({layer.in_channels},{layer.out_channels},{layer.kernel_size})"
+            )
+        elif isinstance(layer, nn.Linear):
+            signature.append(f"Linear({layer.in_features},{layer.out_features})")
+        elif isinstance(layer, nn.MaxPool2d):
+            signature.append(f"MaxPool2d({layer.kernel_size})")
+        elif not list(layer.children()):
+            signature.append(type(layer).__name__)
+    return signature
+
+
+def test_cnn_default_is_the_keras_mnist_convnet() -> None:
+    model = build_model("cnn", CNNConfig(), MNIST)
+    assert sum(p.numel() for p in model.parameters()) == 93_322
+    assert layer_signature(model) == [
+        "Conv2d(1,32,(3, 3))", "ReLU", "MaxPool2d(2)",
+        "Conv2d(32,64,(3, 3))", "ReLU", "MaxPool2d(2)",
+        "Conv2d(64,64,(3, 3))", "ReLU", "Flatten",
+        "Linear(576,64)", "ReLU",
+        "Linear(64,10)",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CNNConfig(), CNNConfig(width=2), CNNConfig(batch_norm=True), CNNConfig(dropout=0.5)],
+    ids=["default", "width2", "batchnorm", "dropout"],
+)
+def test_cnn_shapes(config: CNNConfig) -> None:
+    model = build_model("cnn", config, MNIST)
+    assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+    signature = layer_signature(model)
+    assert signature.count("BatchNorm2d") == (3 if config.batch_norm else 0)
+    assert signature.count("Dropout") == (1 if config.dropout else 0)
+    assert f"Linear({64 * config.width},10)" in signature
+
+
+def test_cnn_channels_last_gives_the_same_logits() -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn", CNNConfig(batch_norm=True), MNIST).eval()
+    images = torch.rand(4, 1, 28, 28)
+    expected = model(images)
+    model = model.to(memory_format=torch.channels_last)
+    got = model(images.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- text models --------------------------------------------------------------------------------
+
+RNN_VARIANTS = [
+    TINY_RNN.model_copy(update={"cell": cell, "pooling": pooling, "bidirectional": bidir})
+    for cell in ("lstm", "gru")
+    for pooling in ("last", "mean", "max")
+    for bidir in (True, False)
+] + [TINY_RNN.model_copy(update={"num_layers": 2, "dropout": 0.3, "cell": "lstm"})]
+TRANSFORMER_VARIANTS = [
+    TINY_TRANSFORMER.model_copy(update={"positional": positional, "pooling": pooling})
+    for positional in ("sinusoidal", "learned")
+    for pooling in ("mean", "cls")
+]
+TEXT_VARIANTS = [("rnn", c) for c in RNN_VARIANTS] + [
+    ("transformer", c) for c in TRANSFORMER_VARIANTS
+]
+
+
+def variant_id(variant: tuple[str, RNNConfig | TransformerConfig]) -> str:
+    name, c = variant
+    if isinstance(c, RNNConfig):
+        return f"rnn-{c.cell}-{c.pooling}-{'bi' if c.bidirectional else 'uni'}-{c.num_layers}l"
+    return f"transformer-{c.positional}-{c.pooling}"
+
+
+@pytest.mark.parametrize("variant", TEXT_VARIANTS, ids=variant_id)
+def test_text_model_shapes(variant: tuple[str, RNNConfig | TransformerConfig]) -> None:
+    model = build_model(*variant, TEXT)
+    tokens, lengths = text_batch([7, 1, 12, 3], width=12)
+    assert model(tokens, lengths).shape == (4, 3)
+
+
+@pytest.mark.parametrize("variant", TEXT_VARIANTS, ids=variant_id)
+def test_padding_never_changes_the_logits(
+    variant: tuple[str, RNNConfig | TransformerConfig],
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(*variant, TEXT).eval()
+    tokens, lengths = text_batch([9, 1, 12, 4], width=12)
+    with torch.no_grad():
+        expected = model(tokens, lengths)
+        torch.testing.assert_close(model(pad_to(tokens, 40), lengths), expected, atol=1e-5, rtol=0)
+        # One short review alone, then next to a neighbour five times its length.
+        alone = model(tokens[:1, :9], lengths[:1])
+        long_tokens, long_lengths = text_batch([9, 50], width=50)
+        long_tokens[0, :9] = tokens[0, :9]
+        torch.testing.assert_close(model(long_tokens, long_lengths)[:1], alone, atol=1e-5, rtol=0)
+
+
+def test_transformer_truncates_input_longer_than_max_len() -> None:
+    model = build_model("transformer", TINY_TRANSFORMER, TEXT).eval()
+    tokens, lengths = text_batch([200, 30], width=200)
+    with torch.no_grad():
+        logits = model(tokens, lengths)
+        cut = model(
+            tokens[:, : TINY_TRANSFORMER.max_len], lengths.clamp(max=TINY_TRANSFORMER.max_len)
+        )
+    assert logits.shape == (2, 3)
+    torch.testing.assert_close(logits, cut)
+
+
+def test_heads_must_divide_d_model() -> None:
+    with pytest.raises(DlpipeError, match="heads"):
+        build_model("transformer", TINY_TRANSFORMER.model_copy(update={"heads": 5}), TEXT)
+
+
+# --- all three ----------------------------------------------------------------------------------
+
+
+def model_and_batch(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], torch.Tensor]:
+    """A tiny model, a fixed batch of 16 inputs and random labels for it."""
+    torch.manual_seed(0)
+    if name == "cnn":
+        model = build_model("cnn", CNNConfig(), MNIST)
+        inputs: tuple[torch.Tensor, ...] = (torch.rand(16, 1, 28, 28),)
+        classes = 10
+    else:
+        config = TINY_RNN if name == "rnn" else TINY_TRANSFORMER
+        model = build_model(name, config, TEXT)
+        lengths = torch.randint(3, 16, (16,)).tolist()
+        inputs = text_batch(lengths, width=16)
+        classes = TEXT.num_classes
+    return model, inputs, torch.randint(0, classes, (16,))
+
+
+@pytest.mark.parametrize("name", ["cnn", "rnn", "transformer"])
+def test_each_model_can_memorise_a_small_batch(name: str) -> None:
+    """Random labels leave nothing to generalise: reaching accuracy 1.0 proves gradients flow."""
+    model, inputs, labels = model_and_batch(name)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        logits = model(*inputs)
+        if (logits.argmax(dim=1) == labels).all():  # the tiny models use no dropout
+            break
+        optimizer.zero_grad()
+        F.cross_entropy(logits, labels).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(*inputs).argmax(dim=1) == labels).float().mean().item()
+    assert accuracy == 1.0
+
+
+@pytest.mark.parametrize("name", ["cnn", "rnn", "transformer"])
+def test_bf16_autocast_forward_and_backward_are_finite(name: str) -> None:
+    model, inputs, labels = model_and_batch(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(*inputs), labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
