@@ -5,16 +5,30 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import requests
+import yaml
+
+from dlpipe.config import Params, load_params, parse_params
 
 
 @dataclass
@@ -147,3 +161,236 @@ def make_csv_export() -> Callable[[Path], dict[str, Path]]:
         return files
 
     return make
+
+
+# --- training / tracking: a tiny project with synthetic prepared data ---------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_VOCAB = 50
+TINY_MAX_TOKENS = 40
+SIGNAL_TOKEN = 2  # its presence makes a tiny-IMDB review positive
+
+
+def tiny_mnist_arrays(n: int, seed: int) -> dict[str, np.ndarray]:
+    """MNIST-shaped uint8 images: dim noise plus a bright 6x6 patch whose place is the label."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        row, col = 2 + 14 * (label // 5), 1 + 5 * (label % 5)
+        images[i, row : row + 6, col : col + 6] = 255
+    return {"images": images, "labels": labels.astype(np.int64)}
+
+
+def tiny_imdb_arrays(n: int, seed: int) -> dict[str, np.ndarray]:
+    """IMDB-shaped token rows (pad 0, lengths 3..40): positive iff SIGNAL_TOKEN occurs."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    rng.shuffle(labels)
+    lengths = rng.integers(3, TINY_MAX_TOKENS + 1, size=n)
+    tokens = np.zeros((n, TINY_MAX_TOKENS), dtype=np.int32)
+    for i, (label, length) in enumerate(zip(labels, lengths, strict=True)):
+        row = rng.integers(SIGNAL_TOKEN + 1, TINY_VOCAB, size=length)
+        if label:  # at least one signal token, and about one in four
+            hits = rng.random(length) < 0.25
+            hits[rng.integers(length)] = True
+            row[hits] = SIGNAL_TOKEN
+        tokens[i, :length] = row
+    return {"tokens": tokens, "lengths": lengths, "labels": labels.astype(np.int64)}
+
+
+def _write_prepared(folder: Path, meta: dict[str, int], splits: dict[str, dict[str, Any]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, arrays in splits.items():
+        np.savez(folder / f"{split}.npz", **arrays)
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def tiny_params_dict() -> dict[str, Any]:
+    """The real params.yaml, shrunk to seconds of CPU training per model."""
+    raw = load_params(REPO_ROOT / "params.yaml").model_dump()
+    for name in ("cnn", "rnn", "transformer"):
+        raw["train"][name].update(
+            epochs=2,
+            batch_size=32,
+            eval_batch_size=64,
+            device="cpu",
+            precision="fp32",
+            deterministic=False,
+            max_steps_per_epoch=0,
+        )
+    raw["train"]["cnn"]["lr"] = 0.003
+    raw["train"]["rnn"]["model"].update(embed_dim=16, hidden_size=16)
+    raw["train"]["transformer"]["model"].update(
+        d_model=16, heads=2, layers=1, ff_dim=32, max_len=64
+    )
+    raw["train"]["transformer"]["lr"] = 0.003
+    raw["mlflow"]["system_metrics_interval_s"] = 1.0
+    return raw
+
+
+@dataclass
+class TinyProject:
+    """A project folder (the cwd) with prepared tiny data, its params and its MLflow store."""
+
+    root: Path
+    params: Params
+    tracking_uri: str
+
+    def with_train(self, family: str, /, **updates: Any) -> Params:
+        """`params` with `train.<family>` keys replaced (`model={...}` merges into its model)."""
+        raw = self.params.model_dump()
+        section = raw["train"][family]
+        section["model"].update(updates.pop("model", {}))
+        section.update(updates)
+        return parse_params(raw, "tiny params")
+
+    def with_mlflow(self, **updates: Any) -> Params:
+        """`params` with `mlflow.<key>` values replaced."""
+        raw = self.params.model_dump()
+        raw["mlflow"].update(updates)
+        return parse_params(raw, "tiny params")
+
+    def write_params(self, params: Params | None = None) -> Path:
+        """params.yaml in the project root, for stage scripts run as subprocesses."""
+        path = self.root / "params.yaml"
+        path.write_text(yaml.safe_dump((params or self.params).model_dump()), encoding="utf-8")
+        return path
+
+
+@pytest.fixture(scope="session")
+def _mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow sqlite store: copying it skips the migrations per test."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
+@contextmanager
+def use_tiny_project(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, db_template: Path
+) -> Iterator[TinyProject]:
+    """Make `folder/project` a tiny project with its MLflow store `folder/mlflow.db`; cwd and
+    MLFLOW_TRACKING_URI point at them (through `monkeypatch`) while the block runs.
+
+    Torch runs single-threaded meanwhile: these models are far too small to gain from threads,
+    and on a busy 2-core machine oversubscribed threads made them several times slower."""
+    import mlflow
+    import torch
+
+    root = folder / "project"
+    prepared = root / "data" / "prepared"
+    _write_prepared(
+        prepared / "mnist",
+        {"num_classes": 10},
+        {"train": tiny_mnist_arrays(256, seed=1), "val": tiny_mnist_arrays(64, seed=2)},
+    )
+    _write_prepared(
+        prepared / "imdb",
+        {"num_classes": 2, "vocab_size": TINY_VOCAB, "pad_id": 0},
+        {"train": tiny_imdb_arrays(256, seed=3), "val": tiny_imdb_arrays(64, seed=4)},
+    )
+    db = folder / "mlflow.db"
+    shutil.copyfile(db_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield TinyProject(root, parse_params(tiny_params_dict(), "tiny params"), uri)
+    finally:
+        torch.set_num_threads(threads)
+        while mlflow.active_run() is not None:  # a failed test must not leak its run
+            mlflow.end_run("FAILED")
+
+
+@pytest.fixture
+def tiny_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _mlflow_db_template: Path
+) -> Iterator[TinyProject]:
+    """cwd = a tiny project (data/prepared/{mnist,imdb}), MLflow store = sqlite in tmp_path."""
+    with use_tiny_project(tmp_path, monkeypatch, _mlflow_db_template) as project:
+        yield project
+
+
+def hook_after_epoch(
+    monkeypatch: pytest.MonkeyPatch, after_epoch: Callable[[dict[str, float]], None]
+) -> None:
+    """Make `dlpipe.training.run.train` call `after_epoch(row)` after its own epoch callback
+    (which logs the epoch to MLflow), e.g. to interrupt the training at a chosen epoch."""
+    from dlpipe.training import run
+    from dlpipe.training.trainer import Trainer
+
+    class HookedTrainer(Trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            inner = self.on_epoch_end
+
+            def hook(row: dict[str, float]) -> None:
+                if inner is not None:
+                    inner(row)
+                after_epoch(row)
+
+            self.on_epoch_end = hook
+
+    monkeypatch.setattr(run, "Trainer", HookedTrainer)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free port; yields its URL."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    command = [
+        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
+        "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder / 'srv.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination", str(folder / "artifacts"),
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(folder / "server.log", "wb")  # noqa: SIM115  (closed after the server stops)
+    process = subprocess.Popen(
+        command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                log.flush()
+                tail = (folder / "server.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"mlflow server exited with {process.returncode}:\n{tail}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer {url}/health within 60 s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()

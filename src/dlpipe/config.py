@@ -122,6 +122,23 @@ class TrainSection(Strict):
     transformer: TrainTransformer = TrainTransformer()
 
 
+class EvaluateConfig(Strict):
+    calibration_bins: Annotated[int, Field(ge=2, le=100)] = 15
+    latency_batch_sizes: tuple[PositiveInt, ...] = (1, 256)
+    latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
+    mistakes_shown: Annotated[int, Field(ge=1, le=100)] = 10
+
+
+class RegistryConfig(Strict):
+    """Model registry: each evaluated model becomes a new version with alias `candidate`;
+    `champion` moves to it only when `metric` beats the champion's by more than `min_delta`."""
+
+    enabled: bool = True
+    metric: Literal["test_accuracy", "test_macro_f1", "test_log_loss"] = "test_accuracy"
+    min_delta: NonNegFloat = 0.0
+    name_prefix: Annotated[str, Field(min_length=1)] = "dlpipe-"
+
+
 class MlflowConfig(Strict):
     experiment: Annotated[str, Field(min_length=1)] = "dlpipe"
     require_tracking: bool = True
@@ -133,7 +150,16 @@ class Params(Strict):
     fetch: FetchConfig = FetchConfig()
     prepare: PrepareConfig = PrepareConfig()
     train: TrainSection = TrainSection()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
     mlflow: MlflowConfig = MlflowConfig()
+
+
+MODEL_CONFIGS: dict[str, type[BaseModel]] = {
+    "cnn": CNNConfig,
+    "rnn": RNNConfig,
+    "transformer": TransformerConfig,
+}
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -167,6 +193,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DlpipeError(f"{path}: not found (run from the project root)") from None
+    except UnicodeDecodeError as err:
+        raise DlpipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise DlpipeError(f"{path}: cannot read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise DlpipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     return parse_params(raw, str(path))

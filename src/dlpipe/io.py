@@ -50,4 +50,4 @@ def write_json_atomic(dest: Path, payload: Any) -> None:
 
 def write_npz_atomic(dest: Path, **arrays: np.ndarray) -> None:
     with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stub: **kwargs vs allow_pickle

@@ -15,13 +15,26 @@ from dlpipe.io import atomic_path  # noqa: E402
 def plot_history(histories: dict[str, list[dict[str, float]]], dest: Path) -> None:
     """Loss and accuracy per epoch (train dashed, validation solid), one colour per model."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for color, (name, rows) in zip(plt.cm.tab10.colors, histories.items(), strict=False):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, (name, rows) in zip(colors, histories.items(), strict=False):
         epochs = [int(r["epoch"]) for r in rows]
         for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-            ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "--", color=color, alpha=0.7,
-                    label=f"{name} train")
-            ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "-o", color=color, ms=4,
-                    label=f"{name} val")
+            ax.plot(
+                epochs,
+                [r[f"train_{metric}"] for r in rows],
+                "--",
+                color=color,
+                alpha=0.7,
+                label=f"{name} train",
+            )
+            ax.plot(
+                epochs,
+                [r[f"val_{metric}"] for r in rows],
+                "-o",
+                color=color,
+                ms=4,
+                label=f"{name} val",
+            )
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)

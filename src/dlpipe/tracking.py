@@ -158,7 +158,10 @@ class TrainingRun:
         from mlflow.data.meta_dataset import MetaDataset
 
         def log() -> None:
-            dataset = MetaDataset(resolve_dataset_source(str(source)), name=name, digest=digest)
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": harmless
+                warnings.simplefilter("ignore", UserWarning)
+                source_ = resolve_dataset_source(str(source))
+            dataset = MetaDataset(source_, name=name, digest=digest)  # type: ignore[abstract]
             mlflow.log_input(dataset, context=context)
 
         self._guard("log input", log)

@@ -21,22 +21,25 @@ from dlpipe.io import atomic_path, write_json_atomic, write_npz_atomic
 
 PAD, UNK = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
+EOW = "</w>"
 NUM_CLASSES = 2
 LABEL_NAMES = ("negative", "positive")
 
 
 def new_tokenizer(config: PrepareImdbConfig) -> tuple[Tokenizer, trainers.Trainer]:
     """An untrained tokenizer (normaliser + pre-tokeniser + subword model) and its trainer."""
-    steps = [normalizers.NFC(), normalizers.Replace(Regex(r"<br\s*/?>"), " ")]
+    steps = [normalizers.NFC(), normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " ")]
     if config.lowercase:
         steps.append(normalizers.Lowercase())
     steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
     special = [PAD, UNK]
     trainer: trainers.Trainer
     if config.tokenizer == "bpe":
-        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-        tokenizer.decoder = decoders.BPEDecoder()
+        # The end-of-word marker keeps word boundaries, so decode() gives back readable text.
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=EOW))
+        tokenizer.decoder = decoders.BPEDecoder(suffix=EOW)
         trainer = trainers.BpeTrainer(
+            end_of_word_suffix=EOW,
             vocab_size=config.vocab_size,
             min_frequency=config.min_frequency,
             special_tokens=special,
@@ -59,13 +62,34 @@ def new_tokenizer(config: PrepareImdbConfig) -> tuple[Tokenizer, trainers.Traine
 def train_tokenizer(texts: Iterable[str], config: PrepareImdbConfig) -> Tokenizer:
     tokenizer, trainer = new_tokenizer(config)
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if config.tokenizer == "wordpiece":
+        _renumber_wordpiece(tokenizer)
     if tokenizer.token_to_id(PAD) != PAD_ID or tokenizer.token_to_id(UNK) != UNK_ID:
         raise DlpipeError("tokenizer special tokens did not get ids 0 ([PAD]) and 1 ([UNK])")
     return tokenizer
 
 
+def _renumber_wordpiece(tokenizer: Tokenizer) -> None:
+    """Give a trained WordPiece vocabulary ids that do not change from run to run.
+
+    WordPieceTrainer numbers its `##` pieces in hash-map order (huggingface/tokenizers#1794), so
+    the same texts gave different ids, and a different tokenizer.json, on every run. Number the
+    pieces the special tokens first, then the rest sorted. (Where merge counts tie, as in tiny
+    corpora, the trainer can still pick different pieces; real reviews give the same ones.)
+    """
+    model = tokenizer.model
+    assert isinstance(model, models.WordPiece)
+    pieces = sorted(set(tokenizer.get_vocab(with_added_tokens=False)) - {PAD, UNK})
+    tokenizer.model = models.WordPiece(
+        {piece: i for i, piece in enumerate([PAD, UNK, *pieces])},
+        unk_token=model.unk_token,
+        continuing_subword_prefix=model.continuing_subword_prefix,
+        max_input_chars_per_word=model.max_input_chars_per_word,
+    )
+
+
 def truncate(ids: list[int], max_len: int, policy: str) -> list[int]:
-    """Keep `max_len` ids: the start, the end, or a quarter from the start and the rest from the end.
+    """Keep `max_len` ids: the start, the end, or a quarter from the start and the rest from the end
 
     Reviews tend to open with context and close with the verdict, so head+tail keeps both.
     """
@@ -102,7 +126,8 @@ def _split_card(encoded: dict[str, np.ndarray], labels: np.ndarray, max_len: int
         "count": len(labels),
         "class_counts": class_counts(labels, NUM_CLASSES),
         "length_percentiles": {
-            f"p{p}": int(np.percentile(full, p)) if len(full) else 0 for p in (5, 25, 50, 75, 95, 99)
+            f"p{p}": int(np.percentile(full, p)) if len(full) else 0
+            for p in (5, 25, 50, 75, 95, 99)
         },
         "mean_length": round(float(full.mean()), 1) if len(full) else 0.0,
         "truncation_rate": round(float((full > max_len).mean()), 4) if len(full) else 0.0,
@@ -158,7 +183,14 @@ def prepare(
         card[name] = _split_card(encoded, labels, config.max_len)
     with atomic_path(out_dir / "tokenizer.json") as tmp:
         tokenizer.save(str(tmp))
-    meta = {"num_classes": NUM_CLASSES, "vocab_size": tokenizer.get_vocab_size(), "pad_id": PAD_ID}
+    meta = {
+        "num_classes": NUM_CLASSES,
+        "label_names": list(LABEL_NAMES),
+        "vocab_size": tokenizer.get_vocab_size(),
+        "pad_id": PAD_ID,
+        "max_len": config.max_len,
+        "truncation": config.truncation,
+    }
     write_json_atomic(out_dir / "meta.json", meta)
     write_json_atomic(card_path, card)
     return card

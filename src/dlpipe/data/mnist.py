@@ -34,7 +34,9 @@ def read_idx(path: Path) -> np.ndarray:
         raise DlpipeError(f"{path}: too short for an IDX header ({len(data)} bytes)")
     magic = int.from_bytes(data[:4], "big")
     if magic not in (IMAGES_MAGIC, LABELS_MAGIC):
-        raise DlpipeError(f"{path}: bad IDX magic {magic}, expected {IMAGES_MAGIC} or {LABELS_MAGIC}")
+        raise DlpipeError(
+            f"{path}: bad IDX magic {magic}, expected {IMAGES_MAGIC} or {LABELS_MAGIC}"
+        )
     ndim = 3 if magic == IMAGES_MAGIC else 1
     header = 4 + 4 * ndim
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
@@ -86,7 +88,10 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, (images, labels) in splits.items():
         write_npz_atomic(out_dir / f"{name}.npz", images=images, labels=labels)
-    write_json_atomic(out_dir / "meta.json", {"num_classes": NUM_CLASSES})
+    label_names = [str(digit) for digit in range(NUM_CLASSES)]
+    write_json_atomic(
+        out_dir / "meta.json", {"num_classes": NUM_CLASSES, "label_names": label_names}
+    )
     card = _card(splits)
     write_json_atomic(card_path, card)
     return card

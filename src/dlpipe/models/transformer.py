@@ -32,9 +32,12 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, d_model: int, heads: int, dropout: float) -> None:
+    """Multi-head self-attention. No dropout on the attention weights: on the CPU it forces the
+    unfused kernel to materialise a [B, H, T, T] mask (3x slower); the residual dropout remains."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads = heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
@@ -42,9 +45,7 @@ class SelfAttention(nn.Module):
         """x [B, T, D], key_mask bool [B, 1, 1, T] (True = real token) -> [B, T, D]."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -54,7 +55,7 @@ class Block(nn.Module):
     def __init__(self, d_model: int, heads: int, ff_dim: int, dropout: float) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, heads, dropout)
+        self.attn = SelfAttention(d_model, heads)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = nn.Sequential(
             nn.Linear(d_model, ff_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_dim, d_model)

@@ -6,7 +6,6 @@ import csv
 import os
 import signal
 import time
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -17,7 +16,7 @@ from dlpipe import paths
 from dlpipe.config import DATASET_OF_MODEL, Params, train_config
 from dlpipe.data.tensors import Split, load_split
 from dlpipe.io import atomic_path, read_json, write_json_atomic
-from dlpipe.models import DataMeta, build_model
+from dlpipe.models import build_model, data_meta
 from dlpipe.plots import plot_history
 from dlpipe.tracking import TrainingRun, flatten, git_state, tracking_uri
 from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
@@ -70,21 +69,38 @@ def _input_example(model: str, split: Split) -> np.ndarray:
     return inputs[0].cpu().numpy().astype(np.int64)
 
 
-def _log_model(run: TrainingRun, name: str, model: torch.nn.Module, example: np.ndarray) -> None:
+class TokensOnly(torch.nn.Module):
+    """A text model callable with one int64 [B, T] tensor, as MLflow's pyfunc calls it: without
+    `lengths`, each row's length is one past its last non-pad token (rows are padded on the
+    right). Called with `(tokens, lengths)` it is the wrapped model."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int) -> None:
+        super().__init__()
+        self.model, self.pad_id = model, pad_id
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None:
+            positions = torch.arange(1, tokens.size(1) + 1, device=tokens.device)
+            lengths = ((tokens != self.pad_id) * positions).amax(dim=1).clamp(min=1)
+        out: torch.Tensor = self.model(tokens, lengths)
+        return out
+
+
+def _log_model(name: str, model: torch.nn.Module, example: np.ndarray, pad_id: int) -> None:
     """Log the model in pickle format: `pt2` would freeze the example's sequence length."""
     import mlflow.pytorch
     from mlflow.models import infer_signature
     from mlflow.types import Schema, TensorSpec
 
     model = model.cpu().float().eval()
+    if name != "cnn":
+        model = TokensOnly(model, pad_id).eval()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
     if name != "cnn":  # any batch size and any sequence length
         signature.inputs = Schema([TensorSpec(np.dtype(np.int64), (-1, -1))])
-    run.call(
-        "log model",
-        mlflow.pytorch.log_model,
+    mlflow.pytorch.log_model(
         model,
         name="model",
         serialization_format="pickle",
@@ -97,7 +113,7 @@ def _log_model(run: TrainingRun, name: str, model: torch.nn.Module, example: np.
 def _write_outputs(
     name: str,
     model: torch.nn.Module,
-    meta: DataMeta,
+    data_info: dict[str, Any],
     params: Params,
     result: FitResult,
     run: TrainingRun,
@@ -116,8 +132,7 @@ def _write_outputs(
             "model": name,
             "dataset": DATASET_OF_MODEL[name],
             "model_config": config.model.model_dump(),
-            "meta": {"num_classes": meta.num_classes, "vocab_size": meta.vocab_size,
-                     "pad_id": meta.pad_id},
+            "data": data_info,
         },
     )
     write_json_atomic(
@@ -157,14 +172,16 @@ def train(name: str, params: Params) -> dict[str, Any]:
     channels_last = name == "cnn" and runtime.device.type != "mps"
     train_split = load_split(prepared, "train", channels_last).to(runtime.device)
     val_split = load_split(prepared, "val", channels_last).to(runtime.device)
-    meta = DataMeta(**read_json(prepared / "meta.json"))
+    data_info = read_json(prepared / "meta.json")
+    meta = data_meta(data_info)
 
     data_files = [prepared / "train.npz", prepared / "val.npz"]
     digest = file_digest(data_files)
     key = training_key(name, {"seed": params.seed, **config.model_dump()}, digest)
     store = CheckpointStore(paths.project_root() / ".dlpipe" / "checkpoints" / f"{name}-{key}")
     resume = store.load()
-    resume_run_id = resume["extra"].get("mlflow_run_id") if resume else None
+    # "" when the interrupted training ran without tracking: then this one starts a new run.
+    resume_run_id = (resume["extra"].get("mlflow_run_id") if resume else None) or None
 
     run = TrainingRun(tracking_uri(), params.mlflow.require_tracking)
     git = git_state()["git_sha"][:7]
@@ -191,12 +208,27 @@ def train(name: str, params: Params) -> dict[str, Any]:
         run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
     trainer = Trainer(model, config, runtime, params.seed, store, log_epoch, label=name)
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM,)}
     start = time.perf_counter()
     try:
-        result = trainer.fit(
-            train_split, val_split, resume, extra={"mlflow_run_id": run.run_id or ""}
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM,)}
+        try:
+            result = trainer.fit(
+                train_split, val_split, resume, extra={"mlflow_run_id": run.run_id or ""}
+            )
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        summary = _write_outputs(
+            name, model, data_info, params, result, run, runtime, time.perf_counter() - start
         )
+        history_png = paths.REPORTS_DIR / name / "learning_curves.png"
+        plot_history({name: result.history}, history_png)
+        log_start = time.perf_counter()
+        run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
+        run.log_artifact(history_png)
+        example = _input_example(name, val_split)
+        run.call("log model", _log_model, name, model, example, meta.pad_id)
+        print(f"train@{name}: MLflow logging took {time.perf_counter() - log_start:.2f}s")
     except KeyboardInterrupt:
         print(f"train@{name}: interrupted; last finished epoch is checkpointed in {store.folder}")
         run.end("KILLED")
@@ -204,19 +236,6 @@ def train(name: str, params: Params) -> dict[str, Any]:
     except Exception:
         run.end("FAILED")
         raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    summary = _write_outputs(
-        name, model, meta, params, result, run, runtime, time.perf_counter() - start
-    )
-    history_png = paths.REPORTS_DIR / name / "learning_curves.png"
-    plot_history({name: result.history}, history_png)
-    log_start = time.perf_counter()
-    run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
-    run.log_artifact(history_png)
-    _log_model(run, name, model, _input_example(name, val_split))
-    print(f"train@{name}: MLflow logging took {time.perf_counter() - log_start:.2f}s")
     run.end("FINISHED")
     store.clear()
     return summary

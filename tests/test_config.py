@@ -1,0 +1,221 @@
+"""params.yaml: the real file loads, defaults fill gaps, each mistake is one line naming its key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dlpipe.config import (
+    MODEL_NAMES,
+    Params,
+    PrepareImdbConfig,
+    TrainCNN,
+    load_params,
+    parse_params,
+    train_config,
+)
+from dlpipe.errors import USER_ERROR_EXIT, DlpipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(folder: Path, text: str) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(folder: Path, text: str) -> str:
+    """The message `load_params` raises for a params.yaml holding `text`; checks it is one line."""
+    path = write_params(folder, text)
+    with pytest.raises(DlpipeError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"{path}: "), message
+    return message
+
+
+# --- the real file and the defaults ----------------------------------------------------------
+
+
+def test_the_projects_params_yaml_loads() -> None:
+    params = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    # Values written in the file arrive unchanged in the validated model.
+    assert params.seed == raw["seed"]
+    assert params.prepare.imdb.vocab_size == raw["prepare"]["imdb"]["vocab_size"]
+    assert params.train.transformer.model.heads == raw["train"]["transformer"]["model"]["heads"]
+    assert params.mlflow.experiment == raw["mlflow"]["experiment"]
+    for model in MODEL_NAMES:
+        assert train_config(params, model) is getattr(params.train, model)
+
+
+def test_the_projects_params_yaml_sets_every_key() -> None:
+    """params.yaml documents every knob: no schema key is left to a silent default."""
+
+    def keys(tree: object, prefix: str = "") -> set[str]:
+        if not isinstance(tree, dict):
+            return {prefix}
+        return {k for key, sub in tree.items() for k in keys(sub, f"{prefix}{key}.")}
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert keys(raw) == keys(Params().model_dump())
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_empty_file_gives_all_defaults(tmp_path: Path, text: str) -> None:
+    assert load_params(write_params(tmp_path, text)) == Params()
+
+
+def test_partial_sections_keep_the_other_defaults() -> None:
+    params = parse_params({"seed": 7, "train": {"rnn": {"model": {"cell": "lstm"}}}})
+    assert params.seed == 7
+    assert params.train.rnn.model.cell == "lstm"
+    assert params.train.rnn.model.hidden_size == Params().train.rnn.model.hidden_size
+    assert params.train.rnn.epochs == Params().train.rnn.epochs
+    assert params.train.cnn == TrainCNN()
+    assert params.prepare.imdb == PrepareImdbConfig()
+    assert params.prepare.imdb.truncation == "head+tail"
+
+
+def test_params_are_frozen() -> None:
+    params = parse_params({})
+    with pytest.raises(ValueError):
+        params.seed = 1
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(DlpipeError, match=r"unknown model 'mlp'; choose one of cnn, rnn"):
+        train_config(Params(), "mlp")
+
+
+# --- one-line errors naming the key path -------------------------------------------------------
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "seed: 1\nsede: 2\n")
+    assert message.endswith(": sede: unknown key (check the spelling against params.yaml)")
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "train:\n  cnn:\n    modle:\n      width: 2\n")
+    assert ": train.cnn.modle: unknown key" in message
+
+
+def test_unknown_key_deep_in_a_model_section(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "train:\n  transformer:\n    model:\n      head: 8\n")
+    assert ": train.transformer.model.head: unknown key" in message
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "train:\n  cnn:\n    epochs: five\n")
+    assert ": train.cnn.epochs: " in message
+    assert "valid integer" in message
+    assert "(got 'five')" in message
+
+
+def test_section_that_is_not_a_mapping(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "prepare:\n  imdb: 5\n")
+    assert ": prepare.imdb: " in message
+    assert "(got 5)" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "detail"),
+    [
+        ("train:\n  rnn:\n    lr: -1\n", "train.rnn.lr", "greater than 0 (got -1)"),
+        ("prepare:\n  imdb:\n    truncation: middle\n", "prepare.imdb.truncation", "'middle'"),
+        ("prepare:\n  imdb:\n    vocab_size: 50\n", "prepare.imdb.vocab_size", "(got 50)"),
+        ("prepare:\n  mnist:\n    val_size: 0\n", "prepare.mnist.val_size", "(got 0)"),
+        (
+            "train:\n  cnn:\n    model:\n      dropout: 1.0\n",
+            "train.cnn.model.dropout",
+            "less than",
+        ),
+        ("train:\n  cnn:\n    epochs: 2.5\n", "train.cnn.epochs", "(got 2.5)"),
+        ("seed: -3\n", "seed", "(got -3)"),
+        ("mlflow:\n  experiment: ''\n", "mlflow.experiment", "at least 1 character"),
+    ],
+)
+def test_out_of_range_or_not_allowed(tmp_path: Path, text: str, key: str, detail: str) -> None:
+    message = load_error(tmp_path, text)
+    assert f": {key}: " in message
+    assert detail in message
+
+
+def test_allowed_choices_are_listed(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "prepare:\n  imdb:\n    truncation: middle\n")
+    assert "'head', 'tail' or 'head+tail'" in message
+
+
+def test_only_the_first_error_is_described_with_a_count_of_the_rest(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "seed: x\ntrain:\n  cnn:\n    lr: 0\n    epochs: 0\n")
+    assert ": seed: " in message
+    assert "train.cnn" not in message
+    assert message.endswith("(+2 more)")
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_yaml(tmp_path: Path, text: str) -> None:
+    message = load_error(tmp_path, text)
+    assert message.endswith(": top level must be a mapping of sections")
+
+
+def test_parse_params_names_its_source() -> None:
+    with pytest.raises(DlpipeError, match=r"^-S overrides: top level must be a mapping"):
+        parse_params(["seed"], source="-S overrides")
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "train:\n  cnn: [1, 2\n")
+    assert ": not valid YAML: " in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    with pytest.raises(DlpipeError) as info:
+        load_params(path)
+    assert str(info.value) == f"{path}: not found (run from the project root)"
+
+
+def test_unreadable_text_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"seed: 1\nmlflow:\n  experiment: caf\xe9\n")  # latin-1, not UTF-8
+    with pytest.raises(DlpipeError, match=r"params\.yaml: .*UTF-8"):
+        load_params(path)
+
+
+def test_a_folder_in_place_of_the_file_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").mkdir()
+    with pytest.raises(DlpipeError, match=r"params\.yaml: cannot read: Is a directory"):
+        load_params(tmp_path / "params.yaml")
+
+
+# --- a stage run with bad params: exit code 2 and one line, no traceback -----------------------
+
+
+def test_stage_with_a_bad_key_exits_2_with_one_line(tmp_path: Path) -> None:
+    write_params(tmp_path, "prepare:\n  mnist:\n    val_sise: 100\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "prepare.py"), "mnist"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == USER_ERROR_EXIT, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: params.yaml: prepare.mnist.val_sise: unknown key")
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "reports").exists()

@@ -1,0 +1,583 @@
+"""prepare: the IDX reader, seeded stratified splits, the MNIST and IMDB outputs and data cards."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY_IMDB
+from tokenizers import Tokenizer
+
+from dlpipe.config import PrepareImdbConfig, PrepareMnistConfig
+from dlpipe.data import imdb, mnist
+from dlpipe.data.archive import frame
+from dlpipe.data.splits import class_counts, stratified_split
+from dlpipe.errors import DlpipeError
+
+# --- IDX files ---------------------------------------------------------------------------------
+
+
+def idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
+    return struct.pack(f">{1 + len(dims)}I", magic, *dims) + payload
+
+
+def write_idx(path: Path, magic: int, dims: tuple[int, ...], payload: bytes) -> Path:
+    """An IDX file at `path`, gzip-compressed when the name ends in .gz."""
+    data = idx_bytes(magic, dims, payload)
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+    return path
+
+
+def write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """The canonical pair of gz files of one split."""
+    images_name, labels_name = mnist.FILES[split]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / images_name, mnist.IMAGES_MAGIC, images.shape, images.tobytes())
+    write_idx(folder / labels_name, mnist.LABELS_MAGIC, labels.shape, labels.tobytes())
+
+
+@pytest.mark.parametrize("name", ["images-idx3-ubyte", "images-idx3-ubyte.gz"])
+def test_read_idx_images(tmp_path: Path, name: str) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    path = write_idx(tmp_path / name, 2051, (3, 28, 28), images.tobytes())
+    decoded = mnist.read_idx(path)
+    assert decoded.dtype == np.uint8
+    assert decoded.shape == (3, 28, 28)
+    np.testing.assert_array_equal(decoded, images)
+
+
+@pytest.mark.parametrize("name", ["labels-idx1-ubyte", "labels-idx1-ubyte.gz"])
+def test_read_idx_labels(tmp_path: Path, name: str) -> None:
+    path = write_idx(tmp_path / name, 2049, (5,), bytes([5, 0, 4, 1, 9]))
+    assert mnist.read_idx(path).tolist() == [5, 0, 4, 1, 9]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("x.idx", idx_bytes(2052, (1,), b"\x00"), r"bad IDX magic 2052, expected 2051 or 2049"),
+        ("x.idx", idx_bytes(0x1F8B0800, (1,), b"\x00"), r"bad IDX magic"),  # gzip, named raw
+        ("x.idx", idx_bytes(2049, (5,), bytes(3)), r"11 bytes, header says 13 \(truncated\?\)"),
+        ("x.idx", idx_bytes(2049, (2,), bytes(3)), r"11 bytes, header says 10"),  # trailing junk
+        ("x.idx", idx_bytes(2051, (2, 28, 28), bytes(784)), r"header says 1584 \(truncated\?\)"),
+        ("x.idx", idx_bytes(2051, (1, 27, 28), bytes(756)), r"images are 27x28, expected 28x28"),
+        ("x.idx", idx_bytes(2051, (1, 28, 29), bytes(812)), r"images are 28x29, expected 28x28"),
+        ("x.idx", b"\x00\x00\x08", r"too short for an IDX header \(3 bytes\)"),
+    ],
+)
+def test_read_idx_rejects_malformed_files(
+    tmp_path: Path, name: str, data: bytes, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DlpipeError, match=message) as info:
+        mnist.read_idx(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_read_idx_rejects_a_truncated_gzip_stream(tmp_path: Path) -> None:
+    good = gzip.compress(idx_bytes(2051, (2, 28, 28), bytes(range(256)) * 6 + bytes(32)))
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DlpipeError, match=r"cannot read IDX file"):
+        mnist.read_idx(path)
+
+
+def test_read_idx_rejects_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DlpipeError, match=r"nope\.gz: cannot read IDX file"):
+        mnist.read_idx(tmp_path / "nope.gz")
+
+
+def test_load_split_rejects_labels_above_9(tmp_path: Path) -> None:
+    write_split(tmp_path, "test", np.zeros((3, 28, 28), np.uint8), np.array([1, 10, 2], np.uint8))
+    with pytest.raises(DlpipeError, match=r"t10k-labels-idx1-ubyte\.gz: label 10 outside 0-9"):
+        mnist.load_split(tmp_path, "test")
+
+
+def test_load_split_rejects_a_count_mismatch(tmp_path: Path) -> None:
+    write_split(tmp_path, "train", np.zeros((3, 28, 28), np.uint8), np.array([1, 2], np.uint8))
+    with pytest.raises(DlpipeError, match=r"3 train images but 2 labels"):
+        mnist.load_split(tmp_path, "train")
+
+
+def test_load_split_rejects_swapped_files(tmp_path: Path) -> None:
+    images_name, labels_name = mnist.FILES["test"]
+    write_idx(tmp_path / images_name, 2049, (2,), bytes(2))
+    write_idx(tmp_path / labels_name, 2051, (2, 28, 28), bytes(2 * 784))
+    with pytest.raises(DlpipeError, match=r"swapped or malformed"):
+        mnist.load_split(tmp_path, "test")
+
+
+# --- stratified splits -------------------------------------------------------------------------
+
+SPLITS = ("test", "train", "val")
+IMBALANCED = np.repeat(np.array([0, 1, 2]), [600, 300, 100])
+
+
+def test_split_is_a_sorted_partition() -> None:
+    keep, val = stratified_split(IMBALANCED, 100, seed=42)
+    assert len(val) == 100
+    assert len(keep) == 900
+    assert np.all(np.diff(keep) > 0)
+    assert np.all(np.diff(val) > 0)
+    np.testing.assert_array_equal(np.sort(np.concatenate([keep, val])), np.arange(1000))
+
+
+def test_split_keeps_class_proportions() -> None:
+    keep, val = stratified_split(IMBALANCED, 100, seed=3)
+    assert class_counts(IMBALANCED[val], 3) == [60, 30, 10]
+    assert class_counts(IMBALANCED[keep], 3) == [540, 270, 90]
+
+
+def test_split_is_deterministic_per_seed() -> None:
+    keep_a, val_a = stratified_split(IMBALANCED, 100, seed=42)
+    keep_b, val_b = stratified_split(IMBALANCED, 100, seed=42)
+    np.testing.assert_array_equal(val_a, val_b)
+    np.testing.assert_array_equal(keep_a, keep_b)
+    _, val_c = stratified_split(IMBALANCED, 100, seed=43)
+    assert not np.array_equal(val_a, val_c)
+    assert class_counts(IMBALANCED[val_c], 3) == [60, 30, 10]
+
+
+def test_split_rows_are_pinned_across_versions() -> None:
+    """The same seed gives the same rows on any machine and library version: a change to these
+    indices (e.g. a scikit-learn upgrade) silently changes every dataset and must be noticed."""
+    labels = np.repeat(np.array([0, 1, 2]), [60, 30, 10])
+    _, val = stratified_split(labels, 10, seed=42)
+    assert val.tolist() == [7, 14, 28, 38, 42, 51, 66, 67, 71, 94]
+
+
+@pytest.mark.parametrize("val_size", [0, 1000, 1500])
+def test_split_rejects_val_size_out_of_range(val_size: int) -> None:
+    with pytest.raises(DlpipeError, match=rf"val_size {val_size} must be between 1 and 999"):
+        stratified_split(IMBALANCED, val_size, seed=0)
+
+
+def test_split_rejects_a_class_too_small_to_stratify() -> None:
+    with pytest.raises(DlpipeError, match=r"cannot split 11 rows stratified"):
+        stratified_split(np.array([0] * 10 + [1]), 3, seed=0)
+
+
+# --- MNIST prepare -----------------------------------------------------------------------------
+
+
+@dataclass
+class RawMnist:
+    folder: Path
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Random images whose first three pixels spell the row index (2 bytes) and the label."""
+    images = np.random.default_rng(seed).integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+    rows = np.arange(len(labels))
+    images[:, 0, 0], images[:, 0, 1], images[:, 0, 2] = rows % 256, rows // 256, labels
+    return images
+
+
+def row_ids(images: np.ndarray) -> np.ndarray:
+    return images[:, 0, 0].astype(np.int64) + 256 * images[:, 0, 1].astype(np.int64)
+
+
+@pytest.fixture
+def raw_mnist(tmp_path: Path) -> RawMnist:
+    """200 train / 50 test synthetic images, 10 classes, balanced, in shuffled order."""
+    rng = np.random.default_rng(1)
+    train_labels = rng.permutation(np.arange(200) % 10).astype(np.uint8)
+    test_labels = rng.permutation(np.arange(50) % 10).astype(np.uint8)
+    raw = RawMnist(
+        tmp_path / "raw" / "mnist",
+        synthetic_images(train_labels, 2),
+        train_labels,
+        synthetic_images(test_labels, 3),
+        test_labels,
+    )
+    write_split(raw.folder, "train", raw.train_images, raw.train_labels)
+    write_split(raw.folder, "test", raw.test_images, raw.test_labels)
+    return raw
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def test_prepare_mnist(raw_mnist: RawMnist, tmp_path: Path) -> None:
+    out, card_path = tmp_path / "prepared", tmp_path / "reports" / "mnist.json"
+    card = mnist.prepare(raw_mnist.folder, out, card_path, PrepareMnistConfig(val_size=20), 42)
+
+    arrays = {split: load_npz(out / f"{split}.npz") for split in ("train", "val", "test")}
+    for split, count in (("train", 180), ("val", 20), ("test", 50)):
+        assert arrays[split]["images"].shape == (count, 28, 28)
+        assert arrays[split]["images"].dtype == np.uint8
+        assert arrays[split]["labels"].shape == (count,)
+        assert arrays[split]["labels"].dtype == np.uint8
+        # Each image is still paired with its own label.
+        np.testing.assert_array_equal(arrays[split]["images"][:, 0, 2], arrays[split]["labels"])
+
+    # train + val are exactly the 200 training images, unchanged; test is the test file as is.
+    train_ids, val_ids = row_ids(arrays["train"]["images"]), row_ids(arrays["val"]["images"])
+    np.testing.assert_array_equal(np.sort(np.concatenate([train_ids, val_ids])), np.arange(200))
+    np.testing.assert_array_equal(arrays["val"]["images"], raw_mnist.train_images[val_ids])
+    np.testing.assert_array_equal(arrays["test"]["images"], raw_mnist.test_images)
+    np.testing.assert_array_equal(arrays["test"]["labels"], raw_mnist.test_labels)
+
+    _, expected_val = stratified_split(raw_mnist.train_labels, 20, 42)
+    np.testing.assert_array_equal(val_ids, expected_val)
+
+    assert json.loads(card_path.read_text(encoding="utf-8")) == card
+    assert card["num_classes"] == 10
+    assert card["image_shape"] == [28, 28]
+    assert card["train"]["count"] == 180
+    assert card["train"]["class_counts"] == [18] * 10
+    assert card["val"]["class_counts"] == [2] * 10
+    assert card["test"]["class_counts"] == [5] * 10
+    expected_mean = round(float(raw_mnist.test_images.mean(dtype=np.float64)) / 255.0, 4)
+    assert card["test"]["pixel_mean"] == expected_mean
+    assert 0.0 < card["test"]["pixel_std"] < 1.0
+    assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == {
+        "num_classes": 10,
+        "label_names": [str(digit) for digit in range(10)],
+    }
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", *(f"{s}.npz" for s in SPLITS)]
+
+
+def test_prepare_mnist_is_byte_for_byte_reproducible(raw_mnist: RawMnist, tmp_path: Path) -> None:
+    """Same seed, same bytes: DVC sees an unchanged output and reruns nothing downstream."""
+    config = PrepareMnistConfig(val_size=20)
+    outputs = {}
+    for run, seed in (("a", 42), ("b", 42), ("c", 7)):
+        mnist.prepare(raw_mnist.folder, tmp_path / run, tmp_path / f"{run}.json", config, seed)
+        outputs[run] = {p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())}
+    assert outputs["a"] == outputs["b"]
+    assert outputs["a"]["val.npz"] != outputs["c"]["val.npz"]
+    assert outputs["a"]["test.npz"] == outputs["c"]["test.npz"]
+
+
+def test_prepare_mnist_rejects_a_val_size_larger_than_train(
+    raw_mnist: RawMnist, tmp_path: Path
+) -> None:
+    with pytest.raises(DlpipeError, match=r"val_size 200 must be between 1 and 199"):
+        config = PrepareMnistConfig(val_size=200)
+        mnist.prepare(raw_mnist.folder, tmp_path / "o", tmp_path / "c.json", config, 0)
+    assert not (tmp_path / "c.json").exists()
+
+
+# --- IMDB: truncation, normaliser, tokenizer ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "max_len", "expected"),
+    [
+        ("head", 4, [0, 1, 2, 3]),
+        ("tail", 4, [6, 7, 8, 9]),
+        ("head+tail", 4, [0, 7, 8, 9]),  # a quarter (1) from the start, 3 from the end
+        ("head+tail", 8, [0, 1, 4, 5, 6, 7, 8, 9]),
+        ("head+tail", 3, [7, 8, 9]),  # 3 // 4 == 0 from the start
+        ("head", 10, list(range(10))),
+        ("tail", 10, list(range(10))),
+        ("head+tail", 10, list(range(10))),
+        ("head+tail", 50, list(range(10))),
+    ],
+)
+def test_truncate(policy: str, max_len: int, expected: list[int]) -> None:
+    ids = list(range(10))
+    assert imdb.truncate(ids, max_len, policy) == expected
+    assert ids == list(range(10))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_normaliser(kind: str) -> None:
+    tokenizer, _ = imdb.new_tokenizer(PrepareImdbConfig(tokenizer=kind))  # type: ignore[arg-type]
+    normalize = tokenizer.normalizer.normalize_str
+    assert normalize("Good.<br /><br />Really<br/>good<br>film") == "good. really good film"
+    assert normalize("Cafe\u0301 E\u0301T\u00c9") == "caf\u00e9 \u00e9t\u00e9"
+    assert len(normalize("e\u0301")) == 1
+    assert normalize("  tabs\tand\n\nnewlines  ") == "tabs and newlines"
+
+
+def test_normaliser_can_keep_case() -> None:
+    tokenizer, _ = imdb.new_tokenizer(PrepareImdbConfig(lowercase=False))
+    assert tokenizer.normalizer.normalize_str("A<br />B e\u0301") == "A B \u00e9"
+
+
+TOKENIZER_TEXTS = [t for texts in TINY_IMDB.values() for t in texts] * 3 + [
+    "the film was good and the acting was great",
+    "the film was bad and the plot was awful",
+]
+
+
+def zipf_corpus(reviews: int = 1500, words: int = 3000, seed: int = 0) -> list[str]:
+    """Made-up words with Zipf frequencies: merge counts rarely tie, as in real reviews.
+
+    (On tiny corpora with many count ties the upstream WordPiece trainer can still pick different
+    merges from run to run: huggingface/tokenizers#1794.)
+    """
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    vocab = ["".join(rng.choice(letters, size=int(rng.integers(2, 9)))) for _ in range(words)]
+    p = 1.0 / np.arange(1, words + 1)
+    return [" ".join(rng.choice(vocab, size=60, p=p / p.sum())) for _ in range(reviews)]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_tokenizer_training_is_deterministic(kind: str) -> None:
+    corpus = zipf_corpus()
+    config = PrepareImdbConfig(tokenizer=kind, vocab_size=300)  # type: ignore[arg-type]
+    runs = [imdb.train_tokenizer(list(corpus), config) for _ in range(3)]
+    assert runs[0].to_str() == runs[1].to_str() == runs[2].to_str()
+    assert runs[0].get_vocab_size() == 300
+    assert runs[0].token_to_id(imdb.PAD) == imdb.PAD_ID
+    assert runs[0].token_to_id(imdb.UNK) == imdb.UNK_ID
+    sample = corpus[0] + " zzqx"
+    assert runs[0].encode(sample).ids == runs[2].encode(sample).ids
+
+
+def test_wordpiece_renumbering_keeps_the_tokenization() -> None:
+    corpus = zipf_corpus()
+    config = PrepareImdbConfig(tokenizer="wordpiece", vocab_size=300)
+    raw, trainer = imdb.new_tokenizer(config)
+    raw.train_from_iterator(corpus, trainer=trainer)  # the trainer's own (run-dependent) ids
+    renumbered = imdb.train_tokenizer(corpus, config)
+    assert set(renumbered.get_vocab()) == set(raw.get_vocab())
+    for text in [*corpus[:20], "zzqx unseen words Ω", ""]:
+        assert renumbered.encode(text).tokens == raw.encode(text).tokens
+    assert renumbered.decode(renumbered.encode(corpus[0]).ids) == corpus[0]
+
+
+def test_encode_pads_with_zero_and_reports_full_lengths() -> None:
+    config = PrepareImdbConfig(vocab_size=120, min_frequency=1)
+    tokenizer = imdb.train_tokenizer(TOKENIZER_TEXTS, config)
+    texts = ["the film was good", "", "the film was bad and the plot was awful " * 3]
+    full = [len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts]
+    encoded = imdb.encode(tokenizer, texts, max_len=8, policy="head")
+    assert encoded["full_lengths"].tolist() == full
+    assert encoded["lengths"].tolist() == [min(n, 8) for n in full]
+    assert encoded["tokens"].shape == (3, 8)
+    assert encoded["tokens"].dtype == np.int32
+    assert encoded["tokens"][1].tolist() == [imdb.PAD_ID] * 8
+    first = tokenizer.encode(texts[0], add_special_tokens=False).ids
+    assert encoded["tokens"][0].tolist() == first + [imdb.PAD_ID] * (8 - len(first))
+
+
+# --- IMDB prepare ------------------------------------------------------------------------------
+
+# Made-up words that appear only in one part of the data, each many times in total.
+TRAIN_WORD, VAL_WORD, TEST_WORD, UNSUP_WORD = "flimflam", "quibblewomp", "zorblaxquux", "snarfle"
+POSITIVE = ["good", "great", "wonderful", "moving", "funny", "superb"]
+NEGATIVE = ["bad", "awful", "boring", "dull", "silly", "weak"]
+SEED, VAL_SIZE = 42, 10
+
+
+def generated_reviews(count: int, words: list[str], rng: np.random.Generator) -> list[str]:
+    return [
+        f"The film was {rng.choice(words)} and the acting was {rng.choice(words)}. "
+        f"{' '.join(rng.choice(words, size=int(rng.integers(1, 40))))}"
+        for _ in range(count)
+    ]
+
+
+def reviews(split: str, extra_per_label: int, rng: np.random.Generator) -> pd.DataFrame:
+    """TINY_IMDB's reviews of a split plus generated ones, in the frame format fetch writes."""
+    ids: list[str] = []
+    labels: list[int] = []
+    texts: list[str] = []
+    for label, folder, words in ((0, "neg", NEGATIVE), (1, "pos", POSITIVE)):
+        folder_texts = TINY_IMDB[(split, folder)] + generated_reviews(extra_per_label, words, rng)
+        ids += [f"{split}/{folder}/{i}" for i in range(len(folder_texts))]
+        labels += [label] * len(folder_texts)
+        texts += folder_texts
+    return frame(ids, labels, texts)
+
+
+@dataclass
+class RawImdb:
+    folder: Path
+    train: pd.DataFrame
+    test: pd.DataFrame
+    keep: np.ndarray
+    val: np.ndarray
+
+
+@pytest.fixture
+def raw_imdb(tmp_path: Path) -> RawImdb:
+    """Tiny train/test/unsup parquet files; marker words planted in the train rows that prepare
+    keeps, in its validation rows, in the test split and in unsup."""
+    rng = np.random.default_rng(0)
+    train, test = reviews("train", 20, rng), reviews("test", 20, rng)
+    keep, val = stratified_split(train["label"].to_numpy(), VAL_SIZE, SEED)
+    text = train["text"].tolist()
+    for row in keep:
+        text[row] += f" {TRAIN_WORD} {TRAIN_WORD}"
+    for row in val:
+        text[row] += f" {VAL_WORD}" * 12
+    train["text"] = pd.array(text, dtype="string")
+    test["text"] = test["text"] + f" {TEST_WORD} {TEST_WORD} {TEST_WORD} 映画"
+    unsup_texts = [f"{t} {UNSUP_WORD} {UNSUP_WORD}" for t in TINY_IMDB[("train", "unsup")] * 20]
+    unsup = frame([f"unsup/{i}" for i in range(len(unsup_texts))], [-1] * 80, unsup_texts)
+    folder = tmp_path / "raw" / "imdb"
+    folder.mkdir(parents=True)
+    for split, data in (("train", train), ("test", test), ("unsup", unsup)):
+        data.to_parquet(folder / f"{split}.parquet", index=False, engine="pyarrow")
+    return RawImdb(folder, train, test, keep, val)
+
+
+def is_one_token(tokenizer: Tokenizer, word: str) -> bool:
+    """Whether `word` is in the vocabulary: encoded as one id that is not [UNK]."""
+    ids = tokenizer.encode(word, add_special_tokens=False).ids
+    return len(ids) == 1 and ids[0] != imdb.UNK_ID
+
+
+def run_prepare_imdb(raw: RawImdb, out: Path, **overrides: object) -> dict:
+    settings: dict[str, object] = {"val_size": VAL_SIZE, "vocab_size": 200, "max_len": 16}
+    config = PrepareImdbConfig.model_validate({**settings, **overrides})
+    return imdb.prepare(raw.folder, out, out / "card.json", config, SEED)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_prepare_imdb(raw_imdb: RawImdb, tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "prepared"
+    card = run_prepare_imdb(raw_imdb, out, tokenizer=kind)
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() == card["vocab_size"] <= 200
+    assert tokenizer.token_to_id(imdb.PAD) == imdb.PAD_ID
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta == {"num_classes": 2, "vocab_size": card["vocab_size"], "pad_id": imdb.PAD_ID}
+    assert json.loads((out / "card.json").read_text(encoding="utf-8")) == card
+    assert (card["tokenizer"], card["max_len"], card["truncation"]) == (kind, 16, "head+tail")
+
+    frames = {
+        "train": raw_imdb.train.iloc[raw_imdb.keep],
+        "val": raw_imdb.train.iloc[raw_imdb.val],
+        "test": raw_imdb.test,
+    }
+    for split, source in frames.items():
+        arrays = load_npz(out / f"{split}.npz")
+        tokens, lengths, labels = arrays["tokens"], arrays["lengths"], arrays["labels"]
+        count = len(source)
+        assert tokens.dtype == np.int32
+        assert tokens.shape == (count, int(lengths.max()))
+        assert lengths.shape == labels.shape == (count,)
+        assert arrays["review_id"].tolist() == source["review_id"].tolist()
+        assert labels.tolist() == source["label"].tolist()
+        assert np.all(lengths <= 16)
+        beyond = np.arange(tokens.shape[1])[None, :] >= lengths[:, None]
+        assert np.all(tokens[beyond] == imdb.PAD_ID)
+        assert np.all(tokens[~beyond] != imdb.PAD_ID)
+
+        # The saved tokenizer reproduces the arrays: same normaliser, same vocabulary.
+        texts = source["text"].tolist()
+        full = np.array([len(e.ids) for e in tokenizer.encode_batch(texts)])
+        np.testing.assert_array_equal(lengths, np.minimum(full, 16))
+        row = int(np.argmax(full))
+        expected = imdb.truncate(tokenizer.encode(texts[row]).ids, 16, "head+tail")
+        assert tokens[row, : lengths[row]].tolist() == expected
+
+        split_card = card[split]
+        assert split_card["count"] == count
+        assert split_card["class_counts"] == np.bincount(labels, minlength=2).tolist()
+        assert split_card["truncation_rate"] == round(float((full > 16).mean()), 4)
+        assert split_card["length_percentiles"] == {
+            f"p{p}": int(np.percentile(full, p)) for p in (5, 25, 50, 75, 95, 99)
+        }
+        unk = int(((tokens == imdb.UNK_ID) & ~beyond).sum())
+        assert split_card["unk_rate"] == round(unk / int(lengths.sum()), 6)
+
+    assert 0.0 < card["train"]["truncation_rate"] < 1.0
+    assert card["train"]["unk_rate"] == 0.0  # every training character is in the vocabulary
+    assert card["test"]["unk_rate"] > 0.0  # 映画 never occurs in train
+    assert card["val"]["count"] == VAL_SIZE
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_vocabulary_is_learned_from_the_training_rows_only(
+    raw_imdb: RawImdb, tmp_path: Path, kind: str
+) -> None:
+    run_prepare_imdb(raw_imdb, tmp_path / "out", tokenizer=kind)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert is_one_token(tokenizer, TRAIN_WORD)
+    for held_out in (VAL_WORD, TEST_WORD, UNSUP_WORD):
+        assert tokenizer.token_to_id(held_out) is None, held_out
+        assert not is_one_token(tokenizer, held_out), held_out
+
+    # Control: the held-out words are frequent enough that a leak would have made them tokens.
+    everything = [*raw_imdb.train["text"], *raw_imdb.test["text"]]
+    config = PrepareImdbConfig(tokenizer=kind, vocab_size=200)  # type: ignore[arg-type]
+    leaky = imdb.train_tokenizer(everything, config)
+    assert is_one_token(leaky, VAL_WORD)
+    assert is_one_token(leaky, TEST_WORD)
+
+
+def test_train_on_unsup_adds_the_unlabeled_reviews_to_the_vocabulary(
+    raw_imdb: RawImdb, tmp_path: Path
+) -> None:
+    card = run_prepare_imdb(raw_imdb, tmp_path / "out", train_on_unsup=True)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert is_one_token(tokenizer, UNSUP_WORD)
+    assert not is_one_token(tokenizer, TEST_WORD)
+    assert card["train"]["count"] == len(raw_imdb.keep)  # unsup adds vocabulary, not rows
+
+
+def test_prepare_imdb_is_byte_for_byte_reproducible(raw_imdb: RawImdb, tmp_path: Path) -> None:
+    outputs = []
+    for run in ("a", "b"):
+        run_prepare_imdb(raw_imdb, tmp_path / run)
+        outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())})
+    assert outputs[0] == outputs[1]
+    assert set(outputs[0]) == {
+        "card.json",
+        "meta.json",
+        "test.npz",
+        "tokenizer.json",
+        "train.npz",
+        "val.npz",
+    }
+
+
+@pytest.mark.parametrize(
+    ("policy", "kept"),
+    [("head", slice(0, 16)), ("tail", slice(-16, None)), ("head+tail", None)],
+)
+def test_prepare_imdb_truncation_policy(
+    raw_imdb: RawImdb, tmp_path: Path, policy: str, kept: slice | None
+) -> None:
+    run_prepare_imdb(raw_imdb, tmp_path / "out", truncation=policy)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    arrays = load_npz(tmp_path / "out" / "test.npz")
+    texts = raw_imdb.test["text"].tolist()
+    full = [tokenizer.encode(t).ids for t in texts]
+    row = max(range(len(full)), key=lambda i: len(full[i]))
+    assert len(full[row]) > 16
+    expected = full[row][kept] if kept is not None else full[row][:4] + full[row][-12:]
+    assert arrays["tokens"][row, :16].tolist() == expected
+
+
+def test_prepare_imdb_rejects_bad_labels(raw_imdb: RawImdb, tmp_path: Path) -> None:
+    test = raw_imdb.test.copy()
+    test.loc[0, "label"] = 2
+    test.to_parquet(raw_imdb.folder / "test.parquet", index=False)
+    with pytest.raises(DlpipeError, match=r"test\.parquet: labels must be 0 or 1"):
+        run_prepare_imdb(raw_imdb, tmp_path / "out")
+    assert not (tmp_path / "out" / "card.json").exists()
+
+
+def test_prepare_imdb_rejects_missing_input(raw_imdb: RawImdb, tmp_path: Path) -> None:
+    (raw_imdb.folder / "train.parquet").unlink()
+    with pytest.raises(DlpipeError, match=r"train\.parquet: missing; run the fetch stage first"):
+        run_prepare_imdb(raw_imdb, tmp_path / "out")
+
+
+def test_prepare_imdb_rejects_missing_columns(raw_imdb: RawImdb, tmp_path: Path) -> None:
+    raw_imdb.test.drop(columns=["text"]).to_parquet(raw_imdb.folder / "test.parquet")
+    with pytest.raises(DlpipeError, match=r"test\.parquet: missing columns \['text'\]"):
+        run_prepare_imdb(raw_imdb, tmp_path / "out")

@@ -1,0 +1,430 @@
+"""MLflow tracking of the train stage: what one run records (params, metrics, tags, system
+metrics, dataset, a reloadable model), a real tracking server, an unreachable one, logging
+failures that must not lose the training, and where the default store lives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, TinyProject, hook_after_epoch, use_tiny_project
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from dlpipe.config import DATASET_OF_MODEL, Params, train_config
+from dlpipe.data.tensors import load_split
+from dlpipe.errors import DlpipeError
+from dlpipe.models import DataMeta, build_model
+from dlpipe.paths import project_root
+from dlpipe.tracking import TrainingRun, check_reachable, flatten, tracking_uri
+from dlpipe.training import run as run_module
+from dlpipe.training.checkpoint import file_digest
+
+EPOCH_METRICS = [
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "epoch_time_s",
+    "samples_per_s",
+]
+SHARED_PARAMS = ["train.lr", "train.batch_size", "train.epochs", "model.family", "seed"]
+TAGS = ["model_family", "dataset", "git_sha", "device", "torch_version"]
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def saved_model(name: str, root: Path) -> torch.nn.Module:
+    """The stage's own output, data/models/<name>/model.pt, loaded into a fresh model."""
+    config = json.loads((root / "data/models" / name / "config.json").read_text())
+    meta = DataMeta(**config["meta"])
+    model_config = type(train_config(Params(), name).model).model_validate(config["model_config"])
+    model = build_model(name, model_config, meta)
+    model.load_state_dict(torch.load(root / "data/models" / name / "model.pt", weights_only=True))
+    return model.eval()
+
+
+def wait_for_system_metrics(uri: str) -> None:
+    """Hold the active run open until MLflow's monitor has logged a first sample (≤ 20 s): the
+    tiny trainings end within the sampling interval, and a run ended before the first sample
+    gets no system metrics at all."""
+    run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(k.startswith("system/") for k in client.get_run(run_id).data.metrics):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no system metrics within 20 s")
+
+
+# --- one tracked training of each kind, shared by the tests that only read it --------------------
+
+
+@dataclass
+class Trained:
+    project: TinyProject
+    client: MlflowClient
+    runs: dict[str, Run]
+    summaries: dict[str, dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, _mlflow_db_template: Path
+) -> Iterator[Trained]:
+    """`run.train` of the CNN and the Transformer in one tiny project with a sqlite store."""
+    folder = tmp_path_factory.mktemp("tracked")
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        use_tiny_project(folder, patch, _mlflow_db_template) as project,
+    ):
+        uri = project.tracking_uri
+        hook_after_epoch(
+            patch, lambda row: wait_for_system_metrics(uri) if row["epoch"] == 1 else None
+        )
+        summaries = {
+            name: run_module.train(name, project.params) for name in ("cnn", "transformer")
+        }
+        client = MlflowClient(uri)
+        runs = {
+            name: client.get_run(
+                json.loads((project.root / "data/models" / name / "mlflow_run.json").read_text())[
+                    "run_id"
+                ]
+            )
+            for name in summaries
+        }
+        yield Trained(project, client, runs, summaries)
+
+
+def test_the_run_finished_in_the_configured_store(trained: Trained) -> None:
+    for name, run in trained.runs.items():
+        assert run.info.status == "FINISHED"
+        info = json.loads(
+            (trained.project.root / "data/models" / name / "mlflow_run.json").read_text()
+        )
+        assert info["tracking_uri"] == trained.project.tracking_uri
+        assert info["experiment_id"] == run.info.experiment_id
+        experiment = trained.client.get_experiment(run.info.experiment_id)
+        assert experiment.name == trained.project.params.mlflow.experiment
+        # artifacts beside the sqlite file, whatever the working directory
+        assert (
+            experiment.artifact_location
+            == (
+                Path(trained.project.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+            ).as_uri()
+        )
+
+
+def test_params_share_names_across_model_families(trained: Trained) -> None:
+    params = trained.project.params
+    transformer = trained.runs["transformer"].data.params
+    for key in SHARED_PARAMS:
+        assert key in transformer, key
+    config = params.train.transformer
+    assert transformer["train.lr"] == str(config.lr)
+    assert transformer["train.batch_size"] == str(config.batch_size)
+    assert transformer["train.epochs"] == str(config.epochs)
+    assert transformer["model.family"] == "transformer"
+    assert transformer["seed"] == str(params.seed)
+    assert transformer["model.d_model"] == str(config.model.d_model)
+    assert transformer["data.name"] == "imdb"
+    cnn = trained.runs["cnn"].data.params
+    assert cnn["model.family"] == "cnn" and cnn["data.name"] == "mnist"
+    train_keys = {
+        name: {k for k in run.data.params if k.startswith("train.")}
+        for name, run in trained.runs.items()
+    }
+    assert train_keys["cnn"] == train_keys["transformer"]
+    assert train_keys["cnn"] == {f"train.{k}" for k in type(config).model_fields if k != "model"}
+
+
+def test_every_epoch_metric_has_one_value_per_epoch(trained: Trained) -> None:
+    for name, run in trained.runs.items():
+        epochs = train_config(trained.project.params, name).epochs
+        for key in EPOCH_METRICS:
+            assert metric_steps(trained.client, run.info.run_id, key) == list(
+                range(1, epochs + 1)
+            ), (name, key)
+        summary = trained.summaries[name]
+        assert run.data.metrics["val_accuracy"] == pytest.approx(summary["final"]["val_accuracy"])
+        assert run.data.metrics["best_epoch"] == summary["best_epoch"]
+        assert run.data.metrics["parameters"] == summary["parameters"]
+
+
+def test_tags_describe_the_run(trained: Trained) -> None:
+    for name, run in trained.runs.items():
+        tags = run.data.tags
+        for key in TAGS:
+            assert tags.get(key), (name, key)
+        assert tags["model_family"] == name
+        assert tags["dataset"] == DATASET_OF_MODEL[name]
+        assert tags["device"] == "CPU" and tags["precision"] == "fp32"
+        assert tags["torch_version"] == torch.__version__
+        assert tags["dvc_stage"] == f"train@{name}"
+
+
+def test_system_metrics_are_logged(trained: Trained) -> None:
+    metrics = trained.runs["transformer"].data.metrics
+    system = [k for k in metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system, sorted(metrics)
+
+
+def test_the_training_data_is_logged_as_an_input(trained: Trained) -> None:
+    [item] = trained.runs["transformer"].inputs.dataset_inputs
+    assert item.dataset.name == "imdb-train"
+    prepared = trained.project.root / "data/prepared/imdb"
+    assert item.dataset.digest == file_digest([prepared / "train.npz", prepared / "val.npz"])[:12]
+    assert {t.key: t.value for t in item.tags}["mlflow.data.context"] == "training"
+
+
+def test_learning_curves_are_an_artifact(trained: Trained) -> None:
+    files = [f.path for f in trained.client.list_artifacts(trained.runs["cnn"].info.run_id)]
+    assert "learning_curves.png" in files
+
+
+def test_text_model_reloads_and_takes_any_sequence_length(trained: Trained) -> None:
+    run_id = trained.runs["transformer"].info.run_id
+    expected_model = saved_model("transformer", trained.project.root)
+    rng = np.random.default_rng(0)
+    lengths = np.array([3, 17, 9])
+    tokens = np.zeros((3, 17), dtype=np.int64)  # the input example had another width
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = rng.integers(1, 50, n)
+    with torch.no_grad():
+        expected = expected_model(torch.from_numpy(tokens), torch.from_numpy(lengths)).numpy()
+
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    predicted = pyfunc.predict(tokens)
+    assert predicted.shape == (3, 2)
+    np.testing.assert_allclose(predicted, expected, rtol=1e-5, atol=1e-5)
+    wider = np.pad(tokens, ((0, 0), (0, 30)))  # more padding: the same answers
+    np.testing.assert_allclose(pyfunc.predict(wider), expected, rtol=1e-5, atol=1e-5)
+
+    module = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    with torch.no_grad():
+        logits = module(torch.from_numpy(tokens))
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_model_reloads_and_predicts_float_images(trained: Trained) -> None:
+    run_id = trained.runs["cnn"].info.run_id
+    val = load_split(trained.project.root / "data/prepared/mnist", "val")
+    images = val.features["images"][:5].unsqueeze(1).float().div(255.0).numpy()
+    with torch.no_grad():
+        expected = saved_model("cnn", trained.project.root)(torch.from_numpy(images)).numpy()
+
+    [output] = trained.runs["cnn"].outputs.model_outputs
+    logged = trained.client.get_logged_model(output.model_id)
+    for uri in (f"runs:/{run_id}/model", logged.model_uri):
+        predicted = mlflow.pyfunc.load_model(uri).predict(images.astype(np.float32))
+        assert predicted.shape == (5, 10)
+        np.testing.assert_allclose(predicted, expected, rtol=1e-4, atol=1e-4)
+    module = mlflow.pytorch.load_model(logged.model_uri)
+    with torch.no_grad():
+        logits = module(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- a real tracking server ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_training_against_a_real_tracking_server(
+    tiny_project: TinyProject, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    run_module.train("cnn", tiny_project.with_train("cnn", epochs=1))
+
+    info = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())
+    assert info["tracking_uri"] == mlflow_server
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.family"] == "cnn" and run.data.params["train.epochs"] == "1"
+    assert metric_steps(client, run.info.run_id, "val_accuracy") == [1]
+    assert "learning_curves.png" in [f.path for f in client.list_artifacts(run.info.run_id)]
+    [output] = run.outputs.model_outputs
+    files = {f.path for f in client.list_logged_model_artifacts(output.model_id)}
+    assert {"MLmodel", "data"} <= files, files
+    predicted = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(
+        np.zeros((1, 1, 28, 28), dtype=np.float32)
+    )
+    assert predicted.shape == (1, 10)
+
+
+# --- an unusable store --------------------------------------------------------------------------
+
+
+def outputs_in(root: Path) -> list[Path]:
+    return [p for p in (root / "data/models", root / "reports", root / ".dlpipe") if p.exists()]
+
+
+def test_unreachable_server_fails_fast_before_any_output(
+    tiny_project: TinyProject, closed_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"http://127.0.0.1:{closed_port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(DlpipeError, match="unreachable") as err:
+        run_module.train("cnn", tiny_project.params)
+    assert time.monotonic() - start < 10
+    assert uri in str(err.value) and "require_tracking" in str(err.value)
+    assert outputs_in(tiny_project.root) == []
+
+
+def test_stage_script_reports_an_unreachable_server_in_one_line(
+    tiny_project: TinyProject, closed_port: int
+) -> None:
+    tiny_project.write_params()
+    uri = f"http://127.0.0.1:{closed_port}"
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / "train.py"), "cnn"],
+        cwd=tiny_project.root,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and uri in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert outputs_in(tiny_project.root) == []
+
+
+def test_an_unwritable_sqlite_folder_is_a_user_error(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}"
+    with pytest.raises(DlpipeError, match="missing or not writable") as err:
+        check_reachable(uri)
+    assert uri in str(err.value)
+
+
+def test_optional_tracking_trains_anyway_with_a_warning(
+    tiny_project: TinyProject, closed_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port}")
+    params = tiny_project.with_mlflow(require_tracking=False)
+    with pytest.warns(UserWarning, match="training without MLflow tracking"):
+        summary = run_module.train("cnn", params)
+    assert summary["epochs"] == params.train.cnn.epochs
+    for path in ("data/models/cnn/model.pt", "reports/cnn/train.json", "reports/cnn/history.csv"):
+        assert Path(path).is_file(), path
+    assert json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"] is None
+
+
+def test_a_logging_failure_mid_training_keeps_the_outputs(
+    tiny_project: TinyProject,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real_log_metrics = mlflow.log_metrics
+    calls = []
+
+    def flaky(*args: Any, **kwargs: Any) -> None:
+        calls.append(kwargs.get("step"))
+        if len(calls) > 1:
+            raise ConnectionError("tracking server went away")
+        real_log_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", flaky)
+    params = tiny_project.with_train("cnn", epochs=3)
+    summary = run_module.train("cnn", params)
+
+    assert "warning: MLflow log metrics failed, tracking stops" in capsys.readouterr().err
+    assert calls == [1, 2]  # tracking stopped at the failure; training did not
+    assert summary["epochs"] == 3
+    assert torch.load("data/models/cnn/model.pt", weights_only=True)
+    assert json.loads(Path("reports/cnn/train.json").read_text())["epochs"] == 3
+    assert len(Path("reports/cnn/history.csv").read_text().splitlines()) == 1 + 3
+    run_id = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tiny_project.tracking_uri)
+    assert metric_steps(client, run_id, "val_accuracy") == [1]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_resuming_an_untracked_training_starts_a_complete_run(
+    tiny_project: TinyProject, closed_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint written without tracking has no run to resume: the rerun opens a new run with
+    its params and dataset, not a bare one."""
+
+    def stop_after_first(row: dict[str, float]) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    params = tiny_project.with_train("cnn", epochs=2)
+    untracked = params.model_copy(
+        update={"mlflow": params.mlflow.model_copy(update={"require_tracking": False})}
+    )
+    with monkeypatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port}")
+        hook_after_epoch(patch, stop_after_first)
+        with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+            run_module.train("cnn", untracked)
+
+    run_module.train("cnn", untracked)  # the mlflow section is not part of the checkpoint key
+    run_id = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(tiny_project.tracking_uri).get_run(run_id)
+    assert run.data.params["model.family"] == "cnn"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["mnist-train"]
+    assert metric_steps(MlflowClient(tiny_project.tracking_uri), run_id, "val_accuracy") == [2]
+
+
+# --- where the store is -------------------------------------------------------------------------
+
+
+def test_tracking_uri_honours_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking_uri() == "http://tracking.example:5000"
+
+
+def test_tracking_uri_defaults_to_sqlite_under_the_project_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path.resolve()
+    monkeypatch.chdir(root)
+    assert tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+    assert tracking_uri().startswith("sqlite:////")  # absolute
+
+    temp_copy = root / ".dvc" / "tmp" / "exps" / "tmpab12cd" / "stages"
+    temp_copy.mkdir(parents=True)
+    monkeypatch.chdir(temp_copy)
+    assert project_root() == root
+    assert tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+
+
+def test_training_run_without_a_store_is_inert(closed_port: int) -> None:
+    with pytest.warns(UserWarning, match="training without MLflow tracking"):
+        run = TrainingRun(f"http://127.0.0.1:{closed_port}", required=False)
+    run.start("x", "y", None, {}, {"a": 1}, 1.0)
+    run.log_metrics({"m": 1.0}, step=1)
+    run.end()
+    assert run.run_id is None and not run.active
+
+
+def test_flatten_names_nested_keys_with_dots() -> None:
+    assert flatten("train", {"lr": 0.1, "model": {"d_model": 8, "x": {"y": True}}}) == {
+        "train.lr": 0.1,
+        "train.model.d_model": 8,
+        "train.model.x.y": True,
+    }
