@@ -280,6 +280,7 @@ def use_tiny_project(
     and on a busy 2-core machine oversubscribed threads made them several times slower."""
     import mlflow
     import torch
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     root = folder / "project"
     prepared = root / "data" / "prepared"
@@ -300,12 +301,14 @@ def use_tiny_project(
     monkeypatch.chdir(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    global_uri = tracking_utils._tracking_uri  # train() sets MLflow's global tracking URI
     try:
         yield TinyProject(root, parse_params(tiny_params_dict(), "tiny params"), uri)
     finally:
         torch.set_num_threads(threads)
         while mlflow.active_run() is not None:  # a failed test must not leak its run
             mlflow.end_run("FAILED")
+        tracking_utils._tracking_uri = global_uri
 
 
 @pytest.fixture
@@ -394,3 +397,152 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         log.close()
+
+
+# --- serving / registry / CLI: tiny trained-model folders and a registry store ------------------
+
+SERVING_REVIEWS = [
+    "A wonderful film, moving and beautifully acted.",
+    "An awful, boring film. The plot made no sense at all.",
+    "Great acting, great music, a great story!",
+    "Dull, slow and far too long; I fell asleep.",
+    "The best movie I have seen this year.",
+    "Terrible dialogue and a silly, predictable ending.",
+]
+SERVING_DATA_MAX_LEN = 16  # tokens kept per review: short, so truncation is exercised
+
+
+@dataclass
+class TrainedFolders:
+    """A project folder (as `dvc repro` leaves it) holding tiny untrained-but-saved models."""
+
+    root: Path
+
+    def model_dir(self, family: str) -> Path:
+        return self.root / "data" / "models" / family
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "data" / "prepared" / "imdb" / "tokenizer.json"
+
+
+def build_trained_folders(root: Path) -> TrainedFolders:
+    """Save tiny cnn / rnn / transformer models in the train stage's layout (model.pt +
+    config.json with the prepared meta.json under "data"), and a tokenizer trained on a few
+    sentences; random weights: these tests check plumbing, not accuracy."""
+    import torch
+
+    from dlpipe.config import CNNConfig, PrepareImdbConfig, RNNConfig, TransformerConfig
+    from dlpipe.data.imdb import LABEL_NAMES, PAD_ID, train_tokenizer
+    from dlpipe.models import build_model, data_meta
+
+    folders = TrainedFolders(root)
+    folders.tokenizer.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(SERVING_REVIEWS, PrepareImdbConfig(vocab_size=120, min_frequency=1))
+    tokenizer.save(str(folders.tokenizer))
+    imdb_meta = {
+        "num_classes": 2,
+        "label_names": list(LABEL_NAMES),
+        "vocab_size": tokenizer.get_vocab_size(),
+        "pad_id": PAD_ID,
+        "max_len": SERVING_DATA_MAX_LEN,
+        "truncation": "head+tail",
+    }
+    mnist_meta = {"num_classes": 10, "label_names": [str(d) for d in range(10)]}
+    configs: dict[str, tuple[Any, dict[str, Any]]] = {
+        "cnn": (CNNConfig(), mnist_meta),
+        "rnn": (RNNConfig(embed_dim=8, hidden_size=8, dropout=0.0), imdb_meta),
+        "transformer": (
+            TransformerConfig(d_model=16, heads=2, layers=1, ff_dim=32, dropout=0.0, max_len=64),
+            imdb_meta,
+        ),
+    }
+    torch.manual_seed(0)
+    for family, (config, meta) in configs.items():
+        model = build_model(family, config, data_meta(meta))
+        folder = folders.model_dir(family)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), folder / "model.pt")
+        info = {
+            "model": family,
+            "dataset": "mnist" if family == "cnn" else "imdb",
+            "model_config": config.model_dump(),
+            "data": meta,
+        }
+        (folder / "config.json").write_text(json.dumps(info), encoding="utf-8")
+    return folders
+
+
+@pytest.fixture(scope="session")
+def trained_folders(tmp_path_factory: pytest.TempPathFactory) -> TrainedFolders:
+    """Read-only tiny trained outputs: `root/data/models/<family>`, `root/data/prepared/imdb`."""
+    return build_trained_folders(tmp_path_factory.mktemp("trained") / "project")
+
+
+@contextmanager
+def mlflow_tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (global URI and MLFLOW_TRACKING_URI) at `uri`, then restore
+    both, so a session fixture does not leave later tests talking to its store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old_uri, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run("FAILED")
+        mlflow.set_tracking_uri(old_uri)  # type: ignore[arg-type]  (None resets it)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+@dataclass
+class RegistryStore:
+    """A sqlite MLflow store where the raw-input transformer and CNN are logged, registered as
+    dlpipe-<family> and promoted to `champion`."""
+
+    uri: str
+    folders: TrainedFolders
+    model_uris: dict[str, str]
+    run_ids: dict[str, str]
+    experiment: str = "dlpipe"
+
+
+@pytest.fixture(scope="session")
+def registry_store(
+    tmp_path_factory: pytest.TempPathFactory,
+    trained_folders: TrainedFolders,
+    _mlflow_db_template: Path,
+) -> RegistryStore:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from dlpipe.config import RegistryConfig
+    from dlpipe.registry import register_and_promote
+    from dlpipe.serving import log_raw_input_model
+    from dlpipe.tracking import experiment_id
+
+    folder = tmp_path_factory.mktemp("registry-store")
+    db = folder / "mlflow.db"
+    shutil.copyfile(_mlflow_db_template, db)
+    uri = f"sqlite:///{db}"
+    store = RegistryStore(uri, trained_folders, {}, {})
+    client = MlflowClient(uri)
+    with mlflow_tracking(uri):
+        exp = experiment_id(store.experiment, uri)
+        for family in ("transformer", "cnn"):
+            tokenizer = trained_folders.tokenizer if family != "cnn" else None
+            with mlflow.start_run(experiment_id=exp, run_name=f"{family}-raw") as run:
+                mlflow.set_tag("model_family", family)
+                model_uri = log_raw_input_model(trained_folders.model_dir(family), tokenizer)
+            decision = register_and_promote(
+                family, model_uri, run.info.run_id, {"test_accuracy": 0.5}, RegistryConfig(), client
+            )
+            assert decision["promoted"], decision
+            store.model_uris[family] = model_uri
+            store.run_ids[family] = run.info.run_id
+    return store

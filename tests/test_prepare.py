@@ -452,7 +452,14 @@ def test_prepare_imdb(raw_imdb: RawImdb, tmp_path: Path, kind: str) -> None:
     assert tokenizer.get_vocab_size() == card["vocab_size"] <= 200
     assert tokenizer.token_to_id(imdb.PAD) == imdb.PAD_ID
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    assert meta == {"num_classes": 2, "vocab_size": card["vocab_size"], "pad_id": imdb.PAD_ID}
+    assert meta == {
+        "num_classes": 2,
+        "label_names": ["negative", "positive"],
+        "vocab_size": card["vocab_size"],
+        "pad_id": imdb.PAD_ID,
+        "max_len": 16,
+        "truncation": "head+tail",
+    }
     assert json.loads((out / "card.json").read_text(encoding="utf-8")) == card
     assert (card["tokenizer"], card["max_len"], card["truncation"]) == (kind, 16, "head+tail")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, TinyProject, hook_after_epoch, use_tiny_project
-from mlflow.entities import Run
+from mlflow.entities import DatasetInput, LoggedModelOutput, Run
 from mlflow.tracking import MlflowClient
 
 from dlpipe.config import DATASET_OF_MODEL, Params, train_config
 from dlpipe.data.tensors import load_split
 from dlpipe.errors import DlpipeError
+from dlpipe.io import read_json
 from dlpipe.models import DataMeta, build_model
 from dlpipe.paths import project_root
 from dlpipe.tracking import TrainingRun, check_reachable, flatten, tracking_uri
@@ -47,6 +48,14 @@ SHARED_PARAMS = ["train.lr", "train.batch_size", "train.epochs", "model.family",
 TAGS = ["model_family", "dataset", "git_sha", "device", "torch_version"]
 
 
+def use_store(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    """Point MLflow's fluent API (`runs:/` URIs) at `uri` for the rest of one test."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", uri)
+
+
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -54,19 +63,30 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def saved_model(name: str, root: Path) -> torch.nn.Module:
     """The stage's own output, data/models/<name>/model.pt, loaded into a fresh model."""
     config = json.loads((root / "data/models" / name / "config.json").read_text())
-    meta = DataMeta(**config["meta"])
     model_config = type(train_config(Params(), name).model).model_validate(config["model_config"])
-    model = build_model(name, model_config, meta)
+    prepared = root / "data/prepared" / DATASET_OF_MODEL[name]
+    model = build_model(name, model_config, DataMeta(**read_json(prepared / "meta.json")))
     model.load_state_dict(torch.load(root / "data/models" / name / "model.pt", weights_only=True))
     return model.eval()
+
+
+def dataset_inputs(run: Run) -> list[DatasetInput]:
+    assert run.inputs is not None
+    return list(run.inputs.dataset_inputs)
+
+
+def model_outputs(run: Run) -> list[LoggedModelOutput]:
+    assert run.outputs is not None
+    return list(run.outputs.model_outputs)
 
 
 def wait_for_system_metrics(uri: str) -> None:
     """Hold the active run open until MLflow's monitor has logged a first sample (≤ 20 s): the
     tiny trainings end within the sampling interval, and a run ended before the first sample
     gets no system metrics at all."""
-    run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
-    client = MlflowClient(uri)
+    active = mlflow.active_run()
+    assert active is not None
+    run_id, client = active.info.run_id, MlflowClient(uri)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if any(k.startswith("system/") for k in client.get_run(run_id).data.metrics):
@@ -87,10 +107,9 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(
-    tmp_path_factory: pytest.TempPathFactory, _mlflow_db_template: Path
-) -> Iterator[Trained]:
-    """`run.train` of the CNN and the Transformer in one tiny project with a sqlite store."""
+def trained(tmp_path_factory: pytest.TempPathFactory, _mlflow_db_template: Path) -> Trained:
+    """`run.train` of the CNN and the Transformer in one tiny project with a sqlite store; the
+    cwd, environment and `run.Trainer` are restored before the tests read the results."""
     folder = tmp_path_factory.mktemp("tracked")
     with (
         pytest.MonkeyPatch.context() as patch,
@@ -103,16 +122,12 @@ def trained(
         summaries = {
             name: run_module.train(name, project.params) for name in ("cnn", "transformer")
         }
-        client = MlflowClient(uri)
-        runs = {
-            name: client.get_run(
-                json.loads((project.root / "data/models" / name / "mlflow_run.json").read_text())[
-                    "run_id"
-                ]
-            )
-            for name in summaries
-        }
-        yield Trained(project, client, runs, summaries)
+    client = MlflowClient(uri)
+    runs = {}
+    for name in summaries:
+        info = json.loads((project.root / "data/models" / name / "mlflow_run.json").read_text())
+        runs[name] = client.get_run(info["run_id"])
+    return Trained(project, client, runs, summaries)
 
 
 def test_the_run_finished_in_the_configured_store(trained: Trained) -> None:
@@ -189,7 +204,7 @@ def test_system_metrics_are_logged(trained: Trained) -> None:
 
 
 def test_the_training_data_is_logged_as_an_input(trained: Trained) -> None:
-    [item] = trained.runs["transformer"].inputs.dataset_inputs
+    [item] = dataset_inputs(trained.runs["transformer"])
     assert item.dataset.name == "imdb-train"
     prepared = trained.project.root / "data/prepared/imdb"
     assert item.dataset.digest == file_digest([prepared / "train.npz", prepared / "val.npz"])[:12]
@@ -201,12 +216,17 @@ def test_learning_curves_are_an_artifact(trained: Trained) -> None:
     assert "learning_curves.png" in files
 
 
-def test_text_model_reloads_and_takes_any_sequence_length(trained: Trained) -> None:
+def test_text_model_reloads_and_takes_any_sequence_length(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_store(monkeypatch, trained.project.tracking_uri)
     run_id = trained.runs["transformer"].info.run_id
     expected_model = saved_model("transformer", trained.project.root)
+    val = load_split(trained.project.root / "data/prepared/imdb", "val")
+    width = int(val.features["lengths"][:2].max()) + 7  # the input example is val rows 0 and 1
     rng = np.random.default_rng(0)
-    lengths = np.array([3, 17, 9])
-    tokens = np.zeros((3, 17), dtype=np.int64)  # the input example had another width
+    lengths = np.array([3, width, 9])
+    tokens = np.zeros((3, width), dtype=np.int64)
     for row, n in enumerate(lengths):
         tokens[row, :n] = rng.integers(1, 50, n)
     with torch.no_grad():
@@ -225,14 +245,17 @@ def test_text_model_reloads_and_takes_any_sequence_length(trained: Trained) -> N
     np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cnn_model_reloads_and_predicts_float_images(trained: Trained) -> None:
+def test_cnn_model_reloads_and_predicts_float_images(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_store(monkeypatch, trained.project.tracking_uri)
     run_id = trained.runs["cnn"].info.run_id
     val = load_split(trained.project.root / "data/prepared/mnist", "val")
     images = val.features["images"][:5].unsqueeze(1).float().div(255.0).numpy()
     with torch.no_grad():
         expected = saved_model("cnn", trained.project.root)(torch.from_numpy(images)).numpy()
 
-    [output] = trained.runs["cnn"].outputs.model_outputs
+    [output] = model_outputs(trained.runs["cnn"])
     logged = trained.client.get_logged_model(output.model_id)
     for uri in (f"runs:/{run_id}/model", logged.model_uri):
         predicted = mlflow.pyfunc.load_model(uri).predict(images.astype(np.float32))
@@ -262,7 +285,7 @@ def test_training_against_a_real_tracking_server(
     assert run.data.params["model.family"] == "cnn" and run.data.params["train.epochs"] == "1"
     assert metric_steps(client, run.info.run_id, "val_accuracy") == [1]
     assert "learning_curves.png" in [f.path for f in client.list_artifacts(run.info.run_id)]
-    [output] = run.outputs.model_outputs
+    [output] = model_outputs(run)
     files = {f.path for f in client.list_logged_model_artifacts(output.model_id)}
     assert {"MLmodel", "data"} <= files, files
     predicted = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(
@@ -385,8 +408,53 @@ def test_resuming_an_untracked_training_starts_a_complete_run(
     run_id = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"]
     run = MlflowClient(tiny_project.tracking_uri).get_run(run_id)
     assert run.data.params["model.family"] == "cnn"
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["mnist-train"]
-    assert metric_steps(MlflowClient(tiny_project.tracking_uri), run_id, "val_accuracy") == [2]
+    assert [d.dataset.name for d in dataset_inputs(run)] == ["mnist-train"]
+    assert metric_steps(MlflowClient(tiny_project.tracking_uri), run_id, "val_accuracy") == [1, 2]
+
+
+@pytest.mark.parametrize("how", ["store-replaced", "run-deleted"])
+def test_a_checkpoint_whose_run_is_gone_resumes_into_a_new_run(
+    tiny_project: TinyProject,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    _mlflow_db_template: Path,
+    how: str,
+) -> None:
+    """Deleting mlflow.db (or the run) between an interruption and the rerun must not make the
+    checkpoint unusable: the rerun resumes the training and records it in a new run."""
+
+    def stop_after_first(row: dict[str, float]) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    params = tiny_project.with_train("cnn", epochs=2)
+    with monkeypatch.context() as patch:
+        hook_after_epoch(patch, stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_module.train("cnn", params)
+    [folder] = (tiny_project.root / ".dlpipe/checkpoints").iterdir()
+    state = torch.load(folder / "last.pt", weights_only=True)
+    old_run_id = state["extra"]["mlflow_run_id"]
+    uri = tiny_project.tracking_uri
+    if how == "run-deleted":
+        MlflowClient(uri).delete_run(old_run_id)
+    else:
+        shutil.copyfile(_mlflow_db_template, tmp_path / "fresh.db")
+        uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    run_module.train("cnn", params)
+    out, err = capsys.readouterr()
+    assert "resuming from epoch 1" in out
+    assert f"MLflow run {old_run_id} is not in {uri}; starting a new run" in err
+    run_id = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"]
+    assert run_id != old_run_id
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.family"] == "cnn"
+    assert [d.dataset.name for d in dataset_inputs(run)] == ["mnist-train"]
+    assert metric_steps(MlflowClient(uri), run_id, "val_accuracy") == [1, 2]  # epoch 1 too
 
 
 # --- where the store is -------------------------------------------------------------------------

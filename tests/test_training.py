@@ -28,6 +28,7 @@ from dlpipe.config import DATASET_OF_MODEL, Params, TrainConfig, train_config
 from dlpipe.data.tensors import BUCKET_POOL_BATCHES, Split, load_split
 from dlpipe.io import read_json
 from dlpipe.models import DataMeta, build_model
+from dlpipe.tracking import TrainingRun
 from dlpipe.training import run as run_module
 from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
 from dlpipe.training.runtime import make_runtime, seed_everything
@@ -121,6 +122,8 @@ def sigterm_self_at_epoch(stop_epoch: int) -> EpochCallback:
     def hook(row: dict[str, float]) -> None:
         if row["epoch"] != stop_epoch:
             return
+        # without the stage's handler, SIGTERM would end the test session itself
+        assert callable(signal.getsignal(signal.SIGTERM)), "train() installed no SIGTERM handler"
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # the handler raises within the next few bytecodes
@@ -459,7 +462,8 @@ def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
 
     # the same params on other data: the digest is part of the key
     val = tiny_project.root / "data/prepared/mnist/val.npz"
-    np.savez(val, **tiny_mnist_arrays(64, seed=99))
+    other = tiny_mnist_arrays(64, seed=99)
+    np.savez(val, images=other["images"], labels=other["labels"])
     run_module.train("cnn", params)
     assert "resuming" not in capsys.readouterr().out
     assert checkpoint_folders(tiny_project.root, "cnn") == [stale]
@@ -478,8 +482,7 @@ def test_train_writes_every_output(tiny_project: TinyProject, name: str) -> None
     saved = json.loads((models / "config.json").read_text())
     assert saved["model"] == name and saved["dataset"] == DATASET_OF_MODEL[name]
     assert saved["model_config"] == config.model.model_dump()
-    meta = DataMeta(**saved["meta"])
-    assert meta == DataMeta(**read_json(Path("data/prepared") / saved["dataset"] / "meta.json"))
+    _, _, meta = tiny_data(name)
     model = build_model(name, config.model, meta)
     state = torch.load(models / "model.pt", weights_only=True)
     model.load_state_dict(state)  # strict: every key, every shape
@@ -558,6 +561,37 @@ def test_interrupted_training_resumes_the_same_mlflow_run(
     assert summary["epochs"] == 3
     assert [row["epoch"] for row in read_history("cnn")] == [1, 2, 3]
     assert checkpoint_folders(tiny_project.root, "cnn") == []
+
+
+def test_an_epoch_interrupted_while_logging_is_logged_on_resume(
+    tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during the MLflow call of epoch 2, which is already checkpointed: the rerun starts
+    at epoch 3, and logs epoch 2 first, so that the run still has every step once."""
+    real_log_metrics = TrainingRun.log_metrics
+
+    def interrupted(self: TrainingRun, metrics: dict[str, float], step: int | None = None) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+        real_log_metrics(self, metrics, step)
+
+    params = tiny_project.with_train("cnn", epochs=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingRun, "log_metrics", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_module.train("cnn", params)
+    [folder] = checkpoint_folders(tiny_project.root, "cnn")
+    state = CheckpointStore(folder).load()
+    assert state is not None and state["epoch"] == 2
+    client = MlflowClient(tiny_project.tracking_uri)
+    run_id = state["extra"]["mlflow_run_id"]
+    assert metric_steps(client, run_id, "val_accuracy") == [1]
+
+    run_module.train("cnn", params)
+    for key in ("val_accuracy", "train_loss", "lr"):
+        assert metric_steps(client, run_id, key) == [1, 2, 3], key
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_accuracy")}
+    assert logged[2] == state["history"][1]["val_accuracy"]
 
 
 def test_resuming_matches_the_uninterrupted_stage(

@@ -104,6 +104,7 @@ class TrainingRun:
         self.uri = uri
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.resumed = False  # start() continued the run of an interrupted training
         self._broken = False
         try:
             check_reachable(uri)
@@ -127,6 +128,18 @@ class TrainingRun:
             print(f"warning: MLflow {what} failed, tracking stops: {err}", file=sys.stderr)
             return None
 
+    def _run_exists(self, run_id: str) -> bool:
+        """False when the store has no such run (it was deleted, or the store changed)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = MlflowClient(self.uri).get_run(run_id)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return bool(run.info.lifecycle_stage != "deleted")
+
     def start(
         self,
         experiment: str,
@@ -142,6 +155,14 @@ class TrainingRun:
         self.experiment_id = experiment_id(experiment, self.uri)
         mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
         mlflow.set_system_metrics_samples_before_logging(1)
+        if resume_run_id is not None and not self._run_exists(resume_run_id):
+            print(
+                f"warning: the checkpoint's MLflow run {resume_run_id} is not in {self.uri}; "
+                "starting a new run",
+                file=sys.stderr,
+            )
+            resume_run_id = None
+        self.resumed = resume_run_id is not None
         run = mlflow.start_run(
             run_id=resume_run_id,
             experiment_id=None if resume_run_id else self.experiment_id,
@@ -152,6 +173,14 @@ class TrainingRun:
         if resume_run_id is None:
             self._guard("log params", mlflow.log_params, params)
         self._guard("set tags", mlflow.set_tags, tags)
+
+    def reopen(self, run_id: str) -> None:
+        """Continue a finished run (the evaluate stage adds its results to the training's run)."""
+        if self._broken:
+            return
+        mlflow.set_tracking_uri(self.uri)
+        run = mlflow.start_run(run_id=run_id)
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
 
     def log_dataset(self, name: str, source: Path, digest: str, context: str) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -168,6 +197,16 @@ class TrainingRun:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._guard("log metrics", mlflow.log_metrics, metrics, step=step)
+
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which the run has `key` (none when tracking is off or fails)."""
+
+        def read() -> set[int]:
+            history = MlflowClient(self.uri).get_metric_history(str(self.run_id), key)
+            return {m.step for m in history}
+
+        steps: set[int] | None = self._guard("read metric history", read)
+        return steps or set()
 
     def log_artifact(self, path: Path) -> None:
         self._guard("log artifact", mlflow.log_artifact, str(path))

@@ -21,7 +21,6 @@ from dlpipe.io import atomic_path, write_json_atomic, write_npz_atomic
 
 PAD, UNK = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
-EOW = "</w>"
 NUM_CLASSES = 2
 LABEL_NAMES = ("negative", "positive")
 
@@ -35,11 +34,11 @@ def new_tokenizer(config: PrepareImdbConfig) -> tuple[Tokenizer, trainers.Traine
     special = [PAD, UNK]
     trainer: trainers.Trainer
     if config.tokenizer == "bpe":
-        # The end-of-word marker keeps word boundaries, so decode() gives back readable text.
-        tokenizer = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=EOW))
-        tokenizer.decoder = decoders.BPEDecoder(suffix=EOW)
+        # No end-of-word suffix: with one the trainer numbers tokens differently on every run.
+        # So decode() loses word boundaries; nothing decodes (reports show the raw reviews).
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+        tokenizer.decoder = decoders.BPEDecoder()
         trainer = trainers.BpeTrainer(
-            end_of_word_suffix=EOW,
             vocab_size=config.vocab_size,
             min_frequency=config.min_frequency,
             special_tokens=special,

@@ -194,7 +194,7 @@ def train(name: str, params: Params) -> dict[str, Any]:
         _params(name, params),
         params.mlflow.system_metrics_interval_s,
     )
-    if resume_run_id is None:
+    if not run.resumed:
         run.log_dataset(f"{dataset}-train", prepared / "train.npz", digest[:12], "training")
 
     seed_everything(params.seed, config.deterministic)
@@ -206,6 +206,12 @@ def train(name: str, params: Params) -> dict[str, Any]:
 
     def log_epoch(row: dict[str, float]) -> None:
         run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    if resume:  # checkpointed epochs the run lacks: a new run, or one stopped while logging
+        logged = run.logged_steps("val_accuracy") if run.resumed else set()
+        for row in resume["history"]:
+            if int(row["epoch"]) not in logged:
+                log_epoch(row)
 
     trainer = Trainer(model, config, runtime, params.seed, store, log_epoch, label=name)
     start = time.perf_counter()

@@ -1,0 +1,168 @@
+"""The report stage: one markdown page comparing the three models, built from DVC outputs only."""
+
+from __future__ import annotations
+
+import csv
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from dlpipe import paths
+from dlpipe.config import DATASET_OF_MODEL, MODEL_NAMES
+from dlpipe.io import atomic_path, read_json
+from dlpipe.plots import plot_history
+from dlpipe.tracking import git_state
+
+MISTAKES = {name: "mistakes.png" if data == "mnist" else "mistakes.md"
+            for name, data in DATASET_OF_MODEL.items()}
+
+COLUMNS = (
+    "model",
+    "parameters",
+    "epochs",
+    "train time (s)",
+    "samples/s",
+    "val acc",
+    "test acc",
+    "macro-F1",
+    "latency b1 (ms)",
+    "latency b256 (ms)",
+    "size (MB)",
+    "device",
+)
+
+
+def _history(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def comparison_row(name: str, train: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
+    """One row of the comparison table (also used by `dlpipe compare`)."""
+    return [
+        name,
+        _fmt(train.get("parameters")),
+        _fmt(train.get("epochs")),
+        _fmt(train.get("train_time_s"), 1),
+        _fmt(train.get("samples_per_s"), 0),
+        _fmt(train.get("best", {}).get("val_accuracy")),
+        _fmt(evaluation.get("test_accuracy")),
+        _fmt(evaluation.get("test_macro_f1")),
+        _fmt(evaluation.get("latency_b1_ms"), 2),
+        _fmt(evaluation.get("latency_b256_ms"), 1),
+        _fmt(evaluation.get("model_size_mb"), 2),
+        _fmt(train.get("device")),
+    ]
+
+
+def markdown_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "-"
+
+
+def _environment(devices: set[str]) -> list[str]:
+    import torch
+
+    git = git_state()
+    return [
+        f"- device: {', '.join(sorted(devices))}",
+        f"- torch {torch.__version__} (CUDA {torch.version.cuda or '-'}), "
+        f"DVC {_package_version('dvc')}, MLflow {_package_version('mlflow')}, "
+        f"Python {platform.python_version()} on {platform.machine()}",
+        f"- git {git['git_sha'][:12]} (uncommitted changes: {git['git_dirty']})",
+    ]
+
+
+def _registry_line(name: str, decision: dict[str, Any]) -> str:
+    if not decision.get("registered_model"):
+        return f"- {name}: not registered"
+    verdict = "promoted to `champion`" if decision.get("promoted") else "kept as `candidate`"
+    return (
+        f"- {name}: `{decision['registered_model']}` v{decision['version']} {verdict} "
+        f"({decision.get('metric')} {_fmt(decision.get('value'))}; {decision.get('reason', '')})"
+    )
+
+
+def _card_lines(dataset: str, card: dict[str, Any]) -> list[str]:
+    lines = [f"**{dataset}**"]
+    for split in ("train", "val", "test"):
+        info = card[split]
+        extra = ""
+        if "pixel_mean" in info:
+            extra = f", pixel mean {info['pixel_mean']}, std {info['pixel_std']}"
+        if "length_percentiles" in info:
+            pct = info["length_percentiles"]
+            extra = (
+                f", tokens p50 {pct['p50']} / p95 {pct['p95']}, truncated "
+                f"{info['truncation_rate']:.1%}, unk rate {info['unk_rate']:.2e}"
+            )
+        lines.append(f"- {split}: {info['count']:,} rows, per class {info['class_counts']}{extra}")
+    return lines
+
+
+def write_report(reports: Path = paths.REPORTS_DIR) -> Path:
+    """`reports/summary.md` and `reports/learning_curves.png` from the stages' outputs."""
+    rows, histories, devices, registry = [], {}, set(), []
+    for name in MODEL_NAMES:
+        train = read_json(reports / name / "train.json")
+        evaluation = read_json(reports / name / "eval.json")
+        rows.append(comparison_row(name, train, evaluation))
+        histories[name] = _history(reports / name / "history.csv")
+        devices.add(f"{train['device']} ({train['precision']})")
+        registry.append(_registry_line(name, read_json(reports / name / "registry.json")))
+    curves = reports / "learning_curves.png"
+    plot_history(histories, curves)
+
+    lines = [
+        "# dlpipe report",
+        "",
+        "Validation accuracy is the best epoch's (its weights are kept); test metrics are on the",
+        "official test splits, used for the first time by the evaluate stage.",
+        "",
+        markdown_table(COLUMNS, rows),
+        "",
+        "## Learning curves",
+        "",
+        f"![learning curves]({curves.name})",
+        "",
+        "## Confusion matrices (test split)",
+        "",
+        *[f"![{name} confusion]({name}/confusion_matrix.png)" for name in MODEL_NAMES],
+        "",
+        "## Mistakes",
+        "",
+        *[f"- {name}: [most confident mistakes]({name}/{MISTAKES[name]})" for name in MODEL_NAMES],
+        "",
+        "## Model registry",
+        "",
+        *registry,
+        "",
+        "## Data",
+        "",
+    ]
+    for dataset in sorted(set(DATASET_OF_MODEL.values())):
+        lines += [*_card_lines(dataset, read_json(reports / "data" / f"{dataset}.json")), ""]
+    lines += ["## Environment", "", *_environment(devices), ""]
+    dest = reports / "summary.md"
+    with atomic_path(dest) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    return dest

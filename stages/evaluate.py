@@ -1,0 +1,32 @@
+"""DVC stage evaluate@<model>: test-split metrics, latency, figures; log and register in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+
+from dlpipe.config import MODEL_NAMES, load_params
+from dlpipe.errors import exit_on_user_error
+from dlpipe.evaluation.run import evaluate
+
+
+@exit_on_user_error
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", choices=MODEL_NAMES)
+    result = evaluate(parser.parse_args().model, load_params())
+    decision = result["registry"]
+    registered = (
+        f"; registered {decision['registered_model']} v{decision['version']}"
+        f" ({'champion' if decision['promoted'] else 'candidate'})"
+        if decision
+        else ""
+    )
+    print(
+        f"evaluate: test_accuracy {result['test_accuracy']:.4f}, macro-F1 "
+        f"{result['test_macro_f1']:.4f}, batch-1 latency {result['latency_b1_ms']:.2f} ms"
+        + registered
+    )
+
+
+if __name__ == "__main__":
+    main()
