@@ -36,12 +36,19 @@ class FetchConfig(Strict):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
 
 
+SubsetSize = Annotated[int, Field(ge=0)]
+
+
 class PrepareMnistConfig(Strict):
     val_size: Annotated[int, Field(ge=10, le=30000)] = 5000
+    max_train: SubsetSize = 0  # 0 = all 60,000 (val is split from these); >0: a stratified sample
+    max_test: SubsetSize = 0  # 0 = all 10,000
 
 
 class PrepareImdbConfig(Strict):
     val_size: Annotated[int, Field(ge=10, le=12500)] = 5000
+    max_train: SubsetSize = 0  # 0 = all 25,000 (val is split from these); >0: a stratified sample
+    max_test: SubsetSize = 0  # 0 = all 25,000
     tokenizer: Literal["bpe", "wordpiece"] = "bpe"
     vocab_size: Annotated[int, Field(ge=100, le=65536)] = 16000
     min_frequency: Annotated[int, Field(ge=1)] = 2

@@ -15,7 +15,7 @@ import pandas as pd
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from dlpipe.config import PrepareImdbConfig
-from dlpipe.data.splits import class_counts, stratified_split
+from dlpipe.data.splits import class_counts, stratified_split, stratified_subset
 from dlpipe.errors import DlpipeError
 from dlpipe.io import atomic_path, write_json_atomic, write_npz_atomic
 
@@ -150,6 +150,10 @@ def prepare(
 ) -> dict[str, Any]:
     """Split train into train/val, train the tokenizer on train, encode train/val/test."""
     train_all, test = read_raw(raw_dir, "train"), read_raw(raw_dir, "test")
+    train_all = train_all.iloc[
+        stratified_subset(train_all["label"].to_numpy(), config.max_train, seed)
+    ]
+    test = test.iloc[stratified_subset(test["label"].to_numpy(), config.max_test, seed)]
     for name, frame in (("train", train_all), ("test", test)):
         if not frame["label"].isin([0, 1]).all():
             raise DlpipeError(f"{raw_dir / name}.parquet: labels must be 0 or 1")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.config import PrepareMnistConfig
-from dlpipe.data.splits import class_counts, stratified_split
+from dlpipe.data.splits import class_counts, stratified_split, stratified_subset
 from dlpipe.errors import DlpipeError
 from dlpipe.io import write_json_atomic, write_npz_atomic
 
@@ -79,6 +79,10 @@ def prepare(
     """Decode, split train into train/val, write `{train,val,test}.npz` and the data card."""
     train_x, train_y = load_split(raw_dir, "train")
     test_x, test_y = load_split(raw_dir, "test")
+    sample = stratified_subset(train_y, config.max_train, seed)
+    train_x, train_y = train_x[sample], train_y[sample]
+    sample = stratified_subset(test_y, config.max_test, seed)
+    test_x, test_y = test_x[sample], test_y[sample]
     keep, val = stratified_split(train_y, config.val_size, seed)
     splits = {
         "train": (train_x[keep], train_y[keep]),

@@ -8,9 +8,7 @@ from sklearn.model_selection import train_test_split
 from dlpipe.errors import DlpipeError
 
 
-def stratified_split(
-    labels: np.ndarray, val_size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (sorted) of the kept training rows and of the validation rows."""
     if not 0 < val_size < len(labels):
         raise DlpipeError(f"val_size {val_size} must be between 1 and {len(labels) - 1}")
@@ -26,3 +24,11 @@ def stratified_split(
 
 def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return [int(c) for c in np.bincount(labels.astype(np.int64), minlength=num_classes)]
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded stratified sample of `size` rows; all rows when size is 0."""
+    if size == 0 or size >= len(labels):
+        return np.arange(len(labels))
+    _, chosen = stratified_split(labels, size, seed)
+    return chosen
