@@ -493,7 +493,8 @@ def mlflow_tracking(uri: str) -> Iterator[None]:
     finally:
         while mlflow.active_run() is not None:
             mlflow.end_run("FAILED")
-        mlflow.set_tracking_uri(old_uri)  # type: ignore[arg-type]  (None resets it)
+        # None (nothing was set) is what resets it, though the annotation says str.
+        mlflow.set_tracking_uri(old_uri)  # type: ignore[arg-type]
         if old_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

@@ -1,0 +1,395 @@
+"""`dlpipe`: predict on raw reviews and digit pictures, and compare the model families' runs.
+
+    dlpipe predict cnn digit.png more.jpg
+    dlpipe predict transformer "a review" "another review"
+    dlpipe predict rnn --file reviews.txt            (one review per line, blank lines skipped)
+    dlpipe predict transformer --model-uri models:/dlpipe-transformer@champion "a review"
+    dlpipe compare
+
+Predictions come from the local DVC outputs (data/models/<name>, data/prepared/imdb/tokenizer.json
+under the current folder) or from any MLflow pyfunc URI; both go through `dlpipe.serving`, so
+they agree. Every user mistake ends in one `error:` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pandas as pd
+
+from dlpipe import paths
+from dlpipe.config import MODEL_NAMES, load_params
+from dlpipe.errors import DlpipeError, exit_on_user_error
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+SHORT = 50  # characters of an input shown in the plain output
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes become one DlpipeError line, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise DlpipeError(f"{message} (see `{self.prog} --help`)")
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+
+def _shorten(text: str, width: int = SHORT) -> str:
+    flat = re.sub(r"\s+", " ", text).strip()
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A file's bytes; a missing, unreadable or non-regular path is a user error."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DlpipeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DlpipeError(f"{path}: is a directory, not a file") from None
+    except OSError as err:
+        raise DlpipeError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _texts(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """(texts, names for error messages, what to print) from the arguments and --file."""
+    from dlpipe.serving import check_text
+
+    texts = [check_text(text, f"text {i + 1}") for i, text in enumerate(args.inputs)]
+    names = [f"text {i + 1}" for i in range(len(texts))]
+    if args.file is not None:
+        path = Path(args.file)
+        try:
+            content = _read_bytes(path).decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise DlpipeError(
+                f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+        lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+        if not lines:
+            raise DlpipeError(f"{path}: no reviews (every line is blank)")
+        texts += [line for _, line in lines]
+        names += [f"{path}:{n}" for n, _ in lines]
+    if not texts:
+        raise DlpipeError("give at least one review, or --file with one review per line")
+    return texts, names, [_shorten(text) for text in texts]
+
+
+def _images(args: argparse.Namespace) -> tuple[list[bytes], list[str], list[str]]:
+    """(image file bytes, their paths, what to print); each checked to be a decodable image."""
+    from dlpipe.serving import to_grayscale
+
+    if args.file is not None:
+        raise DlpipeError("--file is for the text models; give the cnn image paths as arguments")
+    if not args.inputs:
+        raise DlpipeError("give at least one image path (PNG or JPEG)")
+    images = []
+    for name in args.inputs:
+        data = _read_bytes(Path(name))
+        to_grayscale(data, name)  # fail here, naming the file, not later as "row 3"
+        images.append(data)
+    return images, list(args.inputs), list(args.inputs)
+
+
+def _check_store(uri: str) -> None:
+    """One clear line when the tracking store is absent or unreachable, before MLflow retries."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise DlpipeError(
+                f"MLflow store {uri}: no such database (train a model first, or set "
+                "MLFLOW_TRACKING_URI)"
+            )
+    elif uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as err:
+            raise DlpipeError(
+                f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it "
+                "or fix MLFLOW_TRACKING_URI"
+            ) from None
+
+
+def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFrame:
+    """Load any MLflow pyfunc (e.g. models:/dlpipe-rnn@champion) and predict a one-column frame."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from dlpipe.tracking import tracking_uri
+
+    store = tracking_uri()
+    if model_uri.startswith(("models:/", "runs:/")):
+        _check_store(store)
+    mlflow.set_tracking_uri(store)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as err:
+        raise DlpipeError(f"cannot load {model_uri} from {store}: {_first_line(err)}") from None
+    schema = model.metadata.get_input_schema()
+    names = schema.input_names() if schema is not None else [column]
+    if column not in names:
+        raise DlpipeError(f"{model_uri} takes {names}, not {column!r}: is it the right model?")
+    frame = model.predict(pd.DataFrame({column: inputs}))
+    if not isinstance(frame, pd.DataFrame) or "label_name" not in frame.columns:
+        raise DlpipeError(f"{model_uri}: not a dlpipe raw-input model (log it with serving.py)")
+    return frame
+
+
+def _local_predict(
+    family: str, args: argparse.Namespace, inputs: list[Any], names: list[str]
+) -> pd.DataFrame:
+    from dlpipe.serving import Predictor
+
+    model_dir = Path(args.model_dir) if args.model_dir else paths.MODELS_DIR / family
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.pt").is_file():
+        raise DlpipeError(
+            f"{model_dir}: no trained {family} model; run `dvc repro train@{family}` first "
+            "(or pass --model-uri)"
+        )
+    tokenizer = None
+    if family != "cnn":
+        tokenizer = (
+            Path(args.tokenizer)
+            if args.tokenizer
+            else paths.PREPARED_DIR / "imdb" / "tokenizer.json"
+        )
+        if not tokenizer.is_file():
+            raise DlpipeError(f"{tokenizer}: missing; run `dvc repro prepare@imdb` first")
+    return Predictor.from_folder(model_dir, tokenizer).predict(inputs, names)
+
+
+def _records(frame: pd.DataFrame, originals: list[str]) -> list[dict[str, Any]]:
+    prob_columns = [c for c in frame.columns if str(c).startswith("prob_")]
+    records = []
+    for original, (_, row) in zip(originals, frame.iterrows(), strict=True):
+        probabilities = {str(c).removeprefix("prob_"): float(row[c]) for c in prob_columns}
+        records.append(
+            {
+                "input": original,
+                "label": int(row["label"]),
+                "label_name": str(row["label_name"]),
+                "probability": float(row["probabilities"][int(row["label"])]),
+                "probabilities": probabilities,
+            }
+        )
+    return records
+
+
+def predict(args: argparse.Namespace) -> int:
+    family = args.model
+    if family not in MODEL_NAMES:
+        raise DlpipeError(f"unknown model {family!r}; choose one of {', '.join(MODEL_NAMES)}")
+    is_text = family != "cnn"
+    inputs: list[Any]
+    if is_text:
+        inputs, names, shown = _texts(args)
+    else:
+        inputs, names, shown = _images(args)
+    if args.model_uri:
+        frame = _pyfunc_predict(args.model_uri, "text" if is_text else "image", inputs)
+    else:
+        frame = _local_predict(family, args, inputs, names)
+    records = _records(frame, [str(text) for text in inputs] if is_text else names)
+    if args.json:
+        print(json.dumps(records, ensure_ascii=False))
+    else:
+        for short, record in zip(shown, records, strict=True):
+            print(f"{short}\t{record['label_name']}\t{record['probability']:.4f}")
+    return 0
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    """The gist of an exception in one line (MLflow puts its reason after "Error: ")."""
+    text = str(err).strip()
+    if "Error: " in text:
+        text = text.rsplit("Error: ", 1)[1]
+    return (text.splitlines() or [type(err).__name__])[0][:300]
+
+
+def _count(value: float) -> str:
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+# key in a compare row, its header, how to show it
+COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("model", "model", str),
+    ("run_id", "run id", str),
+    ("parameters", "params", _count),
+    ("epochs", "epochs", lambda v: f"{v:.0f}"),
+    ("train_time_s", "train time", _duration),
+    ("samples_per_s", "samples/s", lambda v: f"{v:,.0f}"),
+    ("val_accuracy", "val acc", lambda v: f"{v:.4f}"),
+    ("test_accuracy", "test acc", lambda v: f"{v:.4f}"),
+    ("test_macro_f1", "macro-F1", lambda v: f"{v:.4f}"),
+    ("latency_b1_ms", "latency b1 (ms)", lambda v: f"{v:.2f}"),
+    ("model_size_mb", "size (MB)", lambda v: f"{v:.2f}"),
+    ("device", "device", str),
+]
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """step -> value of an epoch metric; a resumed training's repeated step keeps its last value."""
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {int(m.step): float(m.value) for m in history}
+
+
+def compare_row(client: MlflowClient, experiment_id: str, family: str) -> dict[str, Any]:
+    """The latest FINISHED run of one family, as the values `dlpipe compare` shows."""
+    row: dict[str, Any] = dict.fromkeys(key for key, _, _ in COLUMNS)
+    row["model"] = family
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.model_family = '{family}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return row
+    run = runs[0]
+    metrics, run_id = run.data.metrics, run.info.run_id
+    row["run_id"], row["device"] = run_id, run.data.tags.get("device")
+    for key in ("parameters", "test_accuracy", "test_macro_f1", "latency_b1_ms", "model_size_mb"):
+        row[key] = metrics.get(key)
+    val = _history(client, run_id, "val_accuracy")
+    best = metrics.get("best_epoch")
+    row["epochs"] = max(val) if val else None
+    row["val_accuracy"] = val.get(int(best)) if best is not None else None
+    if row["val_accuracy"] is None:
+        row["val_accuracy"] = metrics.get("val_accuracy")
+    times = _history(client, run_id, "epoch_time_s")
+    row["train_time_s"] = sum(times.values()) if times else None
+    speeds = _history(client, run_id, "samples_per_s")
+    row["samples_per_s"] = sum(speeds.values()) / len(speeds) if speeds else None
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Aligned columns; a missing or non-finite value is `-`."""
+
+    def cell(value: Any, fmt: Callable[[Any], str]) -> str:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "-"
+        return fmt(value)
+
+    table = [[header for _, header, _ in COLUMNS]]
+    table += [[cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    )
+
+
+def compare(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from dlpipe.tracking import tracking_uri
+
+    experiment = args.experiment or load_params(args.params).mlflow.experiment
+    store = tracking_uri()
+    _check_store(store)
+    client = MlflowClient(store)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise DlpipeError(f"no experiment {experiment!r} in {store}; train a model first")
+    rows = [compare_row(client, found.experiment_id, family) for family in MODEL_NAMES]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for --help and usage errors) and one parser per subcommand."""
+    parser = _Parser(prog="dlpipe", description=(__doc__ or "").split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("predict", help="label raw reviews or digit images")
+    p.add_argument("model", metavar="MODEL", help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="review texts, or image paths")
+    p.add_argument("--file", help="text models: a UTF-8 file with one review per line")
+    p.add_argument("--model-uri", help="an MLflow pyfunc URI instead of the local DVC outputs")
+    p.add_argument("--model-dir", help="the trained model folder (default data/models/MODEL)")
+    p.add_argument("--tokenizer", help="default data/prepared/imdb/tokenizer.json")
+    p.add_argument("--json", action="store_true", help="print JSON records")
+    p.set_defaults(handler=predict)
+
+    c = commands.add_parser("compare", help="the latest finished run of each model family")
+    c.add_argument("--experiment", help="default: mlflow.experiment in params.yaml")
+    c.add_argument("--params", default="params.yaml", help="default params.yaml")
+    c.add_argument("--json", action="store_true", help="print JSON records")
+    c.set_defaults(handler=compare)
+    return parser, {"predict": p, "compare": c}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Options may come anywhere (`predict rnn "a review" --json "another"`): each subcommand is
+    parsed intermixed, which argparse cannot do through subparsers."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = build_parsers()
+    if args and args[0] in commands:
+        return commands[args[0]].parse_intermixed_args(args[1:])
+    return parser.parse_args(args)  # --help, or one usage error line
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; expected failures become one DlpipeError line (exit code 2)."""
+    from mlflow.exceptions import MlflowException
+    from PIL import UnidentifiedImageError
+
+    args = parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except DlpipeError:
+        raise
+    except BrokenPipeError:  # `dlpipe predict ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except UnidentifiedImageError as err:
+        raise DlpipeError(f"not an image: {_first_line(err)}") from None
+    except UnicodeDecodeError as err:
+        raise DlpipeError(f"not UTF-8 text: {err.reason}") from None
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        raise DlpipeError(f"{where}{err.strerror or _first_line(err)}") from None
+    except MlflowException as err:
+        raise DlpipeError(f"MLflow: {_first_line(err)}") from None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

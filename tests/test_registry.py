@@ -1,0 +1,164 @@
+"""The registry rule: every version is a candidate; champion moves only on a real improvement."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dlpipe.config import RegistryConfig
+from dlpipe.errors import DlpipeError
+from dlpipe.registry import beats, register_and_promote
+
+Register = Callable[..., dict[str, Any]]
+
+
+def make_register(client: MlflowClient, experiment_id: str) -> Register:
+    """register(value, metric=..., family=..., **config) -> decision, each from a new run."""
+
+    def register(
+        value: float, metric: str = "test_accuracy", family: str = "cnn", **config: Any
+    ) -> dict[str, Any]:
+        run = client.create_run(experiment_id)
+        run_id = run.info.run_id
+        client.log_metric(run_id, metric, value)
+        client.set_terminated(run_id)
+        return register_and_promote(
+            family,
+            f"runs:/{run_id}/raw_model",
+            run_id,
+            {metric: value},
+            RegistryConfig.model_validate({"metric": metric, **config}),
+            client,
+        )
+
+    return register
+
+
+@pytest.fixture
+def client(tmp_path: Path, _mlflow_db_template: Path) -> MlflowClient:
+    shutil.copyfile(_mlflow_db_template, tmp_path / "mlflow.db")
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture
+def register(client: MlflowClient, tmp_path: Path) -> Register:
+    experiment = client.create_experiment("registry", (tmp_path / "artifacts").as_uri())
+    return make_register(client, experiment)
+
+
+def aliases(client: MlflowClient, name: str = "dlpipe-cnn") -> dict[str, int]:
+    return {alias: int(v) for alias, v in client.get_registered_model(name).aliases.items()}
+
+
+def test_first_becomes_champion_worse_stays_candidate_better_takes_over(
+    client: MlflowClient, register: Register
+) -> None:
+    first = register(0.90)
+    assert first | {"reason": None} == {
+        "registered_model": "dlpipe-cnn",
+        "version": 1,
+        "metric": "test_accuracy",
+        "value": 0.90,
+        "champion_version_before": None,
+        "champion_value_before": None,
+        "promoted": True,
+        "reason": None,
+    }
+    assert aliases(client) == {"candidate": 1, "champion": 1}
+
+    worse = register(0.85)
+    assert (worse["version"], worse["promoted"]) == (2, False)
+    assert (worse["champion_version_before"], worse["champion_value_before"]) == (1, 0.90)
+    assert "does not beat champion v1" in worse["reason"]
+    assert aliases(client) == {"candidate": 2, "champion": 1}
+
+    better = register(0.95)
+    assert (better["version"], better["promoted"]) == (3, True)
+    assert aliases(client) == {"candidate": 3, "champion": 3}
+
+
+def test_a_tie_does_not_move_the_champion(client: MlflowClient, register: Register) -> None:
+    register(0.9)
+    assert register(0.9)["promoted"] is False
+    assert aliases(client)["champion"] == 1
+
+
+def test_lower_log_loss_is_better(client: MlflowClient, register: Register) -> None:
+    register(0.30, metric="test_log_loss")
+    assert register(0.35, metric="test_log_loss")["promoted"] is False
+    decision = register(0.25, metric="test_log_loss")
+    assert decision["promoted"] is True and "lower is better" in decision["reason"]
+    assert aliases(client) == {"candidate": 3, "champion": 3}
+
+
+def test_min_delta_is_respected(client: MlflowClient, register: Register) -> None:
+    register(0.900, min_delta=0.01)
+    assert register(0.905, min_delta=0.01)["promoted"] is False  # better, but not enough
+    assert register(0.915, min_delta=0.01)["promoted"] is True
+    register(0.20, metric="test_log_loss", family="rnn", min_delta=0.05)
+    assert register(0.17, metric="test_log_loss", family="rnn", min_delta=0.05)["promoted"] is False
+    assert register(0.14, metric="test_log_loss", family="rnn", min_delta=0.05)["promoted"] is True
+    assert aliases(client, "dlpipe-rnn") == {"candidate": 3, "champion": 3}
+
+
+def test_versions_carry_their_metrics_and_the_decision(
+    client: MlflowClient, register: Register
+) -> None:
+    register(0.9)
+    version = client.get_model_version("dlpipe-cnn", "1")
+    assert float(version.tags["test_accuracy"]) == 0.9
+    assert version.tags["promotion"] == "no champion yet"
+    assert version.run_id
+
+
+def test_the_champion_value_falls_back_to_its_run_metrics(
+    client: MlflowClient, register: Register, tmp_path: Path
+) -> None:
+    """A champion registered by hand, without tags: its run's logged metric is compared."""
+    experiment = client.get_experiment_by_name("registry")
+    assert experiment is not None
+    run = client.create_run(experiment.experiment_id)
+    client.log_metric(run.info.run_id, "test_accuracy", 0.97)
+    client.create_registered_model("dlpipe-cnn")
+    client.create_model_version("dlpipe-cnn", f"runs:/{run.info.run_id}/m", run.info.run_id)
+    client.set_registered_model_alias("dlpipe-cnn", "champion", "1")
+
+    decision = register(0.95)
+    assert decision["champion_value_before"] == 0.97 and decision["promoted"] is False
+
+
+def test_the_configured_metric_must_be_given(client: MlflowClient) -> None:
+    with pytest.raises(DlpipeError, match="test_macro_f1"):
+        register_and_promote(
+            "cnn",
+            "runs:/x/raw_model",
+            "x",
+            {"test_accuracy": 0.9},
+            RegistryConfig(metric="test_macro_f1"),
+            client,
+        )
+
+
+def test_beats_is_strict_and_directional() -> None:
+    assert beats(0.91, 0.90, "test_accuracy", 0.0)
+    assert not beats(0.90, 0.90, "test_accuracy", 0.0)
+    assert beats(0.2, 0.3, "test_log_loss", 0.05)
+    assert not beats(0.26, 0.3, "test_log_loss", 0.05)
+
+
+@pytest.mark.integration
+def test_the_rule_against_a_tracking_server(mlflow_server: str) -> None:
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("registry-http")
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment("registry-http")
+    )
+    register = make_register(client, experiment_id)
+    assert register(0.8, family="http")["promoted"] is True
+    assert register(0.7, family="http")["promoted"] is False
+    assert aliases(client, "dlpipe-http") == {"candidate": 2, "champion": 1}

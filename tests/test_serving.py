@@ -1,0 +1,410 @@
+"""Raw-input serving: image preprocessing, text batching, and the pyfunc round trip."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import SERVING_DATA_MAX_LEN, RegistryStore, TrainedFolders, mlflow_tracking
+from PIL import Image, ImageDraw
+
+from dlpipe.config import PrepareImdbConfig
+from dlpipe.data.imdb import train_tokenizer
+from dlpipe.errors import DlpipeError
+from dlpipe.serving import (
+    CENTRE,
+    Predictor,
+    log_raw_input_model,
+    pip_requirements,
+    preprocess_image,
+    to_grayscale,
+)
+
+SHORT_REVIEW = "Great!"
+LONG_REVIEW = " ".join(["The plot made no sense and the acting was dull, boring, slow."] * 30)
+
+
+def draw_digit(mode: str = "L", background: Any = 255, ink: Any = 0) -> Image.Image:
+    """A thick "7" drawn off-centre on a 100x80 canvas, far larger than MNIST's 28x28."""
+    image = Image.new(mode, (100, 80), background)
+    ImageDraw.Draw(image).line([(55, 12), (88, 12), (66, 70)], fill=ink, width=7)
+    return image
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def centre_of_mass(pixels: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(pixels.shape)
+    total = pixels.sum()
+    return float((rows * pixels).sum() / total), float((cols * pixels).sum() / total)
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def test_a_drawn_digit_is_inverted_centred_and_scaled() -> None:
+    pixels = np.asarray(draw_digit())
+    out = preprocess_image(pixels)
+
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert out.max() > 0.9  # the dark ink became bright
+    assert np.all(out[[0, -1], :] == 0) and np.all(out[:, [0, -1]] == 0)  # dark background
+    rows, cols = np.nonzero(out)
+    height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+    assert max(height, width) == 20  # the longer side fills the 20x20 box
+    assert abs(height / width - 58 / 40) < 0.25  # aspect ratio kept (the stroke is ~58x40)
+    cy, cx = centre_of_mass(out)
+    assert abs(cy - CENTRE) <= 0.75 and abs(cx - CENTRE) <= 0.75
+
+
+def test_light_and_dark_backgrounds_give_the_same_digit() -> None:
+    dark_on_light = preprocess_image(np.asarray(draw_digit()))
+    light_on_dark = preprocess_image(np.asarray(draw_digit(background=0, ink=255)))
+    np.testing.assert_allclose(dark_on_light, light_on_dark, atol=1e-6)
+
+
+def test_png_bytes_base64_and_floats_give_the_same_result_as_the_array() -> None:
+    image = draw_digit()
+    expected = preprocess_image(np.asarray(image))
+    png = encode(image, "PNG")
+
+    np.testing.assert_array_equal(preprocess_image(png), expected)
+    np.testing.assert_array_equal(preprocess_image(base64.b64encode(png).decode()), expected)
+    np.testing.assert_allclose(preprocess_image(np.asarray(image) / 255.0), expected, atol=1e-5)
+    np.testing.assert_allclose(preprocess_image(np.asarray(image).tolist()), expected, atol=1e-6)
+    # JPEG is lossy: close, not equal.
+    assert np.abs(preprocess_image(encode(image, "JPEG")) - expected).mean() < 0.02
+
+
+def test_colour_and_transparent_pictures_are_laid_on_white() -> None:
+    expected = preprocess_image(np.asarray(draw_digit()))
+    rgb = draw_digit("RGB", (250, 250, 245), (20, 30, 200))
+    transparent = draw_digit("RGBA", (0, 0, 0, 0), (0, 0, 0, 255))  # black ink, clear paper
+    for image in (rgb, transparent):
+        assert np.abs(preprocess_image(encode(image, "PNG")) - expected).mean() < 0.01
+    assert np.abs(preprocess_image(np.asarray(transparent)) - expected).mean() < 0.01
+
+
+def test_an_mnist_style_digit_passes_through_unchanged() -> None:
+    """Preprocessing its own output changes nothing: MNIST-shaped input stays as it is."""
+    once = preprocess_image(np.asarray(draw_digit()))
+    twice = preprocess_image(once)
+    assert np.abs(twice - once).mean() < 0.01
+    assert centre_of_mass(twice) == pytest.approx(centre_of_mass(once), abs=0.5)
+
+
+def test_a_blank_picture_gives_an_empty_canvas() -> None:
+    for blank in (np.full((30, 40), 255, np.uint8), np.zeros((5, 5)), np.ones((1, 1))):
+        assert not preprocess_image(blank).any()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"hello, not a picture",
+        "not base64 at all!",
+        base64.b64encode(b"hello").decode(),
+        np.zeros((2, 2, 2, 2)),
+        np.array([[np.nan, 0.0]]),
+        np.array([[300, 0]]),
+        np.array([[-1, 0]]),
+        np.array([["a", "b"]]),
+        np.zeros((0, 0)),
+        [[1, 2], [3]],
+        None,
+        3.5,
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_what_is_not_an_image_is_one_clear_error(bad: Any) -> None:
+    with pytest.raises(DlpipeError) as caught:
+        preprocess_image(bad, "upload.png")
+    message = str(caught.value)
+    assert message.startswith("upload.png: ") and "\n" not in message
+
+
+def test_grayscale_weights_rgb_arrays() -> None:
+    gray = to_grayscale(np.array([[[255, 0, 0], [0, 255, 0]]], dtype=np.uint8))
+    np.testing.assert_allclose(gray, [[0.299 * 255, 0.587 * 255]])
+
+
+def test_the_cnn_sees_the_preprocessed_pixels(trained_folders: TrainedFolders) -> None:
+    predictor = Predictor.from_folder(trained_folders.model_dir("cnn"))
+    image = np.asarray(draw_digit())
+    frame = predictor.predict([image, encode(draw_digit(), "PNG")])
+    with torch.no_grad():
+        logits = predictor.model(torch.from_numpy(preprocess_image(image))[None, None])
+    expected = torch.softmax(logits, dim=1)[0].numpy()
+    np.testing.assert_allclose(frame["probabilities"][0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(frame["probabilities"][1], expected, rtol=1e-5, atol=1e-6)
+    assert list(frame.columns[:3]) == ["label", "label_name", "probabilities"]
+    assert [f"prob_{d}" for d in range(10)] == list(frame.columns[3:])
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transformer(trained_folders: TrainedFolders) -> Predictor:
+    return Predictor.from_folder(
+        trained_folders.model_dir("transformer"), trained_folders.tokenizer
+    )
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for a text model: remembers its inputs, returns fixed logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.calls.append((tokens, lengths))
+        return torch.zeros(tokens.size(0), 2)
+
+
+def test_texts_are_truncated_and_right_padded(transformer: Predictor) -> None:
+    recorder = Recorder()
+    predictor = Predictor(recorder, transformer.info, transformer.tokenizer)
+    predictor.predict([SHORT_REVIEW, LONG_REVIEW])
+
+    [(tokens, lengths)] = recorder.calls
+    assert tokens.dtype == torch.long and tokens.shape == (2, SERVING_DATA_MAX_LEN)
+    short = int(lengths[0])
+    assert 0 < short < SERVING_DATA_MAX_LEN and int(lengths[1]) == SERVING_DATA_MAX_LEN
+    assert (tokens[0, short:] == 0).all() and (tokens[0, :short] != 0).all()
+
+
+def test_a_batch_predicts_as_one_review_at_a_time(transformer: Predictor) -> None:
+    together = transformer.probabilities([SHORT_REVIEW, LONG_REVIEW])
+    alone = np.concatenate(
+        [transformer.probabilities([SHORT_REVIEW]), transformer.probabilities([LONG_REVIEW])]
+    )
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_text_output_columns(trained_folders: TrainedFolders) -> None:
+    rnn = Predictor.from_folder(trained_folders.model_dir("rnn"), trained_folders.tokenizer)
+    frame = rnn.predict(["<br />Fine<br/>", "bad"])
+    assert list(frame.columns) == [
+        "label",
+        "label_name",
+        "probabilities",
+        "prob_negative",
+        "prob_positive",
+    ]
+    assert frame["label"].dtype == np.int64
+    for _, row in frame.iterrows():
+        assert row["label_name"] == ["negative", "positive"][row["label"]]
+        assert sum(row["probabilities"]) == pytest.approx(1.0)
+        assert row["prob_negative"] == pytest.approx(row["probabilities"][0])
+    assert rnn.predict([]).empty
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t", None, 42])
+def test_empty_or_missing_text_is_an_error(transformer: Predictor, text: Any) -> None:
+    with pytest.raises(DlpipeError, match=r"^input 2: (empty text|expected text)"):
+        transformer.predict(["fine", text])
+
+
+def test_text_with_nothing_left_after_cleaning_is_an_error(transformer: Predictor) -> None:
+    with pytest.raises(DlpipeError, match=r"^input 1: no words left after cleaning"):
+        transformer.predict(["<br /><br/>"])
+
+
+def test_a_text_model_needs_its_own_tokenizer(
+    trained_folders: TrainedFolders, tmp_path: Path
+) -> None:
+    folder = trained_folders.model_dir("transformer")
+    with pytest.raises(DlpipeError, match="needs its tokenizer.json"):
+        Predictor.from_folder(folder)
+    with pytest.raises(DlpipeError, match="missing; run `dvc repro prepare@imdb`"):
+        Predictor.from_folder(folder, tmp_path / "tokenizer.json")
+    other = train_tokenizer(["just a few other words"], PrepareImdbConfig(vocab_size=100))
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(DlpipeError, match="trained with"):
+        Predictor.from_folder(folder, tmp_path / "other.json")
+
+
+def test_missing_weights_name_the_stage_to_run(
+    trained_folders: TrainedFolders, tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_bytes(
+        (trained_folders.model_dir("rnn") / "config.json").read_bytes()
+    )
+    with pytest.raises(DlpipeError, match=r"model.pt: missing; run `dvc repro train@rnn`"):
+        Predictor.from_folder(tmp_path, trained_folders.tokenizer)
+
+
+# --- MLflow pyfunc -------------------------------------------------------------------------------
+
+
+def test_text_pyfunc_round_trip_from_the_registry(
+    registry_store: RegistryStore, transformer: Predictor
+) -> None:
+    import mlflow
+
+    texts = [SHORT_REVIEW, LONG_REVIEW]
+    with mlflow_tracking(registry_store.uri):
+        model = mlflow.pyfunc.load_model("models:/dlpipe-transformer@champion")
+        frame = model.predict(pd.DataFrame({"text": texts}))
+    assert isinstance(frame, pd.DataFrame) and len(frame) == 2
+    expected = transformer.predict(texts)
+    assert frame["label_name"].tolist() == expected["label_name"].tolist()
+    np.testing.assert_allclose(
+        np.stack(frame["probabilities"]), np.stack(expected["probabilities"]), rtol=1e-5
+    )
+
+
+def test_image_pyfunc_round_trip_takes_base64_bytes_and_pixels(
+    registry_store: RegistryStore,
+) -> None:
+    import mlflow
+
+    image = draw_digit()
+    png = encode(image, "PNG")
+    inputs = [base64.b64encode(png).decode(), png, np.asarray(image).tolist()]
+    with mlflow_tracking(registry_store.uri):
+        model = mlflow.pyfunc.load_model("models:/dlpipe-cnn@champion")
+        frame = model.predict(pd.DataFrame({"image": inputs}))
+        with pytest.raises(DlpipeError, match="row 1: not an image"):
+            model.predict(pd.DataFrame({"image": [png, "aGVsbG8="]}))
+        with pytest.raises(mlflow.exceptions.MlflowException, match="missing inputs"):
+            model.predict(pd.DataFrame({"text": ["a review"]}))
+    local = Predictor.from_folder(registry_store.folders.model_dir("cnn")).predict([png])
+    for row in frame["probabilities"]:
+        np.testing.assert_allclose(row, local["probabilities"][0], rtol=1e-5)
+
+
+def test_the_logged_model_pins_requirements_and_declares_its_input(
+    registry_store: RegistryStore,
+) -> None:
+    import mlflow
+
+    with mlflow_tracking(registry_store.uri):
+        folder = Path(mlflow.artifacts.download_artifacts(registry_store.model_uris["transformer"]))
+        info = mlflow.models.get_model_info(registry_store.model_uris["transformer"])
+    requirements = (folder / "requirements.txt").read_text().split()
+    assert set(pip_requirements()) <= set(requirements)
+    assert all("==" in line for line in requirements)
+    assert sorted(p.name for p in (folder / "artifacts").iterdir()) == [
+        "config.json",
+        "model.pt",
+        "tokenizer.json",
+    ]
+    assert info.signature.inputs.input_names() == ["text"]
+    example = json.loads((folder / "serving_input_example.json").read_text())
+    assert "dataframe_split" in example or "dataframe_records" in example
+
+
+def test_logging_needs_an_active_run(trained_folders: TrainedFolders) -> None:
+    with pytest.raises(DlpipeError, match="active MLflow run"):
+        log_raw_input_model(trained_folders.model_dir("cnn"), None)
+
+
+# --- a real `mlflow models serve` ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_raw_text(
+    registry_store: RegistryStore, tmp_path: Path
+) -> None:
+    """The registered champion behind a real scoring server: raw JSON text in, labels out."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registry_store.uri,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [
+        str(bin_dir / "mlflow"), "models", "serve",
+        "-m", "models:/dlpipe-transformer@champion",
+        "--env-manager", "local",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    log_path = tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            while True:
+                if server.poll() is not None:
+                    pytest.fail(
+                        f"server exited {server.returncode}:\n{log_path.read_text()[-3000:]}"
+                    )
+                try:
+                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() - started > 90:
+                    pytest.fail(f"no /ping within 90 s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            ready_s = time.monotonic() - started
+
+            sent = time.monotonic()
+            answer = requests.post(
+                f"{url}/invocations",
+                json={"dataframe_records": [{"text": "awful, boring film"}]},
+                timeout=30,
+            )
+            answer_s = time.monotonic() - sent
+            assert answer.status_code == 200, answer.text
+            [prediction] = answer.json()["predictions"]
+            assert prediction["label"] in (0, 1)
+            assert prediction["label_name"] == ["negative", "positive"][prediction["label"]]
+            assert sum(prediction["probabilities"]) == pytest.approx(1.0)
+
+            malformed = requests.post(
+                f"{url}/invocations",
+                data=b'{"dataframe_records": [{"text": ',
+                headers={"Content-Type": "application/json"},
+                timeout=30,
+            )
+            assert 400 <= malformed.status_code < 500, malformed.text
+            wrong_column = requests.post(
+                f"{url}/invocations", json={"dataframe_records": [{"image": "x"}]}, timeout=30
+            )
+            assert 400 <= wrong_column.status_code < 500, wrong_column.text
+            empty = requests.post(
+                f"{url}/invocations", json={"dataframe_records": [{"text": "  "}]}, timeout=30
+            )
+            assert 400 <= empty.status_code < 500 and "empty text" in empty.text, empty.text
+            print(f"\nmlflow models serve: /ping after {ready_s:.1f}s, answer in {answer_s:.3f}s")
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait()
