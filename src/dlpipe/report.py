@@ -14,8 +14,10 @@ from dlpipe.io import atomic_path, read_json
 from dlpipe.plots import plot_history
 from dlpipe.tracking import git_state
 
-MISTAKES = {name: "mistakes.png" if data == "mnist" else "mistakes.md"
-            for name, data in DATASET_OF_MODEL.items()}
+MISTAKES = {
+    name: "mistakes.png" if data == "mnist" else "mistakes.md"
+    for name, data in DATASET_OF_MODEL.items()
+}
 
 COLUMNS = (
     "model",
@@ -121,7 +123,10 @@ def _card_lines(dataset: str, card: dict[str, Any]) -> list[str]:
 
 def write_report(reports: Path = paths.REPORTS_DIR) -> Path:
     """`reports/summary.md` and `reports/learning_curves.png` from the stages' outputs."""
-    rows, histories, devices, registry = [], {}, set(), []
+    rows: list[list[str]] = []
+    histories: dict[str, list[dict[str, float]]] = {}
+    devices: set[str] = set()
+    registry: list[str] = []
     for name in MODEL_NAMES:
         train = read_json(reports / name / "train.json")
         evaluation = read_json(reports / name / "eval.json")

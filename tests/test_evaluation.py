@@ -1,0 +1,137 @@
+"""The evaluate and report stages: metrics agree with scikit-learn; outputs and runs complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import (
+    SERVING_REVIEWS,
+    TINY_MAX_TOKENS,
+    TINY_VOCAB,
+    TinyProject,
+    tiny_imdb_arrays,
+    tiny_mnist_arrays,
+)
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+from dlpipe.config import PrepareImdbConfig
+from dlpipe.data.imdb import train_tokenizer
+from dlpipe.evaluation.metrics import classification_report, expected_calibration_error
+from dlpipe.evaluation.run import evaluate
+from dlpipe.report import write_report
+from dlpipe.training.run import train
+
+MODELS = ("cnn", "rnn", "transformer")
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    labels = np.array([0, 1, 1, 0])
+    # confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.6 (right) with 10 bins:
+    # bin 0.9: acc 0.5, conf 0.9 -> |0.4| * 2/4; bin 0.6: acc 1, conf 0.6 -> |0.4| * 2/4
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4]])
+    assert expected_calibration_error(labels, probs, bins=10) == pytest.approx(0.4)
+
+
+def test_perfectly_calibrated_predictions_have_zero_ece() -> None:
+    labels = np.array([0, 1, 0, 1])
+    probs = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(labels, probs) == 0.0
+
+
+def test_classification_report_matches_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=200)
+    logits = rng.normal(size=(200, 3)) + 2.0 * np.eye(3)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    report = classification_report(labels, probs, ["a", "b", "c"], calibration_bins=15)
+    predicted = probs.argmax(1)
+    assert report["test_accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert report["test_macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert report["test_log_loss"] == pytest.approx(log_loss(labels, probs))
+    assert [row["class"] for row in report["per_class"]] == ["a", "b", "c"]
+    assert sum(row["support"] for row in report["per_class"]) == 200
+    assert np.asarray(report["confusion"]).sum() == 200
+    assert np.trace(np.asarray(report["confusion"])) == (predicted == labels).sum()
+
+
+def _add_test_splits(project: TinyProject) -> None:
+    """What prepare writes beyond the training fixture: test splits, label names, raw reviews."""
+    prepared = project.root / "data" / "prepared"
+    mnist = tiny_mnist_arrays(80, seed=5)
+    np.savez(prepared / "mnist" / "test.npz", **mnist)
+    imdb = tiny_imdb_arrays(80, seed=6)
+    review_ids = np.array([f"test/x/{i}" for i in range(80)])
+    np.savez(prepared / "imdb" / "test.npz", **imdb, review_id=review_ids)
+    # the raw-input model bundles a tokenizer; its ids must fit the (tiny) embedding
+    tokenizer = train_tokenizer(SERVING_REVIEWS, PrepareImdbConfig(vocab_size=120, min_frequency=1))
+    tokenizer.save(str(prepared / "imdb" / "tokenizer.json"))
+    extra = {
+        "mnist": {"label_names": [str(d) for d in range(10)]},
+        "imdb": {
+            "label_names": ["neg", "pos"],
+            "vocab_size": max(TINY_VOCAB, tokenizer.get_vocab_size()),
+            "max_len": TINY_MAX_TOKENS,
+            "truncation": "head+tail",
+        },
+    }
+    for dataset, fields in extra.items():
+        meta_path = prepared / dataset / "meta.json"
+        meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **fields}))
+    raw = project.root / "data" / "raw" / "imdb"
+    raw.mkdir(parents=True)
+    texts = [f"review number {i} | with a pipe" for i in range(80)]
+    frame = pd.DataFrame({"review_id": review_ids, "label": imdb["labels"], "text": texts})
+    frame.to_parquet(raw / "test.parquet")
+    reports_data = project.root / "reports" / "data"
+    reports_data.mkdir(parents=True)
+    for dataset in ("mnist", "imdb"):
+        card = {split: {"count": 1, "class_counts": [1]} for split in ("train", "val", "test")}
+        (reports_data / f"{dataset}.json").write_text(json.dumps(card))
+
+
+@pytest.mark.integration
+def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
+    _add_test_splits(tiny_project)
+    params = tiny_project.params
+    results = {}
+    for name in MODELS:
+        train(name, params)
+        results[name] = evaluate(name, params)
+
+    client = MlflowClient(tiny_project.tracking_uri)
+    for name in MODELS:
+        reports = Path("reports") / name
+        scalars = json.loads((reports / "eval.json").read_text())
+        assert 0.0 <= scalars["test_accuracy"] <= 1.0
+        assert scalars["latency_b1_ms"] > 0 and scalars["parameters"] > 0
+        confusion = pd.read_csv(reports / "confusion.csv")
+        assert len(confusion) == 80 and set(confusion.columns) == {"actual", "predicted"}
+        assert (reports / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+        mistakes = reports / ("mistakes.png" if name == "cnn" else "mistakes.md")
+        assert mistakes.exists()
+        # the test metrics land in the training's run, next to its epochs
+        run_id = json.loads((Path("data/models") / name / "mlflow_run.json").read_text())["run_id"]
+        run = client.get_run(run_id)
+        assert run.data.metrics["test_accuracy"] == pytest.approx(scalars["test_accuracy"])
+        assert run.info.status == "FINISHED"
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"confusion_matrix.png", mistakes.name} <= artifacts
+        # registered, and as the first version the champion
+        decision = json.loads((reports / "registry.json").read_text())
+        assert decision["registered_model"] == f"dlpipe-{name}" and decision["promoted"]
+        champion = client.get_model_version_by_alias(f"dlpipe-{name}", "champion")
+        assert champion.run_id == run_id
+
+    summary = write_report(Path("reports")).read_text()
+    for name in MODELS:
+        assert f"| {name} |" in summary
+        assert f"{results[name]['test_accuracy']:.4f}" in summary
+    assert "learning_curves.png" in summary and "dlpipe-transformer" in summary
+    assert Path("reports/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    text_mistakes = Path("reports/rnn/mistakes.md").read_text()
+    assert "\\|" in text_mistakes  # a pipe inside a review must not break the table
