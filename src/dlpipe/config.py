@@ -152,6 +152,28 @@ class MlflowConfig(Strict):
     system_metrics_interval_s: Annotated[float, Field(ge=1.0)] = 5.0
 
 
+GateMetric = Literal["test_accuracy", "test_macro_f1"]  # higher is better: a floor is a minimum
+Floors = dict[ModelName, dict[GateMetric, Annotated[float, Field(ge=0.0, le=1.0)]]]
+
+
+class GatesConfig(Strict):
+    """What `dlpipe check` enforces on reports/<model>/eval.json: each metric at or above its
+    floor (`smoke_floors` with `--smoke`: the tiny-slice CI run), and with `--baseline REV` no
+    more than `max_drop` (absolute, 0.01 = one point of accuracy) below REV's value."""
+
+    floors: Floors = {
+        "cnn": {"test_accuracy": 0.985},
+        "rnn": {"test_accuracy": 0.85},
+        "transformer": {"test_accuracy": 0.85},
+    }
+    smoke_floors: Floors = {
+        "cnn": {"test_accuracy": 0.8},
+        "rnn": {"test_accuracy": 0.55},
+        "transformer": {"test_accuracy": 0.55},
+    }
+    max_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+
+
 class Params(Strict):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     fetch: FetchConfig = FetchConfig()
@@ -160,6 +182,7 @@ class Params(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    gates: GatesConfig = GatesConfig()
 
 
 MODEL_CONFIGS: dict[str, type[BaseModel]] = {

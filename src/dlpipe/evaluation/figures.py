@@ -19,7 +19,9 @@ def _save(fig: plt.Figure, dest: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(confusion: list[list[int]], label_names: list[str], title: str, dest: Path) -> None:
+def plot_confusion(
+    confusion: list[list[int]], label_names: list[str], title: str, dest: Path
+) -> None:
     """Counts with row-normalised shading, so small classes read as clearly as large ones."""
     counts = np.asarray(confusion)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -40,7 +42,11 @@ def plot_confusion(confusion: list[list[int]], label_names: list[str], title: st
 
 
 def plot_misclassified(
-    images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, dest: Path
+    images: np.ndarray,
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    dest: Path,
 ) -> None:
     """A grid of wrongly classified digits, most confident mistakes first."""
     count = len(images)

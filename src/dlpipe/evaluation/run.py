@@ -121,7 +121,9 @@ def evaluate(name: str, params: Params) -> dict[str, Any]:
     dataset = DATASET_OF_MODEL[name]
     model, info = load_trained(paths.MODELS_DIR / name)
     label_names = list(info["data"]["label_names"])
-    runtime = make_runtime(getattr(params.train, name).device, getattr(params.train, name).precision)
+    runtime = make_runtime(
+        getattr(params.train, name).device, getattr(params.train, name).precision
+    )
     model = model.to(runtime.device)
     channels_last = name == "cnn" and runtime.device.type != "mps"
     if channels_last:
@@ -140,7 +142,9 @@ def evaluate(name: str, params: Params) -> dict[str, Any]:
         scalars[f"latency_b{batch_size}_ms"] = round(ms, 3)
         scalars[f"throughput_b{batch_size}_per_s"] = round(batch_size / ms * 1000.0, 1)
     scalars["parameters"] = sum(p.numel() for p in model.parameters())
-    scalars["model_size_mb"] = round((paths.MODELS_DIR / name / "model.pt").stat().st_size / 2**20, 3)
+    scalars["model_size_mb"] = round(
+        (paths.MODELS_DIR / name / "model.pt").stat().st_size / 2**20, 3
+    )
 
     reports = paths.REPORTS_DIR / name
     predicted = probs.argmax(1)
