@@ -167,9 +167,9 @@ class GatesConfig(Strict):
         "transformer": {"test_accuracy": 0.85},
     }
     smoke_floors: Floors = {
-        "cnn": {"test_accuracy": 0.8},
-        "rnn": {"test_accuracy": 0.55},
-        "transformer": {"test_accuracy": 0.55},
+        "cnn": {"test_accuracy": 0.9},
+        "rnn": {"test_accuracy": 0.68},
+        "transformer": {"test_accuracy": 0.7},
     }
     max_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
 
