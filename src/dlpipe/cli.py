@@ -5,6 +5,7 @@
     dlpipe predict rnn --file reviews.txt            (one review per line, blank lines skipped)
     dlpipe predict transformer --model-uri models:/dlpipe-transformer@champion "a review"
     dlpipe compare
+    dlpipe check [--smoke] [--baseline REV]
 
 Predictions come from the local DVC outputs (data/models/<name>, data/prepared/imdb/tokenizer.json
 under the current folder) or from any MLflow pyfunc URI; both go through `dlpipe.serving`, so
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pandas as pd
 
-from dlpipe import paths
+from dlpipe import gates, paths
 from dlpipe.config import MODEL_NAMES, load_params
 from dlpipe.errors import DlpipeError, exit_on_user_error
 
@@ -333,6 +334,11 @@ def compare(args: argparse.Namespace) -> int:
 # --- entry point ---------------------------------------------------------------------------------
 
 
+def check(args: argparse.Namespace) -> int:
+    """`dlpipe check`: exit 1 when a gate fails (see `dlpipe.gates`)."""
+    return gates.run_check(args.reports, args.params, args.smoke, args.baseline, args.model)
+
+
 def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser (for --help and usage errors) and one parser per subcommand."""
     parser = _Parser(prog="dlpipe", description=(__doc__ or "").split("\n")[0])
@@ -353,7 +359,11 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     c.add_argument("--params", default="params.yaml", help="default params.yaml")
     c.add_argument("--json", action="store_true", help="print JSON records")
     c.set_defaults(handler=compare)
-    return parser, {"predict": p, "compare": c}
+
+    g = commands.add_parser("check", help="metric gates: floors and regressions vs a baseline")
+    gates.build_parser(g)
+    g.set_defaults(handler=check)
+    return parser, {"predict": p, "compare": c, "check": g}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -1,0 +1,209 @@
+"""`make smoke` (dlpipe.smoke): its params overrides, the workspace copy, the output checks.
+
+The fast tests cover the pieces; the slow one runs the whole smoke (real data, real DVC, about
+two minutes) when the data mirror is available.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from dlpipe.config import MODEL_NAMES, parse_params
+from dlpipe.errors import DlpipeError
+from dlpipe.smoke import (
+    SMOKE_PARAMS,
+    SmokeFailure,
+    check_file,
+    check_outputs,
+    merge,
+    parse_set,
+    smoke_params,
+    workspace_files,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_params() -> dict[str, object]:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert isinstance(raw, dict)
+    return raw
+
+
+# --- params -------------------------------------------------------------------------------------
+
+
+def test_smoke_params_shrink_the_real_params_and_stay_valid() -> None:
+    raw = project_params()
+    params = parse_params(smoke_params(raw), "smoke")
+    assert params.prepare.mnist.max_train == SMOKE_PARAMS["prepare"]["mnist"]["max_train"]
+    assert params.prepare.imdb.max_len == params.train.transformer.model.max_len
+    for model in MODEL_NAMES:
+        assert getattr(params.train, model).epochs == 2  # history over more than one step
+    # everything the overrides do not name is the project's own
+    assert params.gates == parse_params(raw).gates
+    assert params.train.cnn.model == parse_params(raw).train.cnn.model
+    assert params.registry == parse_params(raw).registry
+
+
+def test_extra_overrides_win_and_are_validated() -> None:
+    raw = project_params()
+    params = parse_params(smoke_params(raw, parse_set(["train.rnn.epochs=3"])), "smoke")
+    assert params.train.rnn.epochs == 3
+    with pytest.raises(DlpipeError, match=r"smoke params: train.rnn.epochs: .*greater than"):
+        smoke_params(raw, parse_set(["train.rnn.epochs=0"]))
+
+
+def test_parse_set_reads_yaml_values_into_nested_keys() -> None:
+    assert parse_set(["train.cnn.lr=0.01", "evaluate.latency_batch_sizes=[1, 8]", "a=x"]) == {
+        "train": {"cnn": {"lr": 0.01}},
+        "evaluate": {"latency_batch_sizes": [1, 8]},
+        "a": "x",
+    }
+    with pytest.raises(DlpipeError, match="expected KEY=VALUE"):
+        parse_set(["train.cnn.lr"])
+
+
+def test_merge_leaves_its_inputs_alone() -> None:
+    base = {"a": {"b": 1, "c": [1]}, "d": 2}
+    updates = {"a": {"b": 5}}
+    merged = merge(base, updates)
+    assert merged == {"a": {"b": 5, "c": [1]}, "d": 2}
+    merged["a"]["c"].append(2)
+    assert base == {"a": {"b": 1, "c": [1]}, "d": 2} and updates == {"a": {"b": 5}}
+
+
+# --- the output checks --------------------------------------------------------------------------
+
+
+def good_and_bad_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    good, bad = [], []
+
+    def add(target: list[Path], name: str, data: bytes | str) -> Path:
+        path = folder / f"{len(good) + len(bad)}-{name}"
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        target.append(path)
+        return path
+
+    add(good, "eval.json", '{"test_accuracy": 0.9}')
+    add(bad, "eval.json", '{"test_accuracy": ')
+    add(bad, "empty.json", "{}")
+    add(good, "history.csv", "epoch,val_accuracy\n1,0.5\n2,0.6\n")
+    add(bad, "header-only.csv", "epoch,val_accuracy\n")
+    add(bad, "ragged.csv", "epoch,val_accuracy\n1\n")
+    png = folder / "plot.png"
+    Image.new("RGB", (40, 30), "white").save(png)
+    good.append(png)
+    add(bad, "truncated.png", png.read_bytes()[:40])
+    npz = folder / "train.npz"
+    np.savez(npz, labels=np.arange(3))
+    good.append(npz)
+    empty_npz = folder / "empty.npz"
+    np.savez(empty_npz, labels=np.arange(0))
+    bad.append(empty_npz)
+    add(good, "summary.md", "# report\n")
+    add(bad, "blank.md", "  \n")
+    add(good, "labels.gz", gzip.compress(b"data"))
+    add(bad, "broken.gz", gzip.compress(b"data" * 100)[:20])
+    parquet = folder / "train.parquet"
+    pd.DataFrame({"text": ["a"], "label": [1]}).to_parquet(parquet)
+    good.append(parquet)
+    add(bad, "broken.parquet", b"PAR1 nonsense")
+    add(good, "tokenizer.bin", b"\x00\x01")
+    add(bad, "nothing.bin", b"")
+    return good, bad
+
+
+def test_check_file_accepts_good_files_and_rejects_broken_ones(tmp_path: Path) -> None:
+    good, bad = good_and_bad_files(tmp_path)
+    for path in good:
+        check_file(path)
+    for path in bad:
+        with pytest.raises(Exception):  # noqa: B017  (each parser raises its own kind)
+            check_file(path)
+        assert path.exists(), path
+
+
+def git(folder: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1"}
+    subprocess.run(["git", *args], cwd=folder, env=env, check=True, capture_output=True)
+
+
+def dvc_project(folder: Path) -> Path:
+    """A git + DVC repo holding the project's dvc.yaml and params.yaml (no outputs)."""
+    for name in ("dvc.yaml", "params.yaml", ".dvc/config"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, folder / name)
+    git(folder, "init", "-q")
+    return folder
+
+
+def test_check_outputs_names_every_missing_output(tmp_path: Path) -> None:
+    repo = dvc_project(tmp_path)
+    (repo / "reports" / "cnn").mkdir(parents=True)
+    (repo / "reports" / "cnn" / "eval.json").write_text("{broken", encoding="utf-8")
+    (repo / "data" / "raw" / "mnist").mkdir(parents=True)
+    with pytest.raises(SmokeFailure) as failure:
+        check_outputs(repo)
+    message = str(failure.value)
+    assert "fetch: data/raw/mnist/ is empty" in message
+    assert "fetch: data/raw/imdb was not written" in message
+    assert "evaluate@cnn: reports/cnn/eval.json does not parse (JSONDecodeError" in message
+    assert "report: reports/summary.md was not written" in message
+
+
+def test_the_workspace_is_the_working_tree_without_dvc_outputs(tmp_path: Path) -> None:
+    repo = dvc_project(tmp_path)
+    (repo / ".gitignore").write_text("/ignored.txt\n", encoding="utf-8")
+    for name in ("src/a.py", "gone.py", "data/raw/mnist/x.gz", "new.py", "ignored.txt"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("x\n", encoding="utf-8")
+    git(repo, "add", "src/a.py", "gone.py", "data/raw/mnist/x.gz", "dvc.yaml", ".gitignore")
+    (repo / "gone.py").unlink()  # deleted, not yet committed
+    files, skipped = workspace_files(repo)
+    assert skipped == ["data/raw/mnist/x.gz"]
+    assert "src/a.py" in files and "new.py" in files and "dvc.yaml" in files
+    assert "gone.py" not in files and "ignored.txt" not in files
+
+
+def test_outside_a_git_checkout_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(DlpipeError, match="not a git checkout"):
+        workspace_files(tmp_path)
+
+
+# --- the whole thing ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_make_smoke_passes(tmp_path: Path) -> None:
+    """The real smoke run: fetch from the mirror, dvc repro, every check, the smoke gates."""
+    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(ROOT.parent / "shared" / "datasets")
+    if "://" not in mirror and not Path(mirror).is_dir():
+        pytest.skip("no data mirror (set DLPIPE_DATA_MIRROR)")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "dlpipe.smoke", "--mirror", mirror, "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "== smoke PASSED" in result.stdout
+    summary = json.loads((out / "smoke.json").read_text())
+    assert set(summary["test_accuracy"]) == set(MODEL_NAMES)
+    assert (out / "reports" / "summary.md").is_file()
