@@ -113,15 +113,9 @@ def _check_store(uri: str) -> None:
                 "MLFLOW_TRACKING_URI)"
             )
     elif uri.startswith(("http://", "https://")):
-        import requests
+        from dlpipe.tracking import check_server
 
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException as err:
-            raise DlpipeError(
-                f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it "
-                "or fix MLFLOW_TRACKING_URI"
-            ) from None
+        check_server(uri, "start it or fix MLFLOW_TRACKING_URI")
 
 
 def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFrame:

@@ -29,6 +29,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def check_server(uri: str, advice: str) -> None:
+    """One DlpipeError line (ending in `advice`) unless the tracking server answers /health."""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as err:
+        raise DlpipeError(
+            f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); {advice}"
+        ) from None
+
+
 def check_reachable(uri: str) -> None:
     """Raise one clear DlpipeError line when the store cannot be used, before any training."""
     if uri.startswith("sqlite:///"):
@@ -37,15 +49,9 @@ def check_reachable(uri: str) -> None:
             raise DlpipeError(f"MLflow store {uri}: folder {folder} is missing or not writable")
         return
     if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException as err:
-            raise DlpipeError(
-                f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it, "
-                "fix MLFLOW_TRACKING_URI, or set mlflow.require_tracking: false"
-            ) from None
+        check_server(
+            uri, "start it, fix MLFLOW_TRACKING_URI, or set mlflow.require_tracking: false"
+        )
         return
     try:
         MlflowClient(uri).search_experiments(max_results=1)
