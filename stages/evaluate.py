@@ -23,7 +23,8 @@ def main() -> None:
     )
     print(
         f"evaluate: test_accuracy {result['test_accuracy']:.4f}, macro-F1 "
-        f"{result['test_macro_f1']:.4f}, batch-1 latency {result['latency_b1_ms']:.2f} ms"
+        f"{result['test_macro_f1']:.4f}, "
+        + ", ".join(f"{k} {v}" for k, v in result.items() if k.startswith("latency_"))
         + registered
     )
 
