@@ -12,7 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SERVING_DATA_MAX_LEN, RegistryStore, TrainedFolders, mlflow_tracking
+from conftest import (
+    SERVING_DATA_MAX_LEN,
+    RegistryStore,
+    TrainedFolders,
+    mlflow_tracking,
+    stop_process_group,
+)
 from PIL import Image, ImageDraw
 
 from dlpipe.config import PrepareImdbConfig
@@ -324,7 +330,6 @@ def test_mlflow_models_serve_answers_raw_text(
 ) -> None:
     """The registered champion behind a real scoring server: raw JSON text in, labels out."""
     import os
-    import signal
     import socket
     import subprocess
     import sys
@@ -401,10 +406,4 @@ def test_mlflow_models_serve_answers_raw_text(
             assert 400 <= empty.status_code < 500 and "empty text" in empty.text, empty.text
             print(f"\nmlflow models serve: /ping after {ready_s:.1f}s, answer in {answer_s:.3f}s")
         finally:
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGTERM)
-                try:
-                    server.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(server.pid, signal.SIGKILL)
-                    server.wait()
+            stop_process_group(server)
