@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dlpipe.config import CNNConfig, RNNConfig, TransformerConfig
 from dlpipe.errors import DlpipeError
 from dlpipe.models import DataMeta, build_model
+from dlpipe.models.rnn import RNNClassifier
+from dlpipe.models.text import masked_mean, padding_mask
 
 VOCAB, PAD = 50, 1  # a non-zero pad id catches code that assumes 0
 TEXT = DataMeta(num_classes=3, vocab_size=VOCAB, pad_id=PAD)
@@ -165,6 +168,30 @@ def test_padding_never_changes_the_logits(
         long_tokens, long_lengths = text_batch([9, 50], width=50)
         long_tokens[0, :9] = tokens[0, :9]
         torch.testing.assert_close(model(long_tokens, long_lengths)[:1], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_rnn_equals_torchs_packed_bidirectional_rnn(cell: str, num_layers: int) -> None:
+    """The padded, reversed-within-length recurrence computes exactly what a packed one does."""
+    torch.manual_seed(0)
+    config = TINY_RNN.model_copy(update={"cell": cell, "num_layers": num_layers, "pooling": "mean"})
+    model = RNNClassifier(config, TEXT).eval()
+    reference = (nn.LSTM if cell == "lstm" else nn.GRU)(
+        16, 24, num_layers=num_layers, bidirectional=True, batch_first=True
+    )
+    with torch.no_grad():
+        for suffix, layers in (("", model.forward_layers), ("_reverse", model.backward_layers)):
+            for i, layer in enumerate(layers):
+                for weight in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    ours = getattr(layer, f"{weight}_l0")
+                    getattr(reference, f"{weight}_l{i}{suffix}").copy_(ours)
+        tokens, lengths = text_batch([9, 1, 12, 4], width=12)
+        embedded = model.embedding(tokens)
+        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+        steps, _ = pad_packed_sequence(reference(packed)[0], batch_first=True)
+        expected = model.head(masked_mean(steps, padding_mask(lengths, steps.size(1))))
+        torch.testing.assert_close(model(tokens, lengths), expected)
 
 
 def test_transformer_truncates_input_longer_than_max_len() -> None:
