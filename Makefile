@@ -11,7 +11,7 @@ WORKFLOWS := $(wildcard .github/workflows/*.yml)
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all smoke check lint format typecheck lock mlflow-ui clean
+.PHONY: repro test test-all smoke check bench-keras lint format typecheck lock mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ smoke: $(STAMP)  ## the whole pipeline on small slices of the real data, in a te
 
 check: $(STAMP)  ## metric gates: reports/<model>/eval.json against gates.floors in params.yaml
 	$(BIN)/python -m dlpipe.gates
+
+# TensorFlow lives in its own venv: the yardstick must not enter requirements.lock.
+KERAS_VENV := .venv-keras
+bench-keras: $(STAMP)  ## the classic Keras MNIST program vs train@cnn on this machine
+	$(BIN)/dvc repro evaluate@cnn
+	test -x $(KERAS_VENV)/bin/python || $(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/python -m pip install --quiet 'tensorflow-cpu==2.21.*' pydantic pyyaml scikit-learn
+	$(KERAS_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(KERAS_VENV)/bin/python scripts/keras_baseline.py
 
 lint: $(STAMP)  ## ruff (lint and format), and the GitHub workflows
 	$(BIN)/ruff check $(LINT_DIRS)
@@ -59,4 +68,4 @@ mlflow-ui: $(STAMP)  ## browse runs at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(KERAS_VENV) .pytest_cache .mypy_cache .ruff_cache
