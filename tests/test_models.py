@@ -172,11 +172,14 @@ def test_padding_never_changes_the_logits(
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_rnn_equals_torchs_packed_bidirectional_rnn(cell: str, num_layers: int) -> None:
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_rnn_equals_torchs_packed_bidirectional_rnn(
+    cell: str, num_layers: int, pooling: str
+) -> None:
     """The padded, reversed-within-length recurrence computes exactly what a packed one does."""
     torch.manual_seed(0)
-    config = TINY_RNN.model_copy(update={"cell": cell, "num_layers": num_layers, "pooling": "mean"})
-    model = RNNClassifier(config, TEXT).eval()
+    update = {"cell": cell, "num_layers": num_layers, "pooling": pooling}
+    model = RNNClassifier(TINY_RNN.model_copy(update=update), TEXT).eval()
     reference = (nn.LSTM if cell == "lstm" else nn.GRU)(
         16, 24, num_layers=num_layers, bidirectional=True, batch_first=True
     )
@@ -189,9 +192,14 @@ def test_rnn_equals_torchs_packed_bidirectional_rnn(cell: str, num_layers: int) 
         tokens, lengths = text_batch([9, 1, 12, 4], width=12)
         embedded = model.embedding(tokens)
         packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
-        steps, _ = pad_packed_sequence(reference(packed)[0], batch_first=True)
-        expected = model.head(masked_mean(steps, padding_mask(lengths, steps.size(1))))
-        torch.testing.assert_close(model(tokens, lengths), expected)
+        outputs, hidden = reference(packed)
+        if pooling == "last":
+            final = hidden[0] if cell == "lstm" else hidden  # [layers * 2, B, H]
+            pooled = torch.cat([final[-2], final[-1]], dim=-1)
+        else:
+            steps, _ = pad_packed_sequence(outputs, batch_first=True)
+            pooled = masked_mean(steps, padding_mask(lengths, steps.size(1)))
+        torch.testing.assert_close(model(tokens, lengths), model.head(pooled))
 
 
 def test_transformer_truncates_input_longer_than_max_len() -> None:
