@@ -32,7 +32,7 @@ test-all: $(STAMP)  ## every test, slow ones included (gpu tests skip without CU
 smoke: $(STAMP)  ## the whole pipeline on small slices of the real data, in a temp copy (~2 min)
 	$(BIN)/python -m dlpipe.smoke
 
-check: $(STAMP)  ## metric gates: reports/<model>/eval.json against gates.floors in params.yaml
+check: $(STAMP)  ## metric gates: reports/models/<model>/eval.json against gates.floors in params.yaml
 	$(BIN)/python -m dlpipe.gates
 
 # TensorFlow lives in its own venv: the yardstick must not enter requirements.lock.

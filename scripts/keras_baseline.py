@@ -4,7 +4,7 @@ The brief's yardstick: conv32(3x3)-maxpool-conv64-maxpool-conv64-dense64-dense10
 `model.fit` defaults (batch 32), trained on the 60k training images and scored on the 10k test
 images. It needs TensorFlow, so `make bench-keras` runs it in its own venv (.venv-keras) and
 TensorFlow never enters requirements.lock. It reads the same canonical IDX files as the pipeline
-(data/raw/mnist, from `dvc repro fetch`) and compares with reports/cnn/{train,eval}.json, so run
+(data/raw/mnist, from `dvc repro fetch`) and compares with reports/models/cnn/{train,eval}.json, so run
 `dvc repro evaluate@cnn` first, on the same machine.
 """
 
@@ -70,8 +70,8 @@ def run_keras_program(raw_dir: Path, epochs: int) -> dict[str, Any]:
 def read_pipeline_cnn(reports: Path) -> dict[str, Any]:
     """train@cnn's own record of the same measurements."""
     try:
-        trained = json.loads((reports / "cnn" / "train.json").read_text())
-        evaluated = json.loads((reports / "cnn" / "eval.json").read_text())
+        trained = json.loads((reports / "models" / "cnn" / "train.json").read_text())
+        evaluated = json.loads((reports / "models" / "cnn" / "eval.json").read_text())
         data = json.loads((reports / "data" / "mnist.json").read_text())
     except (OSError, ValueError) as err:
         raise DlpipeError(f"{reports}: no train@cnn record ({err}); run `dvc repro`") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dlpipe.config import MODEL_NAMES, load_params
+from dlpipe.config import load_params
 from dlpipe.errors import exit_on_user_error
 from dlpipe.evaluation.run import evaluate
 
@@ -12,7 +12,7 @@ from dlpipe.evaluation.run import evaluate
 @exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", choices=MODEL_NAMES)
+    parser.add_argument("model", help="a model family: a train.<name> section of params.yaml")
     result = evaluate(parser.parse_args().model, load_params())
     decision = result["registry"]
     registered = (

@@ -1,4 +1,4 @@
-"""DVC stage report: reports/summary.md comparing the three models, from DVC outputs only."""
+"""DVC stage report: reports/summary.md comparing the model families, from DVC outputs only."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""DVC stage train@<model>: train one model family, resumable, tracked in MLflow."""
+"""DVC stage train@<family>: train one model family, resumable, tracked in MLflow."""
 
 from __future__ import annotations
 
 import argparse
 
-from dlpipe.config import MODEL_NAMES, load_params
+from dlpipe.config import load_params
 from dlpipe.errors import exit_on_user_error
 from dlpipe.training.run import train
 
@@ -12,7 +12,7 @@ from dlpipe.training.run import train
 @exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", choices=MODEL_NAMES)
+    parser.add_argument("model", help="a model family: a train.<name> section of params.yaml")
     summary = train(parser.parse_args().model, load_params())
     print(
         f"train@{summary['model']}: best val_accuracy {summary['best']['val_accuracy']:.4f} "

@@ -30,6 +30,9 @@ import yaml
 
 from dlpipe.config import Params, load_params, parse_params
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = load_params(REPO_ROOT / "params.yaml").families
+
 
 @dataclass
 class Route:
@@ -165,7 +168,6 @@ def make_csv_export() -> Callable[[Path], dict[str, Path]]:
 
 # --- training / tracking: a tiny project with synthetic prepared data ---------------------------
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 50
 TINY_MAX_TOKENS = 40
 SIGNAL_TOKEN = 2  # its presence makes a tiny-IMDB review positive
@@ -210,7 +212,7 @@ def _write_prepared(folder: Path, meta: dict[str, int], splits: dict[str, dict[s
 def tiny_params_dict() -> dict[str, Any]:
     """The real params.yaml, shrunk to seconds of CPU training per model."""
     raw = load_params(REPO_ROOT / "params.yaml").model_dump()
-    for name in ("cnn", "rnn", "transformer"):
+    for name in FAMILIES:
         raw["train"][name].update(
             epochs=2,
             batch_size=32,
@@ -228,6 +230,14 @@ def tiny_params_dict() -> dict[str, Any]:
     raw["train"]["transformer"]["lr"] = 0.003
     raw["mlflow"]["system_metrics_interval_s"] = 1.0
     return raw
+
+
+def tiny_tokenizer() -> Any:
+    """A tokenizer learned from a few sentences: its ids fit the tiny models' embeddings."""
+    from dlpipe.config import PrepareImdbConfig
+    from dlpipe.data.imdb import train_tokenizer
+
+    return train_tokenizer(SERVING_REVIEWS, PrepareImdbConfig(vocab_size=120, min_frequency=1))
 
 
 @dataclass
@@ -289,11 +299,13 @@ def use_tiny_project(
         {"num_classes": 10},
         {"train": tiny_mnist_arrays(256, seed=1), "val": tiny_mnist_arrays(64, seed=2)},
     )
+    tokenizer = tiny_tokenizer()
     _write_prepared(
         prepared / "imdb",
-        {"num_classes": 2, "vocab_size": TINY_VOCAB, "pad_id": 0},
+        {"num_classes": 2, "vocab_size": max(TINY_VOCAB, tokenizer.get_vocab_size()), "pad_id": 0},
         {"train": tiny_imdb_arrays(256, seed=3), "val": tiny_imdb_arrays(64, seed=4)},
     )
+    tokenizer.save(str(prepared / "imdb" / "tokenizer.json"))  # trained models bundle it
     db = folder / "mlflow.db"
     shutil.copyfile(db_template, db)
     uri = f"sqlite:///{db}"
@@ -437,13 +449,15 @@ def build_trained_folders(root: Path) -> TrainedFolders:
     sentences; random weights: these tests check plumbing, not accuracy."""
     import torch
 
-    from dlpipe.config import CNNConfig, PrepareImdbConfig, RNNConfig, TransformerConfig
-    from dlpipe.data.imdb import LABEL_NAMES, PAD_ID, train_tokenizer
-    from dlpipe.models import build_model, data_meta
+    from dlpipe.data.imdb import LABEL_NAMES, PAD_ID
+    from dlpipe.family import DataMeta, get_family
+    from dlpipe.models.cnn import CNNConfig
+    from dlpipe.models.rnn import RNNConfig
+    from dlpipe.models.transformer import TransformerConfig
 
     folders = TrainedFolders(root)
     folders.tokenizer.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(SERVING_REVIEWS, PrepareImdbConfig(vocab_size=120, min_frequency=1))
+    tokenizer = tiny_tokenizer()
     tokenizer.save(str(folders.tokenizer))
     imdb_meta = {
         "num_classes": 2,
@@ -464,10 +478,12 @@ def build_trained_folders(root: Path) -> TrainedFolders:
     }
     torch.manual_seed(0)
     for family, (config, meta) in configs.items():
-        model = build_model(family, config, data_meta(meta))
+        model = get_family(family).build(config, DataMeta.from_json(meta))
         folder = folders.model_dir(family)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), folder / "model.pt")
+        for name in get_family(family).inputs.bundled:
+            shutil.copyfile(folders.tokenizer.parent / name, folder / name)
         info = {
             "model": family,
             "dataset": "mnist" if family == "cnn" else "imdb",
@@ -541,10 +557,9 @@ def registry_store(
     with mlflow_tracking(uri):
         exp = experiment_id(store.experiment, uri)
         for family in ("transformer", "cnn"):
-            tokenizer = trained_folders.tokenizer if family != "cnn" else None
             with mlflow.start_run(experiment_id=exp, run_name=f"{family}-raw") as run:
                 mlflow.set_tag("model_family", family)
-                model_uri = log_raw_input_model(trained_folders.model_dir(family), tokenizer)
+                model_uri = log_raw_input_model(trained_folders.model_dir(family))
             decision = register_and_promote(
                 family, model_uri, run.info.run_id, {"test_accuracy": 0.5}, RegistryConfig(), client
             )
@@ -552,3 +567,20 @@ def registry_store(
             store.model_uris[family] = model_uri
             store.run_ids[family] = run.info.run_id
     return store
+
+
+# --- families -----------------------------------------------------------------------------------
+
+
+def dataset_of(name: str) -> str:
+    from dlpipe.family import get_family
+
+    return get_family(name).dataset
+
+
+def family_model(name: str, params: Params, meta: Any) -> Any:
+    """A fresh model of family `name`, built from `params`' train.<name>.model."""
+    from dlpipe.family import get_family
+
+    family = get_family(name)
+    return family.build(family.model_config(params), meta)

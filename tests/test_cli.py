@@ -18,7 +18,7 @@ from conftest import RegistryStore, TrainedFolders
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
-from dlpipe.cli import format_table, main
+from dlpipe.cli import format_compare, main
 from dlpipe.config import Params
 from dlpipe.serving import Predictor
 
@@ -227,7 +227,7 @@ def test_review_file_errors(project: TrainedFolders, cli: Cli, tmp_path: Path) -
 
 
 def test_usage_errors_are_one_line(project: TrainedFolders, cli: Cli) -> None:
-    assert_one_error_line(cli("predict", "gpt", "hello"), "unknown model 'gpt'")
+    assert_one_error_line(cli("predict", "gpt", "hello"), "unknown model family 'gpt'")
     assert_one_error_line(cli(), "required")
     assert_one_error_line(cli("train"), "invalid choice")
     assert_one_error_line(cli("predict", "rnn", "--bogus", "x"), "unrecognized arguments")
@@ -241,7 +241,8 @@ def test_missing_trained_outputs_name_the_stage_to_run(
     assert_one_error_line(cli("predict", "cnn", str(image)), "dvc repro train@cnn")
     assert_one_error_line(cli("predict", "transformer", "hi"), "dvc repro train@transformer")
     shutil.copytree(trained_folders.model_dir("rnn"), tmp_path / "data" / "models" / "rnn")
-    assert_one_error_line(cli("predict", "rnn", "hi"), "tokenizer.json", "dvc repro prepare@imdb")
+    (tmp_path / "data" / "models" / "rnn" / "tokenizer.json").unlink()
+    assert_one_error_line(cli("predict", "rnn", "hi"), "tokenizer.json", "dvc repro")
 
 
 def test_model_uri_errors(
@@ -283,6 +284,7 @@ def runs_store(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     params = Params().model_dump()
+    params["train"] = {name: {} for name in ("cnn", "rnn", "transformer")}
     params["mlflow"]["experiment"] = "cmp"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
@@ -344,7 +346,8 @@ def test_compare_shows_the_latest_finished_run_of_each_family(
 def test_compare_table(runs_store: dict[str, str], cli: Cli) -> None:
     result = cli("compare")
     assert result.code == 0, result.err
-    header, *lines = result.out.splitlines()
+    header, rule, *lines = result.out.splitlines()
+    assert set(rule) <= {"-", " "}
     assert header.split()[:3] == ["model", "run", "id"] and "macro-F1" in header
     table = {line.split()[0]: line.split() for line in lines}
     assert table["cnn"] == [
@@ -381,5 +384,6 @@ def test_compare_errors(
 
 
 def test_format_table_shows_missing_values_as_dashes() -> None:
-    text = format_table([{"model": "cnn", "test_accuracy": float("nan")}])
-    assert text.splitlines()[1].split() == ["cnn"] + ["-"] * 11
+    text = format_compare([{"model": "cnn", "test_accuracy": float("nan")}])
+    assert set(text.splitlines()[1]) <= {"-", " "}  # the rule under the header
+    assert text.splitlines()[2].split() == ["cnn"] + ["-"] * 11

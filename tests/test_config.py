@@ -11,15 +11,15 @@ import pytest
 import yaml
 
 from dlpipe.config import (
-    MODEL_NAMES,
     Params,
     PrepareImdbConfig,
-    TrainCNN,
+    TrainConfig,
     load_params,
     parse_params,
     train_config,
 )
 from dlpipe.errors import USER_ERROR_EXIT, DlpipeError
+from dlpipe.family import get_family, validate_families
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def load_error(folder: Path, text: str) -> str:
     """The message `load_params` raises for a params.yaml holding `text`; checks it is one line."""
     path = write_params(folder, text)
     with pytest.raises(DlpipeError) as info:
-        load_params(path)
+        validate_families(load_params(path))
     message = str(info.value)
     assert "\n" not in message, message
     assert message.startswith(f"{path}: "), message
@@ -50,10 +50,12 @@ def test_the_projects_params_yaml_loads() -> None:
     # Values written in the file arrive unchanged in the validated model.
     assert params.seed == raw["seed"]
     assert params.prepare.imdb.vocab_size == raw["prepare"]["imdb"]["vocab_size"]
-    assert params.train.transformer.model.heads == raw["train"]["transformer"]["model"]["heads"]
+    models = validate_families(params)
+    assert models["transformer"].heads == raw["train"]["transformer"]["model"]["heads"]  # type: ignore[attr-defined]
     assert params.mlflow.experiment == raw["mlflow"]["experiment"]
-    for model in MODEL_NAMES:
-        assert train_config(params, model) is getattr(params.train, model)
+    assert params.families == ("cnn", "rnn", "transformer")
+    for name in params.families:
+        assert train_config(params, name) is params.train[name]
 
 
 def test_the_projects_params_yaml_sets_every_key() -> None:
@@ -65,21 +67,28 @@ def test_the_projects_params_yaml_sets_every_key() -> None:
         return {k for key, sub in tree.items() for k in keys(sub, f"{prefix}{key}.")}
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    assert keys(raw) == keys(Params().model_dump())
+    defaults = Params().model_dump()
+    defaults["gates"] = parse_params(raw).gates.model_dump()  # floors: one per family
+    defaults["train"] = {
+        name: {**TrainConfig().model_dump(), "model": get_family(name).config().model_dump()}
+        for name in raw["train"]
+    }
+    assert keys(raw) == keys(defaults)
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
 def test_empty_file_gives_all_defaults(tmp_path: Path, text: str) -> None:
-    assert load_params(write_params(tmp_path, text)) == Params()
+    assert load_params(write_params(tmp_path, text)).model_dump() == Params().model_dump()
 
 
 def test_partial_sections_keep_the_other_defaults() -> None:
-    params = parse_params({"seed": 7, "train": {"rnn": {"model": {"cell": "lstm"}}}})
+    params = parse_params({"seed": 7, "train": {"rnn": {"model": {"cell": "lstm"}}, "cnn": {}}})
     assert params.seed == 7
-    assert params.train.rnn.model.cell == "lstm"
-    assert params.train.rnn.model.hidden_size == Params().train.rnn.model.hidden_size
-    assert params.train.rnn.epochs == Params().train.rnn.epochs
-    assert params.train.cnn == TrainCNN()
+    rnn = get_family("rnn")
+    model = rnn.model_config(params)
+    assert model == rnn.config(cell="lstm")
+    assert params.train["rnn"].epochs == TrainConfig().epochs
+    assert params.train["cnn"] == TrainConfig()
     assert params.prepare.imdb == PrepareImdbConfig()
     assert params.prepare.imdb.truncation == "head+tail"
 
@@ -91,8 +100,30 @@ def test_params_are_frozen() -> None:
 
 
 def test_unknown_model_name() -> None:
-    with pytest.raises(DlpipeError, match=r"unknown model 'mlp'; choose one of cnn, rnn"):
-        train_config(Params(), "mlp")
+    params = parse_params({"train": {"cnn": {}, "rnn": {}}})
+    with pytest.raises(
+        DlpipeError, match=r"unknown model family 'mlp'; params.yaml trains: cnn, rnn"
+    ):
+        train_config(params, "mlp")
+    with pytest.raises(DlpipeError, match=r"no src/dlpipe/models/mlp.py"):
+        get_family("mlp")
+
+
+def test_a_family_name_must_be_a_module_name(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "train:\n  My-Model: {}\n")
+    assert ": train.My-Model" in message
+
+
+def test_heads_that_do_not_divide_d_model_name_the_key(tmp_path: Path) -> None:
+    message = load_error(
+        tmp_path, "train:\n  transformer:\n    model:\n      d_model: 64\n      heads: 5\n"
+    )
+    assert message.endswith(": train.transformer.model.heads: 5 does not divide d_model 64")
+
+
+def test_gates_must_name_trained_families(tmp_path: Path) -> None:
+    message = load_error(tmp_path, "train:\n  cnn: {}\ngates:\n  floors:\n    rnn: {}\n")
+    assert message.endswith(": gates.floors.rnn: no train.rnn section")
 
 
 # --- one-line errors naming the key path -------------------------------------------------------

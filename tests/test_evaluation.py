@@ -105,14 +105,14 @@ def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
 
     client = MlflowClient(tiny_project.tracking_uri)
     for name in MODELS:
-        reports = Path("reports") / name
+        reports = Path("reports/models") / name
         scalars = json.loads((reports / "eval.json").read_text())
         assert 0.0 <= scalars["test_accuracy"] <= 1.0
         assert scalars["latency_b1_ms"] > 0 and scalars["parameters"] > 0
         confusion = pd.read_csv(reports / "confusion.csv")
         assert len(confusion) == 80 and set(confusion.columns) == {"actual", "predicted"}
         assert (reports / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
-        mistakes = reports / ("mistakes.png" if name == "cnn" else "mistakes.md")
+        mistakes = reports / "mistakes" / ("mistakes.png" if name == "cnn" else "mistakes.md")
         assert mistakes.exists()
         # the test metrics land in the training's run, next to its epochs
         run_id = json.loads((Path("data/models") / name / "mlflow_run.json").read_text())["run_id"]
@@ -127,11 +127,12 @@ def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
         champion = client.get_model_version_by_alias(f"dlpipe-{name}", "champion")
         assert champion.run_id == run_id
 
-    summary = write_report(Path("reports")).read_text()
+    summary = write_report(Path("reports"), tiny_project.write_params()).read_text()
     for name in MODELS:
-        assert f"| {name} |" in summary
+        assert f"| {name} " in summary
         assert f"{results[name]['test_accuracy']:.4f}" in summary
     assert "learning_curves.png" in summary and "dlpipe-transformer" in summary
     assert Path("reports/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
-    text_mistakes = Path("reports/rnn/mistakes.md").read_text()
+    assert "[most confident mistakes](models/cnn/mistakes/mistakes.png)" in summary
+    text_mistakes = Path("reports/models/rnn/mistakes/mistakes.md").read_text()
     assert "\\|" in text_mistakes  # a pipe inside a review must not break the table

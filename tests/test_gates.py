@@ -12,17 +12,18 @@ from typing import Any
 import pytest
 import yaml
 
-from dlpipe.config import GatesConfig, Params, load_params
+from dlpipe.config import GatesConfig, load_params, parse_params
 from dlpipe.errors import DlpipeError
-from dlpipe.gates import Check, collect_checks, format_table, main, run_check
+from dlpipe.gates import Check, collect_checks, format_checks, main, run_check
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"cnn": 0.991, "rnn": 0.88, "transformer": 0.87}
+FAMILIES = tuple(GOOD)
 
 
 def write_reports(folder: Path, accuracy: dict[str, float], **extra: Any) -> Path:
-    """reports/<model>/eval.json as the evaluate stage writes them (only the keys gates read)."""
-    reports = folder / "reports"
+    """reports/models/<model>/eval.json as evaluate writes them (only the keys gates read)."""
+    reports = folder / "reports" / "models"
     for model, value in accuracy.items():
         (reports / model).mkdir(parents=True, exist_ok=True)
         payload = {"test_accuracy": value, "test_macro_f1": value - 0.01, **extra}
@@ -31,7 +32,7 @@ def write_reports(folder: Path, accuracy: dict[str, float], **extra: Any) -> Pat
 
 
 def write_params(folder: Path, gates: dict[str, Any] | None = None) -> Path:
-    raw = Params().model_dump()
+    raw = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text())).model_dump()
     if gates is not None:
         raw["gates"] = {**raw["gates"], **gates}
     path = folder / "params.yaml"
@@ -154,9 +155,9 @@ def test_the_table_is_aligned_and_readable() -> None:
         Check("cnn", "test_accuracy", 0.99123, "floor", 0.985),
         Check("transformer", "test_accuracy", 0.84, "baseline abc1234", 0.86, "was 0.8700"),
     ]
-    lines = format_table(checks).splitlines()
+    lines = format_checks(checks).splitlines()
     assert lines[0].split() == [
-        "model", "metric", "value", "against", "limit", "margin", "result"
+        "model", "metric", "value", "against", "limit", "margin", "result", "note"
     ]  # fmt: skip
     assert set(lines[1]) <= {"-", " "}
     assert lines[2].split() == ["cnn", "test_accuracy", "0.9912", "floor", "0.9850", "+0.0062"] + [
@@ -208,7 +209,7 @@ def test_a_drop_beyond_the_margin_fails_even_above_the_floor(
 def test_a_model_new_since_the_baseline_has_no_baseline_row(
     history: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    git(history, "rm", "-q", "reports/rnn/eval.json")
+    git(history, "rm", "-q", "reports/models/rnn/eval.json")
     git(history, "commit", "-q", "-m", "drop rnn")
     write_reports(history, GOOD)
     assert run_check(baseline="HEAD") == 0
@@ -227,8 +228,10 @@ def test_an_unknown_revision_is_one_line(history: Path, capsys: pytest.CaptureFi
 
 def test_collect_checks_reads_the_baseline_values(history: Path) -> None:
     write_reports(history, {"cnn": 0.995})
-    gates = GatesConfig(max_drop=0.0)
-    checks = collect_checks(gates, Path("reports"), baseline="base", models=["cnn"])
+    gates = GatesConfig(floors={"cnn": {"test_accuracy": 0.985}}, max_drop=0.0)
+    checks = collect_checks(
+        gates, FAMILIES, Path("reports/models"), baseline="base", models=["cnn"]
+    )
     assert [(c.against.split()[0], c.limit, c.passed) for c in checks] == [
         ("floor", 0.985, True),
         ("baseline", GOOD["cnn"], True),
@@ -241,12 +244,12 @@ def test_collect_checks_reads_the_baseline_values(history: Path) -> None:
 def test_a_missing_eval_json_is_one_line_and_exit_2(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (project / "reports" / "transformer" / "eval.json").unlink()
+    (project / "reports" / "models" / "transformer" / "eval.json").unlink()
     assert run_check() == 2
     out, err = capsys.readouterr()
     assert out == ""  # no half table
     assert err == (
-        "error: reports/transformer/eval.json: missing; run the pipeline first "
+        "error: reports/models/transformer/eval.json: missing; run the pipeline first "
         "(dvc repro, or make smoke)\n"
     )
 
@@ -264,22 +267,24 @@ def test_a_missing_eval_json_is_one_line_and_exit_2(
 def test_a_broken_eval_json_is_one_line(
     project: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
 ) -> None:
-    (project / "reports" / "cnn" / "eval.json").write_text(content, encoding="utf-8")
+    (project / "reports" / "models" / "cnn" / "eval.json").write_text(content, encoding="utf-8")
     assert run_check() == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: reports/cnn/eval.json: ")
+    assert err.count("\n") == 1 and err.startswith("error: reports/models/cnn/eval.json: ")
     assert message in err
 
 
 def test_missing_params_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_check(tmp_path / "reports", tmp_path / "params.yaml") == 2
+    assert run_check(tmp_path / "reports" / "models", tmp_path / "params.yaml") == 2
     assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_smoke_floor_missing_for_a_model(project: Path) -> None:
     write_params(project, {"smoke_floors": {"cnn": {"test_accuracy": 0.5}}})
     with pytest.raises(DlpipeError, match="gates.smoke_floors in params.yaml has no floor for rnn"):
-        collect_checks(load_params().gates, Path("reports"), smoke=True, models=["cnn", "rnn"])
+        collect_checks(
+            load_params().gates, FAMILIES, Path("reports/models"), smoke=True, models=["cnn", "rnn"]
+        )
 
 
 def test_the_module_runs_as_a_script(project: Path) -> None:
@@ -287,7 +292,7 @@ def test_the_module_runs_as_a_script(project: Path) -> None:
     write_reports(project, {"cnn": 0.5})
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run(
-        [sys.executable, "-m", "dlpipe.gates", "--reports", "reports"],
+        [sys.executable, "-m", "dlpipe.gates", "--reports", "reports/models"],
         cwd=project,
         env=env,
         capture_output=True,

@@ -14,12 +14,11 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import TinyProject, hook_after_epoch
+from conftest import FAMILIES, TinyProject, dataset_of, family_model, hook_after_epoch
 from mlflow.tracking import MlflowClient
 
-from dlpipe.config import DATASET_OF_MODEL, MODEL_NAMES
 from dlpipe.data.tensors import load_split
-from dlpipe.models import build_model, data_meta
+from dlpipe.family import DataMeta
 from dlpipe.training import run as run_module
 from dlpipe.training.runtime import make_runtime
 
@@ -46,15 +45,15 @@ def wait_for_gpu_metrics(uri: str, timeout_s: float = 30) -> None:
     raise AssertionError(f"no {GPU_PREFIX}* metric within {timeout_s:.0f}s; logged: {metrics}")
 
 
-@pytest.mark.parametrize("family", MODEL_NAMES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_autocast_computes_in_bf16_on_cuda(tiny_project: TinyProject, family: str) -> None:
     runtime = make_runtime("cuda", "bf16")
     assert runtime.device.type == "cuda" and runtime.precision == "bf16"
     params = tiny_project.with_train(family, device="cuda", precision="bf16")
-    prepared = tiny_project.root / "data" / "prepared" / DATASET_OF_MODEL[family]
+    prepared = tiny_project.root / "data" / "prepared" / dataset_of(family)
     split = load_split(prepared, "val", channels_last=False).to(runtime.device)
-    meta = data_meta(json.loads((prepared / "meta.json").read_text()))
-    model = build_model(family, getattr(params.train, family).model, meta).to(runtime.device)
+    meta = DataMeta.from_json(json.loads((prepared / "meta.json").read_text()))
+    model = family_model(family, params, meta).to(runtime.device)
     inputs, _ = split.batch(torch.arange(8, device=runtime.device))
     with runtime.autocast():
         logits = model(*inputs)
@@ -63,7 +62,7 @@ def test_autocast_computes_in_bf16_on_cuda(tiny_project: TinyProject, family: st
     assert torch.isfinite(logits.float()).all()
 
 
-@pytest.mark.parametrize("family", MODEL_NAMES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_one_bf16_epoch_on_cuda_is_tracked_with_gpu_metrics(
     tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:

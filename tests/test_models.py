@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -11,11 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from dlpipe.config import CNNConfig, RNNConfig, TransformerConfig
 from dlpipe.errors import DlpipeError
-from dlpipe.models import DataMeta, build_model
-from dlpipe.models.rnn import RNNClassifier
-from dlpipe.models.text import masked_mean, padding_mask
+from dlpipe.family import DataMeta, get_family
+from dlpipe.inputs.tokens import masked_mean, padding_mask
+from dlpipe.models.cnn import CNNConfig
+from dlpipe.models.rnn import RNNClassifier, RNNConfig
+from dlpipe.models.transformer import TransformerConfig
 
 VOCAB, PAD = 50, 1  # a non-zero pad id catches code that assumes 0
 TEXT = DataMeta(num_classes=3, vocab_size=VOCAB, pad_id=PAD)
@@ -40,12 +42,16 @@ def pad_to(tokens: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(tokens, (0, width - tokens.size(1)), value=PAD)
 
 
-# --- registry -----------------------------------------------------------------------------------
+def build_model(name: str, config: Any, meta: DataMeta) -> nn.Module:
+    return get_family(name).build(config, meta)
 
 
-def test_unknown_model_name_lists_the_valid_ones() -> None:
-    with pytest.raises(DlpipeError, match="cnn, rnn, transformer"):
-        build_model("mlp", CNNConfig(), MNIST)
+# --- families -----------------------------------------------------------------------------------
+
+
+def test_an_unknown_family_is_one_line() -> None:
+    with pytest.raises(DlpipeError, match="unknown model family 'mlp': there is no src/dlpipe/"):
+        get_family("mlp")
 
 
 def test_text_models_need_a_vocabulary() -> None:
@@ -57,10 +63,10 @@ def test_build_model_imports_only_the_model_it_builds() -> None:
     """DVC's train@cnn depends on cnn.py alone, so building it must not import the other models."""
     code = (
         "import sys\n"
-        "from dlpipe.config import CNNConfig\n"
-        "from dlpipe.models import DataMeta, build_model\n"
-        "build_model('cnn', CNNConfig(), DataMeta(10))\n"
-        "others = [f'dlpipe.models.{m}' for m in ('rnn', 'transformer', 'text')]\n"
+        "from dlpipe.family import DataMeta, get_family\n"
+        "cnn = get_family('cnn')\n"
+        "cnn.build(cnn.config(), DataMeta(10))\n"
+        "others = ['dlpipe.models.rnn', 'dlpipe.models.transformer', 'dlpipe.inputs.tokens']\n"
         "assert not set(others) & set(sys.modules), sorted(set(others) & set(sys.modules))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -215,8 +221,8 @@ def test_transformer_truncates_input_longer_than_max_len() -> None:
 
 
 def test_heads_must_divide_d_model() -> None:
-    with pytest.raises(DlpipeError, match="heads"):
-        build_model("transformer", TINY_TRANSFORMER.model_copy(update={"heads": 5}), TEXT)
+    with pytest.raises(ValueError, match="heads: 5 does not divide d_model 16"):
+        TransformerConfig(d_model=16, heads=5)
 
 
 # --- all three ----------------------------------------------------------------------------------

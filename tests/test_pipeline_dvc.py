@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from dlpipe.data.archive import frame
+from dlpipe.smoke.workspace import isolated_env
 
 pytestmark = pytest.mark.integration
 
@@ -106,21 +107,8 @@ def make_repo(folder: Path, mirror: str | None) -> DvcRepo:
     for name in project_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, root / name)
-    env = {
-        **os.environ,
-        # `python` in the stage commands is this interpreter; stages import the copied src.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(root / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(folder / "dvc-site-cache"),
-        "DVC_GLOBAL_CONFIG_DIR": str(folder / "dvc-global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(folder / "dvc-system"),
-        "GIT_CONFIG_NOSYSTEM": "1",
-    }
-    env.pop("DLPIPE_DATA_MIRROR", None)
-    if mirror is not None:
-        env["DLPIPE_DATA_MIRROR"] = mirror
-    repo = DvcRepo(root, env)
+    # `python` in the stage commands is this interpreter; stages import the copied src.
+    repo = DvcRepo(root, isolated_env(root, folder, mirror))
     init = repo.run("git", "init", "-q")
     assert init.returncode == 0, init.stderr
     repo.dvc("init", "-q")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,8 @@ from PIL import Image, ImageDraw
 from dlpipe.config import PrepareImdbConfig
 from dlpipe.data.imdb import train_tokenizer
 from dlpipe.errors import DlpipeError
-from dlpipe.serving import (
-    CENTRE,
-    Predictor,
-    log_raw_input_model,
-    pip_requirements,
-    preprocess_image,
-    to_grayscale,
-)
+from dlpipe.inputs.images import CENTRE, preprocess_image, to_grayscale
+from dlpipe.serving import Predictor, log_raw_input_model, pip_requirements
 
 SHORT_REVIEW = "Great!"
 LONG_REVIEW = " ".join(["The plot made no sense and the acting was dull, boring, slow."] * 30)
@@ -164,9 +159,7 @@ def test_the_cnn_sees_the_preprocessed_pixels(trained_folders: TrainedFolders) -
 
 @pytest.fixture(scope="module")
 def transformer(trained_folders: TrainedFolders) -> Predictor:
-    return Predictor.from_folder(
-        trained_folders.model_dir("transformer"), trained_folders.tokenizer
-    )
+    return Predictor.from_folder(trained_folders.model_dir("transformer"))
 
 
 class Recorder(torch.nn.Module):
@@ -183,7 +176,7 @@ class Recorder(torch.nn.Module):
 
 def test_texts_are_truncated_and_right_padded(transformer: Predictor) -> None:
     recorder = Recorder()
-    predictor = Predictor(recorder, transformer.info, transformer.tokenizer)
+    predictor = Predictor(recorder, transformer.info, transformer.family, transformer.assets)
     predictor.predict([SHORT_REVIEW, LONG_REVIEW])
 
     [(tokens, lengths)] = recorder.calls
@@ -202,7 +195,7 @@ def test_a_batch_predicts_as_one_review_at_a_time(transformer: Predictor) -> Non
 
 
 def test_text_output_columns(trained_folders: TrainedFolders) -> None:
-    rnn = Predictor.from_folder(trained_folders.model_dir("rnn"), trained_folders.tokenizer)
+    rnn = Predictor.from_folder(trained_folders.model_dir("rnn"))
     frame = rnn.predict(["<br />Fine<br/>", "bad"])
     assert list(frame.columns) == [
         "label",
@@ -233,15 +226,15 @@ def test_text_with_nothing_left_after_cleaning_is_an_error(transformer: Predicto
 def test_a_text_model_needs_its_own_tokenizer(
     trained_folders: TrainedFolders, tmp_path: Path
 ) -> None:
-    folder = trained_folders.model_dir("transformer")
-    with pytest.raises(DlpipeError, match="needs its tokenizer.json"):
+    folder = tmp_path / "transformer"
+    shutil.copytree(trained_folders.model_dir("transformer"), folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(DlpipeError, match="tokenizer.json: missing; run `dvc repro`"):
         Predictor.from_folder(folder)
-    with pytest.raises(DlpipeError, match="missing; run `dvc repro prepare@imdb`"):
-        Predictor.from_folder(folder, tmp_path / "tokenizer.json")
     other = train_tokenizer(["just a few other words"], PrepareImdbConfig(vocab_size=100))
-    other.save(str(tmp_path / "other.json"))
+    other.save(str(folder / "tokenizer.json"))
     with pytest.raises(DlpipeError, match="trained with"):
-        Predictor.from_folder(folder, tmp_path / "other.json")
+        Predictor.from_folder(folder)
 
 
 def test_missing_weights_name_the_stage_to_run(
@@ -251,7 +244,7 @@ def test_missing_weights_name_the_stage_to_run(
         (trained_folders.model_dir("rnn") / "config.json").read_bytes()
     )
     with pytest.raises(DlpipeError, match=r"model.pt: missing; run `dvc repro train@rnn`"):
-        Predictor.from_folder(tmp_path, trained_folders.tokenizer)
+        Predictor.from_folder(tmp_path)
 
 
 # --- MLflow pyfunc -------------------------------------------------------------------------------
@@ -305,11 +298,8 @@ def test_the_logged_model_pins_requirements_and_declares_its_input(
     requirements = (folder / "requirements.txt").read_text().split()
     assert set(pip_requirements()) <= set(requirements)
     assert all("==" in line for line in requirements)
-    assert sorted(p.name for p in (folder / "artifacts").iterdir()) == [
-        "config.json",
-        "model.pt",
-        "tokenizer.json",
-    ]
+    logged = folder / "artifacts" / "trained_model"
+    assert sorted(p.name for p in logged.iterdir()) == ["config.json", "model.pt", "tokenizer.json"]
     assert info.signature.inputs.input_names() == ["text"]
     example = json.loads((folder / "serving_input_example.json").read_text())
     assert "dataframe_split" in example or "dataframe_records" in example
@@ -317,7 +307,7 @@ def test_the_logged_model_pins_requirements_and_declares_its_input(
 
 def test_logging_needs_an_active_run(trained_folders: TrainedFolders) -> None:
     with pytest.raises(DlpipeError, match="active MLflow run"):
-        log_raw_input_model(trained_folders.model_dir("cnn"), None)
+        log_raw_input_model(trained_folders.model_dir("cnn"))
 
 
 # --- a real `mlflow models serve` ----------------------------------------------------------------

@@ -20,18 +20,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from dlpipe.config import MODEL_NAMES, parse_params
+from dlpipe.config import parse_params
 from dlpipe.errors import DlpipeError
-from dlpipe.smoke import (
-    SMOKE_PARAMS,
-    SmokeFailure,
-    check_file,
-    check_outputs,
-    merge,
-    parse_set,
-    smoke_params,
-    workspace_files,
-)
+from dlpipe.family import get_family, validate_families
+from dlpipe.smoke.checks import check_file, check_outputs
+from dlpipe.smoke.params import SMOKE_DATA, merge, parse_set, smoke_params
+from dlpipe.smoke.workspace import SmokeFailure, workspace_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,20 +42,28 @@ def project_params() -> dict[str, object]:
 def test_smoke_params_shrink_the_real_params_and_stay_valid() -> None:
     raw = project_params()
     params = parse_params(smoke_params(raw), "smoke")
-    assert params.prepare.mnist.max_train == SMOKE_PARAMS["prepare"]["mnist"]["max_train"]
-    assert params.prepare.imdb.max_len == params.train.transformer.model.max_len
-    for model in MODEL_NAMES:
-        assert getattr(params.train, model).epochs == 2  # history over more than one step
+    models = validate_families(params)
+    assert params.prepare.mnist.max_train == SMOKE_DATA["prepare"]["mnist"]["max_train"]
+    assert params.prepare.imdb.max_len == models["transformer"].max_len  # type: ignore[attr-defined]
+    for name in params.families:
+        assert params.train[name].epochs == 2  # history over more than one step
+        # each family's own smoke settings, and nothing else of its section, are overridden
+        smoke = get_family(name).smoke
+        for key, value in smoke.items():
+            if key != "model":
+                assert getattr(params.train[name], key) == value
+        project = parse_params(raw).train[name]
+        assert params.train[name].optimizer == project.optimizer
+        assert params.train[name].model == {**project.model, **smoke.get("model", {})}
     # everything the overrides do not name is the project's own
     assert params.gates == parse_params(raw).gates
-    assert params.train.cnn.model == parse_params(raw).train.cnn.model
     assert params.registry == parse_params(raw).registry
 
 
 def test_extra_overrides_win_and_are_validated() -> None:
     raw = project_params()
     params = parse_params(smoke_params(raw, parse_set(["train.rnn.epochs=3"])), "smoke")
-    assert params.train.rnn.epochs == 3
+    assert params.train["rnn"].epochs == 3
     with pytest.raises(DlpipeError, match=r"smoke params: train.rnn.epochs: .*greater than"):
         smoke_params(raw, parse_set(["train.rnn.epochs=0"]))
 
@@ -152,15 +154,15 @@ def dvc_project(folder: Path) -> Path:
 
 def test_check_outputs_names_every_missing_output(tmp_path: Path) -> None:
     repo = dvc_project(tmp_path)
-    (repo / "reports" / "cnn").mkdir(parents=True)
-    (repo / "reports" / "cnn" / "eval.json").write_text("{broken", encoding="utf-8")
+    (repo / "reports" / "models" / "cnn").mkdir(parents=True)
+    (repo / "reports" / "models" / "cnn" / "eval.json").write_text("{broken", encoding="utf-8")
     (repo / "data" / "raw" / "mnist").mkdir(parents=True)
     with pytest.raises(SmokeFailure) as failure:
-        check_outputs(repo)
+        check_outputs(repo, parse_params(project_params()))
     message = str(failure.value)
     assert "fetch: data/raw/mnist/ is empty" in message
     assert "fetch: data/raw/imdb was not written" in message
-    assert "evaluate@cnn: reports/cnn/eval.json does not parse (JSONDecodeError" in message
+    assert "evaluate@cnn: reports/models/cnn/eval.json does not parse (JSONDecodeError" in message
     assert "report: reports/summary.md was not written" in message
 
 
@@ -205,5 +207,5 @@ def test_make_smoke_passes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "== smoke PASSED" in result.stdout
     summary = json.loads((out / "smoke.json").read_text())
-    assert set(summary["test_accuracy"]) == set(MODEL_NAMES)
+    assert set(summary["test_accuracy"]) == set(parse_params(project_params()).families)
     assert (out / "reports" / "summary.md").is_file()

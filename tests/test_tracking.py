@@ -21,15 +21,14 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TinyProject, hook_after_epoch, use_tiny_project
+from conftest import REPO_ROOT, TinyProject, dataset_of, hook_after_epoch, use_tiny_project
 from mlflow.entities import DatasetInput, LoggedModelOutput, Run
 from mlflow.tracking import MlflowClient
 
-from dlpipe.config import DATASET_OF_MODEL, Params, train_config
+from dlpipe.config import train_config
 from dlpipe.data.tensors import load_split
 from dlpipe.errors import DlpipeError
-from dlpipe.io import read_json
-from dlpipe.models import DataMeta, build_model
+from dlpipe.family import load_trained
 from dlpipe.paths import project_root
 from dlpipe.tracking import TrainingRun, check_reachable, flatten, tracking_uri
 from dlpipe.training import run as run_module
@@ -62,12 +61,9 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 def saved_model(name: str, root: Path) -> torch.nn.Module:
     """The stage's own output, data/models/<name>/model.pt, loaded into a fresh model."""
-    config = json.loads((root / "data/models" / name / "config.json").read_text())
-    model_config = type(train_config(Params(), name).model).model_validate(config["model_config"])
-    prepared = root / "data/prepared" / DATASET_OF_MODEL[name]
-    model = build_model(name, model_config, DataMeta(**read_json(prepared / "meta.json")))
-    model.load_state_dict(torch.load(root / "data/models" / name / "model.pt", weights_only=True))
-    return model.eval()
+    model, info, family = load_trained(root / "data/models" / name)
+    assert family.name == name and info["model"] == name
+    return model
 
 
 def dataset_inputs(run: Run) -> list[DatasetInput]:
@@ -154,13 +150,14 @@ def test_params_share_names_across_model_families(trained: Trained) -> None:
     transformer = trained.runs["transformer"].data.params
     for key in SHARED_PARAMS:
         assert key in transformer, key
-    config = params.train.transformer
+    config = params.train["transformer"]
     assert transformer["train.lr"] == str(config.lr)
     assert transformer["train.batch_size"] == str(config.batch_size)
     assert transformer["train.epochs"] == str(config.epochs)
     assert transformer["model.family"] == "transformer"
     assert transformer["seed"] == str(params.seed)
-    assert transformer["model.d_model"] == str(config.model.d_model)
+    assert transformer["model.d_model"] == str(config.model["d_model"])
+    assert transformer["model.positional"] == "sinusoidal"  # a default, logged all the same
     assert transformer["data.name"] == "imdb"
     cnn = trained.runs["cnn"].data.params
     assert cnn["model.family"] == "cnn" and cnn["data.name"] == "mnist"
@@ -191,7 +188,7 @@ def test_tags_describe_the_run(trained: Trained) -> None:
         for key in TAGS:
             assert tags.get(key), (name, key)
         assert tags["model_family"] == name
-        assert tags["dataset"] == DATASET_OF_MODEL[name]
+        assert tags["dataset"] == dataset_of(name)
         assert tags["device"] == "CPU" and tags["precision"] == "fp32"
         assert tags["torch_version"] == torch.__version__
         assert tags["dvc_stage"] == f"train@{name}"
@@ -348,8 +345,12 @@ def test_optional_tracking_trains_anyway_with_a_warning(
     params = tiny_project.with_mlflow(require_tracking=False)
     with pytest.warns(UserWarning, match="training without MLflow tracking"):
         summary = run_module.train("cnn", params)
-    assert summary["epochs"] == params.train.cnn.epochs
-    for path in ("data/models/cnn/model.pt", "reports/cnn/train.json", "reports/cnn/history.csv"):
+    assert summary["epochs"] == params.train["cnn"].epochs
+    for path in (
+        "data/models/cnn/model.pt",
+        "reports/models/cnn/train.json",
+        "reports/models/cnn/history.csv",
+    ):
         assert Path(path).is_file(), path
     assert json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"] is None
 
@@ -376,8 +377,8 @@ def test_a_logging_failure_mid_training_keeps_the_outputs(
     assert calls == [1, 2]  # tracking stopped at the failure; training did not
     assert summary["epochs"] == 3
     assert torch.load("data/models/cnn/model.pt", weights_only=True)
-    assert json.loads(Path("reports/cnn/train.json").read_text())["epochs"] == 3
-    assert len(Path("reports/cnn/history.csv").read_text().splitlines()) == 1 + 3
+    assert json.loads(Path("reports/models/cnn/train.json").read_text())["epochs"] == 3
+    assert len(Path("reports/models/cnn/history.csv").read_text().splitlines()) == 1 + 3
     run_id = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(tiny_project.tracking_uri)
     assert metric_steps(client, run_id, "val_accuracy") == [1]

@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TinyProject, hook_after_epoch, tiny_mnist_arrays
+from conftest import TinyProject, dataset_of, family_model, hook_after_epoch, tiny_mnist_arrays
 from mlflow.tracking import MlflowClient
 from torch import Tensor
 
 from dlpipe import paths
-from dlpipe.config import DATASET_OF_MODEL, Params, TrainConfig, train_config
+from dlpipe.config import Params, TrainConfig, train_config
 from dlpipe.data.tensors import BUCKET_POOL_BATCHES, Split, load_split
+from dlpipe.family import DataMeta, get_family
 from dlpipe.io import read_json
-from dlpipe.models import DataMeta, build_model
 from dlpipe.tracking import TrainingRun
 from dlpipe.training import run as run_module
 from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
@@ -67,8 +67,8 @@ HISTORY_COLUMNS = [
 
 def tiny_data(name: str) -> tuple[Split, Split, DataMeta]:
     """The train and val splits and the meta of `name`'s dataset in the current tiny project."""
-    prepared = paths.PREPARED_DIR / DATASET_OF_MODEL[name]
-    meta = DataMeta(**read_json(prepared / "meta.json"))
+    prepared = paths.PREPARED_DIR / dataset_of(name)
+    meta = DataMeta.from_json(read_json(prepared / "meta.json"))
     return load_split(prepared, "train"), load_split(prepared, "val"), meta
 
 
@@ -76,7 +76,8 @@ def fresh_model(name: str, params: Params, meta: DataMeta) -> torch.nn.Module:
     """The model as the train stage builds it: everything seeded first."""
     config = train_config(params, name)
     seed_everything(params.seed, config.deterministic)
-    return build_model(name, config.model, meta)
+    model: torch.nn.Module = family_model(name, params, meta)
+    return model
 
 
 def make_trainer(
@@ -135,7 +136,7 @@ def sigterm_self_at_epoch(stop_epoch: int) -> EpochCallback:
 
 def read_history(name: str) -> list[dict[str, float]]:
     """reports/<name>/history.csv of the current project, as numbers."""
-    with open(paths.REPORTS_DIR / name / "history.csv", newline="") as handle:
+    with open(paths.MODEL_REPORTS_DIR / name / "history.csv", newline="") as handle:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
@@ -477,13 +478,14 @@ def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
 def test_train_writes_every_output(tiny_project: TinyProject, name: str) -> None:
     summary = run_module.train(name, tiny_project.params)
     config = train_config(tiny_project.params, name)
-    models, reports = Path("data/models") / name, Path("reports") / name
+    models, reports = Path("data/models") / name, Path("reports/models") / name
 
     saved = json.loads((models / "config.json").read_text())
-    assert saved["model"] == name and saved["dataset"] == DATASET_OF_MODEL[name]
-    assert saved["model_config"] == config.model.model_dump()
+    assert saved["model"] == name and saved["dataset"] == dataset_of(name)
+    family = get_family(name)
+    assert saved["model_config"] == family.model_config(tiny_project.params).model_dump()
     _, _, meta = tiny_data(name)
-    model = build_model(name, config.model, meta)
+    model = family_model(name, tiny_project.params, meta)
     state = torch.load(models / "model.pt", weights_only=True)
     model.load_state_dict(state)  # strict: every key, every shape
     assert sum(p.numel() for p in model.parameters()) == summary["parameters"]
@@ -547,7 +549,7 @@ def test_interrupted_training_resumes_the_same_mlflow_run(
     assert killed.info.status == "KILLED"
     assert metric_steps(client, run_id, "val_accuracy") == [1, 2]
     assert not (Path("data/models/cnn/model.pt")).exists()
-    assert not (Path("reports/cnn/train.json")).exists()
+    assert not (Path("reports/models/cnn/train.json")).exists()
 
     summary = run_module.train("cnn", params)
     assert f"resuming from epoch 2 ({folder / 'last.pt'})" in capsys.readouterr().out
@@ -556,7 +558,7 @@ def test_interrupted_training_resumes_the_same_mlflow_run(
     assert finished.info.status == "FINISHED"
     for key in ("val_accuracy", "train_loss", "lr", "epoch_time_s"):
         assert metric_steps(client, run_id, key) == [1, 2, 3], key
-    assert finished.data.params["train.lr"] == str(params.train.cnn.lr)  # logged once, kept
+    assert finished.data.params["train.lr"] == str(params.train["cnn"].lr)  # logged once, kept
     assert len(client.search_runs([killed.info.experiment_id])) == 1
     assert summary["epochs"] == 3
     assert [row["epoch"] for row in read_history("cnn")] == [1, 2, 3]

@@ -7,9 +7,10 @@
     dlpipe compare
     dlpipe check [--smoke] [--baseline REV]
 
-Predictions come from the local DVC outputs (data/models/<name>, data/prepared/imdb/tokenizer.json
-under the current folder) or from any MLflow pyfunc URI; both go through `dlpipe.serving`, so
-they agree. Every user mistake ends in one `error:` line on stderr and exit code 2.
+Predictions come from the local DVC outputs (data/models/<name> under the current folder: the
+weights and what reading raw inputs needs, such as the tokenizer) or from any MLflow pyfunc URI;
+both go through `dlpipe.serving`, so they agree. Every user mistake ends in one `error:` line
+on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pandas as pd
 
 from dlpipe import gates, paths
-from dlpipe.config import MODEL_NAMES, load_params
+from dlpipe.config import load_params
 from dlpipe.errors import DlpipeError, exit_on_user_error
+from dlpipe.family import Family, get_family
+from dlpipe.tables import format_table
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
-
-SHORT = 50  # characters of an input shown in the plain output
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,63 +44,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- predict -------------------------------------------------------------------------------------
-
-
-def _shorten(text: str, width: int = SHORT) -> str:
-    flat = re.sub(r"\s+", " ", text).strip()
-    return flat if len(flat) <= width else flat[: width - 3] + "..."
-
-
-def _read_bytes(path: Path) -> bytes:
-    """A file's bytes; a missing, unreadable or non-regular path is a user error."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DlpipeError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DlpipeError(f"{path}: is a directory, not a file") from None
-    except OSError as err:
-        raise DlpipeError(f"{path}: cannot read ({err.strerror or err})") from None
-
-
-def _texts(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
-    """(texts, names for error messages, what to print) from the arguments and --file."""
-    from dlpipe.serving import check_text
-
-    texts = [check_text(text, f"text {i + 1}") for i, text in enumerate(args.inputs)]
-    names = [f"text {i + 1}" for i in range(len(texts))]
-    if args.file is not None:
-        path = Path(args.file)
-        try:
-            content = _read_bytes(path).decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise DlpipeError(
-                f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
-            ) from None
-        lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
-        if not lines:
-            raise DlpipeError(f"{path}: no reviews (every line is blank)")
-        texts += [line for _, line in lines]
-        names += [f"{path}:{n}" for n, _ in lines]
-    if not texts:
-        raise DlpipeError("give at least one review, or --file with one review per line")
-    return texts, names, [_shorten(text) for text in texts]
-
-
-def _images(args: argparse.Namespace) -> tuple[list[bytes], list[str], list[str]]:
-    """(image file bytes, their paths, what to print); each checked to be a decodable image."""
-    from dlpipe.serving import to_grayscale
-
-    if args.file is not None:
-        raise DlpipeError("--file is for the text models; give the cnn image paths as arguments")
-    if not args.inputs:
-        raise DlpipeError("give at least one image path (PNG or JPEG)")
-    images = []
-    for name in args.inputs:
-        data = _read_bytes(Path(name))
-        to_grayscale(data, name)  # fail here, naming the file, not later as "row 3"
-        images.append(data)
-    return images, list(args.inputs), list(args.inputs)
 
 
 def _check_store(uri: str) -> None:
@@ -148,26 +91,17 @@ def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFr
 
 
 def _local_predict(
-    family: str, args: argparse.Namespace, inputs: list[Any], names: list[str]
+    family: Family, args: argparse.Namespace, inputs: list[Any], names: list[str]
 ) -> pd.DataFrame:
     from dlpipe.serving import Predictor
 
-    model_dir = Path(args.model_dir) if args.model_dir else paths.MODELS_DIR / family
+    model_dir = Path(args.model_dir) if args.model_dir else paths.MODELS_DIR / family.name
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.pt").is_file():
         raise DlpipeError(
-            f"{model_dir}: no trained {family} model; run `dvc repro train@{family}` first "
-            "(or pass --model-uri)"
+            f"{model_dir}: no trained {family.name} model; run `dvc repro train@{family.name}` "
+            "first (or pass --model-uri)"
         )
-    tokenizer = None
-    if family != "cnn":
-        tokenizer = (
-            Path(args.tokenizer)
-            if args.tokenizer
-            else paths.PREPARED_DIR / "imdb" / "tokenizer.json"
-        )
-        if not tokenizer.is_file():
-            raise DlpipeError(f"{tokenizer}: missing; run `dvc repro prepare@imdb` first")
-    return Predictor.from_folder(model_dir, tokenizer).predict(inputs, names)
+    return Predictor.from_folder(model_dir).predict(inputs, names)
 
 
 def _records(frame: pd.DataFrame, originals: list[str]) -> list[dict[str, Any]]:
@@ -188,20 +122,15 @@ def _records(frame: pd.DataFrame, originals: list[str]) -> list[dict[str, Any]]:
 
 
 def predict(args: argparse.Namespace) -> int:
-    family = args.model
-    if family not in MODEL_NAMES:
-        raise DlpipeError(f"unknown model {family!r}; choose one of {', '.join(MODEL_NAMES)}")
-    is_text = family != "cnn"
-    inputs: list[Any]
-    if is_text:
-        inputs, names, shown = _texts(args)
-    else:
-        inputs, names, shown = _images(args)
+    family = get_family(args.model)
+    inputs, names, shown = family.inputs.read_cli_inputs(args.inputs, args.file)
     if args.model_uri:
-        frame = _pyfunc_predict(args.model_uri, "text" if is_text else "image", inputs)
+        frame = _pyfunc_predict(args.model_uri, family.inputs.column, inputs)
     else:
         frame = _local_predict(family, args, inputs, names)
-    records = _records(frame, [str(text) for text in inputs] if is_text else names)
+    # A text is its own best label in JSON; a picture is named by its path.
+    originals = [v if isinstance(v, str) else n for v, n in zip(inputs, names, strict=True)]
+    records = _records(frame, originals)
     if args.json:
         print(json.dumps(records, ensure_ascii=False))
     else:
@@ -288,7 +217,7 @@ def compare_row(client: MlflowClient, experiment_id: str, family: str) -> dict[s
     return row
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_compare(rows: list[dict[str, Any]]) -> str:
     """Aligned columns; a missing or non-finite value is `-`."""
 
     def cell(value: Any, fmt: Callable[[Any], str]) -> str:
@@ -296,13 +225,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return "-"
         return fmt(value)
 
-    table = [[header for _, header, _ in COLUMNS]]
-    table += [[cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
-        for line in table
-    )
+    header = [header for _, header, _ in COLUMNS]
+    return format_table(header, [[cell(row.get(k), fmt) for k, _, fmt in COLUMNS] for row in rows])
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -310,18 +234,19 @@ def compare(args: argparse.Namespace) -> int:
 
     from dlpipe.tracking import tracking_uri
 
-    experiment = args.experiment or load_params(args.params).mlflow.experiment
+    params = load_params(args.params)
+    experiment = args.experiment or params.mlflow.experiment
     store = tracking_uri()
     _check_store(store)
     client = MlflowClient(store)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise DlpipeError(f"no experiment {experiment!r} in {store}; train a model first")
-    rows = [compare_row(client, found.experiment_id, family) for family in MODEL_NAMES]
+    rows = [compare_row(client, found.experiment_id, family) for family in params.families]
     if args.json:
         print(json.dumps(rows))
     else:
-        print(format_table(rows))
+        print(format_compare(rows))
     return 0
 
 
@@ -339,12 +264,11 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("predict", help="label raw reviews or digit images")
-    p.add_argument("model", metavar="MODEL", help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("model", metavar="MODEL", help="a model family (a train.<name> in params.yaml)")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="review texts, or image paths")
     p.add_argument("--file", help="text models: a UTF-8 file with one review per line")
     p.add_argument("--model-uri", help="an MLflow pyfunc URI instead of the local DVC outputs")
     p.add_argument("--model-dir", help="the trained model folder (default data/models/MODEL)")
-    p.add_argument("--tokenizer", help="default data/prepared/imdb/tokenizer.json")
     p.add_argument("--json", action="store_true", help="print JSON records")
     p.set_defaults(handler=predict)
 

@@ -1,6 +1,6 @@
 """Metric gates: fail CI when a model's test metrics fall below their floors or regress.
 
-    python -m dlpipe.gates                        reports/<model>/eval.json vs gates.floors
+    python -m dlpipe.gates                        reports/models/<model>/eval.json vs gates.floors
     python -m dlpipe.gates --smoke                vs gates.smoke_floors (the `make smoke` run)
     python -m dlpipe.gates --baseline main        also: no metric more than gates.max_drop
                                                   below its value at git revision `main`
@@ -10,7 +10,7 @@ Every check is one row of a table (model, metric, value, floor or baseline, marg
 Exit codes: 0 all gates pass, 1 a gate failed, 2 bad input (a missing or broken eval.json, a bad
 params.yaml, an unknown revision), reported as one `error:` line.
 
-The baseline is read from git (`git show REV:reports/<model>/eval.json`: the evaluate stage's
+The baseline is read from git (`git show REV:reports/models/<model>/eval.json`: the evaluate stage's
 metrics are `cache: false`, so they are committed like code), exactly the files
 `dvc metrics diff REV` compares. A model whose eval.json is not in REV has no baseline row.
 """
@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from dlpipe import paths
-from dlpipe.config import MODEL_NAMES, GatesConfig, load_params
+from dlpipe.config import GatesConfig, load_params
 from dlpipe.errors import USER_ERROR_EXIT, DlpipeError
+from dlpipe.tables import format_table
 
 PASS, FAIL = "PASS", "FAIL"
 
@@ -75,7 +76,7 @@ def _parse_eval(text: str, source: str) -> dict[str, Any]:
 
 
 def read_eval(reports: Path, model: str) -> dict[str, Any]:
-    """`reports/<model>/eval.json`; missing or broken is a one-line DlpipeError."""
+    """`reports/models/<model>/eval.json`; missing or broken is a one-line DlpipeError."""
     path = reports / model / "eval.json"
     try:
         text = path.read_text(encoding="utf-8")
@@ -121,6 +122,7 @@ def read_baseline(rev: str, reports: Path, model: str) -> dict[str, Any] | None:
 
 def collect_checks(
     gates: GatesConfig,
+    families: Sequence[str],
     reports: Path,
     smoke: bool = False,
     baseline: str | None = None,
@@ -130,10 +132,10 @@ def collect_checks(
     """Every gate row. Reads every eval.json first, so a missing one fails before any table.
     Models that have no eval.json at the baseline get no baseline row, and a line in `notes`."""
     floors = gates.smoke_floors if smoke else gates.floors
-    chosen = [m for m in MODEL_NAMES if (m in models if models else m in floors)]
-    unknown = sorted(set(models) - set(MODEL_NAMES))
+    chosen = [m for m in families if (m in models if models else m in floors)]
+    unknown = sorted(set(models) - set(families))
     if unknown:
-        raise DlpipeError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODEL_NAMES)}")
+        raise DlpipeError(f"unknown model {unknown[0]!r}; choose from {', '.join(families)}")
     without = [m for m in chosen if not floors.get(m)]
     if without:
         section = "smoke_floors" if smoke else "floors"
@@ -171,9 +173,9 @@ def collect_checks(
     return checks
 
 
-def format_table(checks: Sequence[Check]) -> str:
+def format_checks(checks: Sequence[Check]) -> str:
     """A fixed-width table, one row per check, failed rows marked."""
-    header = ("model", "metric", "value", "against", "limit", "margin", "result", "")
+    header = ("model", "metric", "value", "against", "limit", "margin", "result", "note")
     rows = [
         (
             c.model,
@@ -187,17 +189,11 @@ def format_table(checks: Sequence[Check]) -> str:
         )
         for c in checks
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths[:-1]))
-    return "\n".join(lines)
+    return format_table(header, rows)
 
 
 def run_check(
-    reports: str | Path = paths.REPORTS_DIR,
+    reports: str | Path = paths.MODEL_REPORTS_DIR,
     params: str | Path = "params.yaml",
     smoke: bool = False,
     baseline: str | None = None,
@@ -205,9 +201,11 @@ def run_check(
 ) -> int:
     """Print the gate table; 0 when every gate passes, 1 when one fails, 2 on bad input."""
     try:
-        gates = load_params(params).gates
+        loaded = load_params(params)
         notes: list[str] = []
-        checks = collect_checks(gates, Path(reports), smoke, baseline, models, notes)
+        checks = collect_checks(
+            loaded.gates, loaded.families, Path(reports), smoke, baseline, models, notes
+        )
     except DlpipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
@@ -216,7 +214,7 @@ def run_check(
         f"gates: {Path(reports)}/<model>/eval.json against the {kind} in {params}"
         + (f" and baseline {baseline}" if baseline else "")
     )
-    print(format_table(checks))
+    print(format_checks(checks))
     for note in notes:
         print(f"gates: {note}")
     failed = [c for c in checks if not c.passed]
@@ -246,14 +244,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="also fail when a metric drops more than gates.max_drop below its value at REV",
     )
     parser.add_argument(
-        "--reports", default=str(paths.REPORTS_DIR), help="folder of <model>/eval.json"
+        "--reports", default=str(paths.MODEL_REPORTS_DIR), help="folder of <model>/eval.json"
     )
     parser.add_argument("--params", default="params.yaml", help="where the gates are set")
     parser.add_argument(
         "--model",
         action="append",
         default=[],
-        choices=MODEL_NAMES,
         help="check only this model (repeatable); default: every model with floors",
     )
     return parser

@@ -51,3 +51,17 @@ def write_json_atomic(dest: Path, payload: Any) -> None:
 def write_npz_atomic(dest: Path, **arrays: np.ndarray) -> None:
     with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stub: **kwargs vs allow_pickle
+
+
+def read_user_file(path: Path) -> bytes:
+    """A file the user named; missing, unreadable or not a regular file is a user-level error."""
+    from dlpipe.errors import DlpipeError
+
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DlpipeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DlpipeError(f"{path}: is a directory, not a file") from None
+    except OSError as err:
+        raise DlpipeError(f"{path}: cannot read ({err.strerror or err})") from None

@@ -15,6 +15,7 @@ RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
 MODELS_DIR = Path("data/models")
 REPORTS_DIR = Path("reports")
+MODEL_REPORTS_DIR = REPORTS_DIR / "models"  # one folder per family: train, evaluate
 
 
 def project_root(cwd: Path | None = None) -> Path:

@@ -1,4 +1,9 @@
-"""The report stage: one markdown page comparing the three models, built from DVC outputs only."""
+"""The report stage: one markdown page comparing the model families, built from DVC outputs only.
+
+The families are params.yaml's `train` sections; each one's results are read from
+reports/models/<name>/ (what its train and evaluate stages wrote), so a new family appears here
+without a change to this module.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from dlpipe import paths
-from dlpipe.config import DATASET_OF_MODEL, MODEL_NAMES
+from dlpipe.config import load_params
 from dlpipe.io import atomic_path, read_json
 from dlpipe.plots import plot_history
+from dlpipe.tables import format_table
 from dlpipe.tracking import git_state
-
-MISTAKES = {
-    name: "mistakes.png" if data == "mnist" else "mistakes.md"
-    for name, data in DATASET_OF_MODEL.items()
-}
 
 COLUMNS = (
     "model",
@@ -51,7 +52,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def comparison_row(name: str, train: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
-    """One row of the comparison table (also used by `dlpipe compare`)."""
+    """One row of the comparison table."""
     return [
         name,
         _fmt(train.get("parameters")),
@@ -66,12 +67,6 @@ def comparison_row(name: str, train: dict[str, Any], evaluation: dict[str, Any])
         _fmt(evaluation.get("model_size_mb"), 2),
         _fmt(train.get("device")),
     ]
-
-
-def markdown_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _package_version(name: str) -> str:
@@ -121,19 +116,31 @@ def _card_lines(dataset: str, card: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(reports: Path = paths.REPORTS_DIR) -> Path:
+def _mistakes_line(name: str, models: Path) -> str:
+    """A link to the evaluate stage's mistakes file (a figure or a table, by input kind)."""
+    found = sorted(models.glob(f"{name}/mistakes/*"))
+    if not found:
+        return f"- {name}: no mistakes file"
+    return f"- {name}: [most confident mistakes]({found[0].relative_to(models.parent)})"
+
+
+def write_report(
+    reports: Path = paths.REPORTS_DIR, params_file: Path = Path("params.yaml")
+) -> Path:
     """`reports/summary.md` and `reports/learning_curves.png` from the stages' outputs."""
+    families = load_params(params_file).families
+    models = reports / paths.MODEL_REPORTS_DIR.name
     rows: list[list[str]] = []
     histories: dict[str, list[dict[str, float]]] = {}
     devices: set[str] = set()
     registry: list[str] = []
-    for name in MODEL_NAMES:
-        train = read_json(reports / name / "train.json")
-        evaluation = read_json(reports / name / "eval.json")
+    for name in families:
+        train = read_json(models / name / "train.json")
+        evaluation = read_json(models / name / "eval.json")
         rows.append(comparison_row(name, train, evaluation))
-        histories[name] = _history(reports / name / "history.csv")
+        histories[name] = _history(models / name / "history.csv")
         devices.add(f"{train['device']} ({train['precision']})")
-        registry.append(_registry_line(name, read_json(reports / name / "registry.json")))
+        registry.append(_registry_line(name, read_json(models / name / "registry.json")))
     curves = reports / "learning_curves.png"
     plot_history(histories, curves)
 
@@ -143,7 +150,7 @@ def write_report(reports: Path = paths.REPORTS_DIR) -> Path:
         "Validation accuracy is the best epoch's (its weights are kept); test metrics are on the",
         "official test splits, used for the first time by the evaluate stage.",
         "",
-        markdown_table(COLUMNS, rows),
+        format_table(COLUMNS, rows, markdown=True),
         "",
         "## Learning curves",
         "",
@@ -151,11 +158,11 @@ def write_report(reports: Path = paths.REPORTS_DIR) -> Path:
         "",
         "## Confusion matrices (test split)",
         "",
-        *[f"![{name} confusion]({name}/confusion_matrix.png)" for name in MODEL_NAMES],
+        *[f"![{n} confusion]({models.name}/{n}/confusion_matrix.png)" for n in families],
         "",
         "## Mistakes",
         "",
-        *[f"- {name}: [most confident mistakes]({name}/{MISTAKES[name]})" for name in MODEL_NAMES],
+        *[_mistakes_line(name, models) for name in families],
         "",
         "## Model registry",
         "",
@@ -164,8 +171,8 @@ def write_report(reports: Path = paths.REPORTS_DIR) -> Path:
         "## Data",
         "",
     ]
-    for dataset in sorted(set(DATASET_OF_MODEL.values())):
-        lines += [*_card_lines(dataset, read_json(reports / "data" / f"{dataset}.json")), ""]
+    for card in sorted((reports / "data").glob("*.json")):
+        lines += [*_card_lines(card.stem, read_json(card)), ""]
     lines += ["## Environment", "", *_environment(devices), ""]
     dest = reports / "summary.md"
     with atomic_path(dest) as tmp:

@@ -16,6 +16,7 @@ from dlpipe.io import write_json_atomic, write_npz_atomic
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
 NUM_CLASSES = 10
+IMAGE_SIZE = 28  # pixels a side
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -62,7 +63,7 @@ def load_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _card(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    card: dict[str, Any] = {"num_classes": NUM_CLASSES, "image_shape": [28, 28]}
+    card: dict[str, Any] = {"num_classes": NUM_CLASSES, "image_shape": [IMAGE_SIZE, IMAGE_SIZE]}
     for name, (images, labels) in splits.items():
         card[name] = {
             "count": len(labels),

@@ -43,8 +43,8 @@ def plot_confusion(
 
 def plot_misclassified(
     images: np.ndarray,
-    labels: np.ndarray,
-    predicted: np.ndarray,
+    labels: list[str],
+    predicted: list[str],
     confidence: np.ndarray,
     dest: Path,
 ) -> None:

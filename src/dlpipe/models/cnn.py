@@ -7,15 +7,27 @@ each convolution, and `dropout` acts before the output layer.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from dlpipe.config import CNNConfig
-from dlpipe.models import DataMeta
+from dlpipe.config import Probability, Strict
+from dlpipe.family import DataMeta, Family
+from dlpipe.inputs.images import IMAGES
 
 # Normalising inside the model means serving code only has to send pixels / 255.
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+
+
+class CNNConfig(Strict):
+    """train.cnn.model in params.yaml."""
+
+    width: Annotated[int, Field(ge=1, le=8)] = 1
+    batch_norm: bool = False
+    dropout: Probability = 0.0
 
 
 class CNN(nn.Module):
@@ -48,5 +60,11 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build(config: CNNConfig, meta: DataMeta) -> CNN:
-    return CNN(config, meta)
+FAMILY = Family(
+    name="cnn",
+    dataset="mnist",
+    inputs=IMAGES,
+    config=CNNConfig,
+    build=CNN,
+    smoke={"epochs": 2, "batch_size": 64, "lr": 0.001},
+)

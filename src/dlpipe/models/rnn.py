@@ -9,12 +9,27 @@ size of the whole batch at every time step, which made a 512-token IMDB epoch 3-
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from dlpipe.config import RNNConfig
-from dlpipe.models import DataMeta
-from dlpipe.models.text import check_vocab, masked_mean, padding_mask
+from dlpipe.config import PositiveInt, Probability, Strict
+from dlpipe.family import DataMeta, Family
+from dlpipe.inputs.tokens import TOKENS, check_vocab, masked_mean, padding_mask
+
+
+class RNNConfig(Strict):
+    """train.rnn.model in params.yaml."""
+
+    cell: Literal["lstm", "gru"] = "gru"
+    embed_dim: PositiveInt = 128
+    hidden_size: PositiveInt = 128
+    num_layers: Annotated[int, Field(ge=1, le=8)] = 1
+    bidirectional: bool = True
+    dropout: Probability = 0.2
+    pooling: Literal["last", "mean", "max"] = "max"
 
 
 def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -75,5 +90,16 @@ class RNNClassifier(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-def build(config: RNNConfig, meta: DataMeta) -> RNNClassifier:
-    return RNNClassifier(config, meta)
+FAMILY = Family(
+    name="rnn",
+    dataset="imdb",
+    inputs=TOKENS,
+    config=RNNConfig,
+    build=RNNClassifier,
+    smoke={
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 0.01,
+        "model": {"embed_dim": 64, "hidden_size": 32, "dropout": 0.1},
+    },
+)

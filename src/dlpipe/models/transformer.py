@@ -8,15 +8,38 @@ call, which picks a fused kernel on GPU and CPU.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from dlpipe.config import TransformerConfig
-from dlpipe.errors import DlpipeError
-from dlpipe.models import DataMeta
-from dlpipe.models.text import check_vocab, masked_mean, padding_mask
+from dlpipe.config import PositiveInt, Probability, Strict
+from dlpipe.family import DataMeta, Family
+from dlpipe.inputs.tokens import TOKENS, check_vocab, masked_mean, padding_mask
+
+
+class TransformerConfig(Strict):
+    """train.transformer.model in params.yaml."""
+
+    d_model: PositiveInt = 128
+    heads: PositiveInt = 4
+    layers: Annotated[int, Field(ge=1, le=24)] = 2
+    ff_dim: PositiveInt = 256
+    dropout: Probability = 0.1
+    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
+    pooling: Literal["mean", "cls"] = "mean"
+    max_len: Annotated[int, Field(ge=8, le=8192)] = 512
+
+    @model_validator(mode="after")
+    def _heads_divide_d_model(self) -> TransformerConfig:
+        if self.d_model % self.heads:
+            raise ValueError(
+                f"train.transformer.model.heads: {self.heads} does not divide "
+                f"d_model {self.d_model}"
+            )
+        return self
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
@@ -75,10 +98,6 @@ class TransformerClassifier(nn.Module):
     def __init__(self, config: TransformerConfig, meta: DataMeta) -> None:
         super().__init__()
         check_vocab(meta)
-        if config.d_model % config.heads:
-            raise DlpipeError(
-                f"transformer: heads ({config.heads}) must divide d_model ({config.d_model})"
-            )
         d = config.d_model
         self.max_len, self.scale = config.max_len, math.sqrt(d)
         # Drawn with std 1/sqrt(d) and scaled by sqrt(d): tokens and positions start at unit scale.
@@ -119,5 +138,16 @@ class TransformerClassifier(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-def build(config: TransformerConfig, meta: DataMeta) -> TransformerClassifier:
-    return TransformerClassifier(config, meta)
+FAMILY = Family(
+    name="transformer",
+    dataset="imdb",
+    inputs=TOKENS,
+    config=TransformerConfig,
+    build=TransformerClassifier,
+    smoke={
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 0.002,
+        "model": {"d_model": 32, "heads": 2, "layers": 1, "ff_dim": 64, "max_len": 128},
+    },
+)

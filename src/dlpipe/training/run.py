@@ -1,11 +1,20 @@
-"""The train@<model> stage: data -> resumable training -> DVC outputs + one MLflow run."""
+"""The train@<family> stage: data -> resumable training -> DVC outputs + one MLflow run.
+
+`train` reads top to bottom as its steps: load the data, find a checkpoint to resume, start (or
+continue) the MLflow run, build the model, fit, write the outputs, log the artifacts. Once the
+run has started, any failure ends it as FAILED (KILLED on Ctrl-C or SIGTERM), never FINISHED.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -13,10 +22,10 @@ import numpy as np
 import torch
 
 from dlpipe import paths
-from dlpipe.config import DATASET_OF_MODEL, Params, train_config
-from dlpipe.data.tensors import Split, load_split
+from dlpipe.config import Params, train_config
+from dlpipe.data.tensors import Split
+from dlpipe.family import DataMeta, Family, get_family
 from dlpipe.io import atomic_path, read_json, write_json_atomic
-from dlpipe.models import build_model, data_meta
 from dlpipe.plots import plot_history
 from dlpipe.tracking import TrainingRun, flatten, git_state, tracking_uri
 from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
@@ -26,15 +35,58 @@ from dlpipe.training.trainer import FitResult, Trainer
 PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+@dataclass(frozen=True)
+class TrainingData:
+    """A family's prepared train/val splits on the training device, and what describes them."""
+
+    train: Split
+    val: Split
+    info: dict[str, Any]  # the prepared meta.json
+    digest: str  # sha256 of the train and val files: the data's identity in checkpoints
+
+    @property
+    def meta(self) -> DataMeta:
+        return DataMeta.from_json(self.info)
 
 
-def _tags(model: str, dataset: str, runtime: Runtime) -> dict[str, str]:
+def load_data(family: Family, runtime: Runtime) -> TrainingData:
+    prepared = paths.PREPARED_DIR / family.dataset
+    train = family.inputs.load_split(prepared, "train", runtime.device)
+    val = family.inputs.load_split(prepared, "val", runtime.device)
+    digest = file_digest([prepared / "train.npz", prepared / "val.npz"])
+    return TrainingData(train, val, read_json(prepared / "meta.json"), digest)
+
+
+def checkpoints(family: Family, params: Params, data: TrainingData) -> CheckpointStore:
+    """The checkpoint folder of this exact training (params, seed and data)."""
+    settings = {"seed": params.seed, **train_config(params, family.name).model_dump()}
+    key = training_key(family.name, settings, data.digest)
+    return CheckpointStore(
+        paths.project_root() / ".dlpipe" / "checkpoints" / f"{family.name}-{key}"
+    )
+
+
+def run_params(family: Family, params: Params) -> dict[str, Any]:
+    """Flattened params with the same names for every family (train.lr, train.epochs, ...)."""
+    config = train_config(params, family.name).model_dump()
+    model_config = family.model_config(params).model_dump()
+    config.pop("model")
+    prepare = getattr(params.prepare, family.dataset, None)
+    data = prepare.model_dump() if prepare is not None else {}
+    return {
+        "seed": params.seed,
+        "model.family": family.name,
+        **flatten("train", config),
+        **flatten("model", model_config),
+        **flatten("data", {"name": family.dataset, **data}),
+    }
+
+
+def run_tags(family: Family, runtime: Runtime) -> dict[str, str]:
     tags = {
-        "model_family": model,
-        "dataset": dataset,
-        "dvc_stage": f"train@{model}",
+        "model_family": family.name,
+        "dataset": family.dataset,
+        "dvc_stage": f"train@{family.name}",
         "device": runtime.device_name,
         "precision": runtime.precision,
         "torch_version": torch.__version__,
@@ -47,92 +99,70 @@ def _tags(model: str, dataset: str, runtime: Runtime) -> dict[str, str]:
     return tags
 
 
-def _params(model: str, params: Params) -> dict[str, Any]:
-    """Flattened params with the same names for every family (train.lr, train.epochs, ...)."""
-    config = train_config(params, model).model_dump()
-    model_config = config.pop("model")
-    dataset = DATASET_OF_MODEL[model]
-    return {
-        "seed": params.seed,
-        "model.family": model,
-        **flatten("train", config),
-        **flatten("model", model_config),
-        **flatten("data", {"name": dataset, **getattr(params.prepare, dataset).model_dump()}),
-    }
-
-
-def _input_example(model: str, split: Split) -> np.ndarray:
-    """Two real validation rows, as the pytorch flavor's pyfunc receives them."""
-    inputs, _ = split.batch(torch.arange(2))
-    if model == "cnn":
-        return inputs[0].contiguous().cpu().numpy()
-    return inputs[0].cpu().numpy().astype(np.int64)
-
-
-class TokensOnly(torch.nn.Module):
-    """A text model callable with one int64 [B, T] tensor, as MLflow's pyfunc calls it: without
-    `lengths`, each row's length is one past its last non-pad token (rows are padded on the
-    right). Called with `(tokens, lengths)` it is the wrapped model."""
-
-    def __init__(self, model: torch.nn.Module, pad_id: int) -> None:
-        super().__init__()
-        self.model, self.pad_id = model, pad_id
-
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        if lengths is None:
-            positions = torch.arange(1, tokens.size(1) + 1, device=tokens.device)
-            lengths = ((tokens != self.pad_id) * positions).amax(dim=1).clamp(min=1)
-        out: torch.Tensor = self.model(tokens, lengths)
-        return out
-
-
-def _log_model(name: str, model: torch.nn.Module, example: np.ndarray, pad_id: int) -> None:
-    """Log the model in pickle format: `pt2` would freeze the example's sequence length."""
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-    from mlflow.types import Schema, TensorSpec
-
-    model = model.cpu().float().eval()
-    if name != "cnn":
-        model = TokensOnly(model, pad_id).eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
-    if name != "cnn":  # any batch size and any sequence length
-        signature.inputs = Schema([TensorSpec(np.dtype(np.int64), (-1, -1))])
-    mlflow.pytorch.log_model(
-        model,
-        name="model",
-        serialization_format="pickle",
-        signature=signature,
-        input_example=example,
-        pip_requirements=PIP_REQUIREMENTS,
+def start_run(
+    family: Family, params: Params, runtime: Runtime, data: TrainingData, resume: Any
+) -> TrainingRun:
+    """A new MLflow run, or the interrupted training's run when its checkpoint names one."""
+    # "" when the interrupted training ran without tracking: then this one starts a new run.
+    resume_run_id = (resume["extra"].get("mlflow_run_id") if resume else None) or None
+    run = TrainingRun(tracking_uri(), params.mlflow.require_tracking)
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    run_name = f"{family.name}-{git_state()['git_sha'][:7]}" + (f"-{exp_name}" if exp_name else "")
+    run.start(
+        params.mlflow.experiment,
+        run_name,
+        resume_run_id,
+        run_tags(family, runtime),
+        run_params(family, params),
+        params.mlflow.system_metrics_interval_s,
     )
+    if not run.resumed:
+        source = paths.PREPARED_DIR / family.dataset / "train.npz"
+        run.log_dataset(f"{family.dataset}-train", source, data.digest[:12], "training")
+    return run
 
 
-def _write_outputs(
-    name: str,
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """`kill` (SIGTERM) stops the training like Ctrl-C: checkpoint kept, run marked KILLED."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_outputs(
+    family: Family,
     model: torch.nn.Module,
-    data_info: dict[str, Any],
     params: Params,
+    data: TrainingData,
     result: FitResult,
     run: TrainingRun,
     runtime: Runtime,
     wall_time_s: float,
 ) -> dict[str, Any]:
-    models_dir, reports_dir = paths.MODELS_DIR / name, paths.REPORTS_DIR / name
+    """data/models/<name>/ (weights, config, what raw inputs need) and reports/models/<name>/."""
+    models_dir = paths.MODELS_DIR / family.name
+    reports_dir = paths.MODEL_REPORTS_DIR / family.name
     models_dir.mkdir(parents=True, exist_ok=True)
     reports_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(models_dir / "model.pt") as tmp:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-    config = train_config(params, name)
+    for name in family.inputs.bundled:
+        with atomic_path(models_dir / name) as tmp:
+            shutil.copyfile(paths.PREPARED_DIR / family.dataset / name, tmp)
     write_json_atomic(
         models_dir / "config.json",
         {
-            "model": name,
-            "dataset": DATASET_OF_MODEL[name],
-            "model_config": config.model.model_dump(),
-            "data": data_info,
+            "model": family.name,
+            "dataset": family.dataset,
+            "model_config": family.model_config(params).model_dump(),
+            "data": data.info,
         },
     )
     write_json_atomic(
@@ -142,7 +172,7 @@ def _write_outputs(
     last = result.history[-1]
     best = result.history[result.best_epoch - 1]
     summary = {
-        "model": name,
+        "model": family.name,
         "device": runtime.device_name,
         "precision": runtime.precision,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -160,86 +190,88 @@ def _write_outputs(
         writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
         writer.writeheader()
         writer.writerows(result.history)
+    plot_history({family.name: result.history}, reports_dir / "learning_curves.png")
     return summary
+
+
+def log_pytorch_model(family: Family, model: torch.nn.Module, data: TrainingData) -> None:
+    """Log the model (pickle format: `pt2` would freeze the example's sequence length), taking
+    the first batch tensor of two real validation rows as its input example."""
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    module = family.inputs.pytorch_model(model.cpu().float().eval(), data.meta.pad_id).eval()
+    inputs, _ = data.val.batch(torch.arange(2, device=data.val.labels.device))
+    example = inputs[0].contiguous().cpu().numpy()
+    with torch.no_grad():
+        output = module(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    schema = family.inputs.tensor_schema()
+    if schema is not None:
+        signature.inputs = schema
+    mlflow.pytorch.log_model(
+        module,
+        name="model",
+        serialization_format="pickle",
+        signature=signature,
+        input_example=example,
+        pip_requirements=PIP_REQUIREMENTS,
+    )
+
+
+def log_results(
+    family: Family,
+    run: TrainingRun,
+    model: torch.nn.Module,
+    data: TrainingData,
+    result: FitResult,
+    summary: dict[str, Any],
+) -> None:
+    start = time.perf_counter()
+    run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
+    run.log_artifact(paths.MODEL_REPORTS_DIR / family.name / "learning_curves.png")
+    run.call("log model", log_pytorch_model, family, model, data)
+    print(f"train@{family.name}: MLflow logging took {time.perf_counter() - start:.2f}s")
 
 
 def train(name: str, params: Params) -> dict[str, Any]:
     """Train one model family end to end; resumes from a checkpoint of the same config."""
+    family = get_family(name)
     config = train_config(params, name)
-    dataset = DATASET_OF_MODEL[name]
-    prepared = paths.PREPARED_DIR / dataset
+    model_config = family.model_config(params)  # a bad section fails before any work
     runtime = make_runtime(config.device, config.precision)
-    channels_last = name == "cnn" and runtime.device.type != "mps"
-    train_split = load_split(prepared, "train", channels_last).to(runtime.device)
-    val_split = load_split(prepared, "val", channels_last).to(runtime.device)
-    data_info = read_json(prepared / "meta.json")
-    meta = data_meta(data_info)
-
-    data_files = [prepared / "train.npz", prepared / "val.npz"]
-    digest = file_digest(data_files)
-    key = training_key(name, {"seed": params.seed, **config.model_dump()}, digest)
-    store = CheckpointStore(paths.project_root() / ".dlpipe" / "checkpoints" / f"{name}-{key}")
+    data = load_data(family, runtime)
+    store = checkpoints(family, params, data)
     resume = store.load()
-    # "" when the interrupted training ran without tracking: then this one starts a new run.
-    resume_run_id = (resume["extra"].get("mlflow_run_id") if resume else None) or None
-
-    run = TrainingRun(tracking_uri(), params.mlflow.require_tracking)
-    git = git_state()["git_sha"][:7]
-    exp_name = os.environ.get("DVC_EXP_NAME")
-    run.start(
-        params.mlflow.experiment,
-        f"{name}-{git}" + (f"-{exp_name}" if exp_name else ""),
-        resume_run_id,
-        _tags(name, dataset, runtime),
-        _params(name, params),
-        params.mlflow.system_metrics_interval_s,
-    )
-    if not run.resumed:
-        run.log_dataset(f"{dataset}-train", prepared / "train.npz", digest[:12], "training")
-
-    seed_everything(params.seed, config.deterministic)
-    model = build_model(name, config.model, meta)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if resume:
-        print(f"train@{name}: resuming from epoch {resume['epoch']} ({store.path})")
-
-    def log_epoch(row: dict[str, float]) -> None:
-        run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-    if resume:  # checkpointed epochs the run lacks: a new run, or one stopped while logging
-        logged = run.logged_steps("val_accuracy") if run.resumed else set()
-        for row in resume["history"]:
-            if int(row["epoch"]) not in logged:
-                log_epoch(row)
-
-    trainer = Trainer(model, config, runtime, params.seed, store, log_epoch, label=name)
-    start = time.perf_counter()
+    run = start_run(family, params, runtime, data, resume)
     try:
-        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM,)}
-        try:
+        seed_everything(params.seed, config.deterministic)
+        model = family.inputs.place(family.build(model_config, data.meta), runtime.device)
+
+        def log_epoch(row: dict[str, float]) -> None:
+            metrics = {k: v for k, v in row.items() if k != "epoch"}
+            run.log_metrics(metrics, step=int(row["epoch"]))
+
+        if resume:  # checkpointed epochs the run lacks: a new run, or one stopped while logging
+            print(f"train@{name}: resuming from epoch {resume['epoch']} ({store.path})")
+            logged = run.logged_steps("val_accuracy") if run.resumed else set()
+            for row in resume["history"]:
+                if int(row["epoch"]) not in logged:
+                    log_epoch(row)
+        trainer = Trainer(model, config, runtime, params.seed, store, log_epoch, label=name)
+        start = time.perf_counter()
+        with sigterm_as_interrupt():
             result = trainer.fit(
-                train_split, val_split, resume, extra={"mlflow_run_id": run.run_id or ""}
+                data.train, data.val, resume, extra={"mlflow_run_id": run.run_id or ""}
             )
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        summary = _write_outputs(
-            name, model, data_info, params, result, run, runtime, time.perf_counter() - start
-        )
-        history_png = paths.REPORTS_DIR / name / "learning_curves.png"
-        plot_history({name: result.history}, history_png)
-        log_start = time.perf_counter()
-        run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
-        run.log_artifact(history_png)
-        example = _input_example(name, val_split)
-        run.call("log model", _log_model, name, model, example, meta.pad_id)
-        print(f"train@{name}: MLflow logging took {time.perf_counter() - log_start:.2f}s")
+        wall = time.perf_counter() - start
+        summary = write_outputs(family, model, params, data, result, run, runtime, wall)
+        log_results(family, run, model, data, result, summary)
     except KeyboardInterrupt:
         print(f"train@{name}: interrupted; last finished epoch is checkpointed in {store.folder}")
         run.end("KILLED")
         raise
-    except Exception:
+    except BaseException:
         run.end("FAILED")
         raise
     run.end("FINISHED")

@@ -1,0 +1,115 @@
+"""A model family: everything the pipeline knows about one kind of model, declared once.
+
+Each family is one module, `dlpipe/models/<name>.py`, that ends in `FAMILY = Family(...)`: its
+name, the dataset it trains on, its input kind (images or token sequences: how batches are made,
+how raw inputs become model inputs, what the evaluation shows), the schema of its
+`train.<name>.model` section in params.yaml, the function that builds the network, and its small
+settings for `make smoke`. The trainer, evaluation, registry, serving, the CLI, the smoke run and
+the report go through this object and never name a family.
+
+Family modules are imported only when asked for, so DVC's train@cnn runs (and depends on) the
+CNN's module alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from dlpipe.config import Params, train_config, validate_section
+from dlpipe.errors import DlpipeError
+from dlpipe.io import read_json
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dlpipe.inputs import InputKind
+
+NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class DataMeta:
+    """What a model needs to know about its data: the classes, and for text the vocabulary."""
+
+    num_classes: int
+    vocab_size: int = 0
+    pad_id: int = 0
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> DataMeta:
+        """The model-relevant part of a prepared dataset's meta.json."""
+        return cls(
+            num_classes=int(meta["num_classes"]),
+            vocab_size=int(meta.get("vocab_size", 0)),
+            pad_id=int(meta.get("pad_id", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. `build(config, meta)` returns an `nn.Module` mapping a batch's inputs
+    (as `inputs` makes them) to logits [B, classes]."""
+
+    name: str
+    dataset: str  # data/prepared/<dataset>, written by prepare@<dataset>
+    inputs: InputKind
+    config: type[BaseModel]  # the schema of train.<name>.model
+    build: Callable[[Any, DataMeta], nn.Module]
+    smoke: Mapping[str, Any] = field(default_factory=dict)  # train.<name> overrides, make smoke
+
+    def model_config(self, params: Params) -> BaseModel:
+        """train.<name>.model from params.yaml, validated against this family's schema."""
+        raw = train_config(params, self.name).model
+        return validate_section(self.config, raw, ("train", self.name, "model"), params.source)
+
+
+def get_family(name: str) -> Family:
+    """The family declared by `dlpipe.models.<name>`; an unknown name is one DlpipeError line."""
+    if not NAME.fullmatch(name):
+        raise DlpipeError(f"unknown model family {name!r} (names are lower_snake_case)")
+    module_name = f"dlpipe.models.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise DlpipeError(
+            f"unknown model family {name!r}: there is no src/dlpipe/models/{name}.py"
+        ) from None
+    family = getattr(module, "FAMILY", None)
+    if not isinstance(family, Family) or family.name != name:
+        raise DlpipeError(f"src/dlpipe/models/{name}.py declares no FAMILY named {name!r}")
+    return family
+
+
+def load_trained(model_dir: Path) -> tuple[nn.Module, dict[str, Any], Family]:
+    """A trained model (eval mode, CPU), its config.json and its family, from a train stage's
+    output folder (`data/models/<name>`, or the same files logged with the pyfunc)."""
+    import torch
+
+    info: dict[str, Any] = read_json(model_dir / "config.json")
+    if not isinstance(info.get("model"), str) or not isinstance(info.get("data"), dict):
+        raise DlpipeError(f"{model_dir / 'config.json'}: not a trained model's config.json")
+    family = get_family(info["model"])
+    config = validate_section(
+        family.config, info.get("model_config"), ("model_config",), str(model_dir / "config.json")
+    )
+    model = family.build(config, DataMeta.from_json(info["data"]))
+    weights = model_dir / "model.pt"
+    if not weights.is_file():
+        raise DlpipeError(f"{weights}: missing; run `dvc repro train@{family.name}` first")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval(), info, family
+
+
+def validate_families(params: Params) -> dict[str, BaseModel]:
+    """Every family's model section, validated (a stage validates only its own family's, so
+    that it runs no other family's code); for checks of the whole params.yaml."""
+    return {name: get_family(name).model_config(params) for name in params.families}

@@ -1,0 +1,196 @@
+"""Token sequences: int32 ids padded on the right in training, review text when serving.
+
+Batches are `(tokens [B, T], lengths [B])`; models hide pads with `padding_mask` and pool with
+`masked_mean`, so padding never changes a result. Raw text goes through the prepare stage's own
+tokenizer.json (its normaliser cleans text exactly as in training), is cut to the trained
+`max_len` by the trained truncation policy, and padded with `pad_id`. Empty or whitespace-only
+text is an error, not a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dlpipe.data.imdb import truncate
+from dlpipe.errors import DlpipeError
+from dlpipe.inputs import InputKind
+from dlpipe.io import read_user_file
+
+if TYPE_CHECKING:
+    from mlflow.types import Schema
+    from tokenizers import Tokenizer
+    from torch import nn
+
+    from dlpipe.data.tensors import Split
+    from dlpipe.family import DataMeta
+
+TOKENIZER_FILE = "tokenizer.json"
+SHOWN = 50  # characters of a review printed by `dlpipe predict`
+
+
+def check_vocab(meta: DataMeta) -> None:
+    """Fail with one readable line instead of an Embedding assertion deep inside torch."""
+    if meta.vocab_size < 1 or not 0 <= meta.pad_id < meta.vocab_size:
+        raise DlpipeError(
+            f"text models need a vocabulary: got vocab_size={meta.vocab_size}, "
+            f"pad_id={meta.pad_id} (pad_id must be in [0, vocab_size))"
+        )
+
+
+def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Bool [B, max_len], True at the first `lengths[b]` positions of row b (the real tokens)."""
+    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, T, D] over the positions where mask [B, T] is True -> [B, D]."""
+    weights = mask.unsqueeze(-1).to(x.dtype)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+class TokensOnly(torch.nn.Module):
+    """A text model callable with one int64 [B, T] tensor, as MLflow's pyfunc calls it: without
+    `lengths`, each row's length is one past its last non-pad token (rows are padded on the
+    right). Called with `(tokens, lengths)` it is the wrapped model."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int) -> None:
+        super().__init__()
+        self.model, self.pad_id = model, pad_id
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None:
+            positions = torch.arange(1, tokens.size(1) + 1, device=tokens.device)
+            lengths = ((tokens != self.pad_id) * positions).amax(dim=1).clamp(min=1)
+        out: torch.Tensor = self.model(tokens, lengths)
+        return out
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The prepare stage's tokenizer.json; missing or broken is a user-level error."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise DlpipeError(f"{path}: missing; run `dvc repro` first")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises plain Exception
+        raise DlpipeError(f"{path}: not a tokenizer file ({str(err).splitlines()[0]})") from None
+
+
+def check_text(text: Any, name: str = "text") -> str:
+    """The text itself; None, non-text, empty or whitespace-only -> DlpipeError."""
+    if not isinstance(text, str):
+        raise DlpipeError(f"{name}: expected text, got {type(text).__name__}")
+    if not text.strip():
+        raise DlpipeError(f"{name}: empty text")
+    return text
+
+
+def shorten(text: str, width: int = SHOWN) -> str:
+    flat = re.sub(r"\s+", " ", text).strip()
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+class TokenInputs(InputKind):
+    """Reviews: one text per input, tokenized with the tokenizer saved beside the model."""
+
+    column = "text"
+    serve_batch = 64
+    mistakes_file = "mistakes.md"
+    bundled = (TOKENIZER_FILE,)
+
+    def pytorch_model(self, model: nn.Module, pad_id: int) -> nn.Module:
+        return TokensOnly(model, pad_id)
+
+    def tensor_schema(self) -> Schema:
+        from mlflow.types import Schema, TensorSpec
+
+        return Schema([TensorSpec(np.dtype(np.int64), (-1, -1))])  # any batch, any length
+
+    def load_assets(self, model_dir: Path, info: dict[str, Any]) -> Tokenizer:
+        tokenizer = load_tokenizer(model_dir / TOKENIZER_FILE)
+        if tokenizer.get_vocab_size() != int(info["data"]["vocab_size"]):
+            raise DlpipeError(
+                f"{model_dir / TOKENIZER_FILE} has {tokenizer.get_vocab_size()} tokens but the "
+                f"model was trained with {info['data']['vocab_size']}; rerun `dvc repro`"
+            )
+        return tokenizer
+
+    def check(self, value: Any, name: str) -> str:
+        return check_text(value, name)
+
+    def encode(
+        self, values: Sequence[Any], names: Sequence[str], info: dict[str, Any], assets: Any
+    ) -> tuple[torch.Tensor, ...]:
+        texts = [check_text(v, n) for v, n in zip(values, names, strict=True)]
+        data = info["data"]
+        max_len, policy, pad_id = int(data["max_len"]), str(data["truncation"]), data["pad_id"]
+        encodings = assets.encode_batch(texts, add_special_tokens=False)
+        kept = [truncate(list(e.ids), max_len, policy) for e in encodings]
+        for ids, name in zip(kept, names, strict=True):
+            if not ids:  # e.g. only "<br />": the normaliser leaves nothing to read
+                raise DlpipeError(f"{name}: no words left after cleaning (only markup?)")
+        lengths = torch.tensor([len(ids) for ids in kept])
+        tokens = torch.full((len(kept), int(lengths.max())), int(pad_id), dtype=torch.long)
+        for row, ids in enumerate(kept):
+            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return tokens, lengths
+
+    def read_cli_inputs(
+        self, arguments: Sequence[str], file: str | None
+    ) -> tuple[list[Any], list[str], list[str]]:
+        texts = [check_text(text, f"text {i + 1}") for i, text in enumerate(arguments)]
+        names = [f"text {i + 1}" for i in range(len(texts))]
+        if file is not None:
+            path = Path(file)
+            try:
+                content = read_user_file(path).decode("utf-8-sig")
+            except UnicodeDecodeError as err:
+                raise DlpipeError(
+                    f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
+            lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+            if not lines:
+                raise DlpipeError(f"{path}: no reviews (every line is blank)")
+            texts += [line for _, line in lines]
+            names += [f"{path}:{n}" for n, _ in lines]
+        if not texts:
+            raise DlpipeError("give at least one review, or --file with one review per line")
+        return texts, names, [shorten(text) for text in texts]
+
+    def example(self) -> list[Any]:
+        return ["A moving, beautifully acted film.", "Dull and far too long."]
+
+    def write_mistakes(
+        self,
+        dest: Path,
+        split: Split,
+        rows: np.ndarray,
+        actual: list[str],
+        predicted: list[str],
+        confidence: np.ndarray,
+        data_dirs: tuple[Path, Path],
+    ) -> None:
+        import pandas as pd
+
+        from dlpipe.evaluation.figures import mistakes_markdown
+
+        raw_dir, prepared_dir = data_dirs
+        with np.load(prepared_dir / "test.npz") as arrays:
+            review_ids = arrays["review_id"][rows]
+        raw = pd.read_parquet(raw_dir / "test.parquet", columns=["review_id", "text"])
+        texts = raw.set_index("review_id").loc[review_ids, "text"]
+        table = [
+            {"text": str(text), "actual": a, "predicted": p, "confidence": f"{c:.1%}"}
+            for text, a, p, c in zip(texts, actual, predicted, confidence, strict=True)
+        ]
+        mistakes_markdown(table, dest)
+
+
+TOKENS = TokenInputs()

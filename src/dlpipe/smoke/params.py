@@ -1,0 +1,75 @@
+"""The smoke run's params: the project's params.yaml, shrunk to a two-minute run.
+
+Small enough for about two minutes on two busy CPU cores, big enough that every model must learn
+for real to pass `gates.smoke_floors`. What sets the learning budget is pinned: the data slices
+here, and each family's epochs, batch size, learning rate and model size in its `Family.smoke`;
+everything else (optimiser, schedule, pooling, ...) is the project's. Two epochs, not one: the
+per-epoch MLflow history, the best-epoch choice and the LR schedule are exercised across epochs,
+and one epoch left the GRU near chance.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from dlpipe.config import parse_params
+from dlpipe.errors import DlpipeError
+from dlpipe.family import get_family
+
+SMOKE_DATA: dict[str, Any] = {
+    "prepare": {
+        "mnist": {"max_train": 6000, "max_test": 2000, "val_size": 1000},
+        "imdb": {
+            "max_train": 8000,
+            "max_test": 2000,
+            "val_size": 1000,
+            "vocab_size": 2000,
+            "max_len": 128,
+        },
+    },
+    "evaluate": {"latency_repeats": 3},
+}
+
+
+def merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `updates` merged in, nested mappings key by key (neither is modified)."""
+    merged = copy.deepcopy(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """`["train.rnn.epochs=2"]` -> `{"train": {"rnn": {"epochs": 2}}}` (values are YAML)."""
+    updates: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DlpipeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.cnn.epochs=2")
+        node = updates
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return updates
+
+
+def smoke_params(raw: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The project's params with the smoke overrides (and `extra`) merged in, validated."""
+    merged = merge(merge(raw, smoke_overrides(raw)), extra or {})
+    parse_params(merged, "smoke params")
+    return merged
+
+
+def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:
+    """The data slices, and each family's own smoke settings for its `train` section."""
+    families = (raw.get("train") or {}) if isinstance(raw, dict) else {}
+    train = {name: dict(get_family(name).smoke) for name in families}
+    return merge(SMOKE_DATA, {"train": train})

@@ -1,0 +1,78 @@
+"""Each DVC stage's `deps` name exactly the code it runs: every dlpipe module a stage imports is
+a dependency (so editing it reruns the stage), and every source file it lists is imported (so
+editing another family's module reruns nothing of this one)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAMILIES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What a stage script imports at the top, plus what it imports inside functions on its way.
+STAGE_IMPORTS = {
+    "train": ["dlpipe.training.run"],
+    "evaluate": [
+        "dlpipe.evaluation.run",
+        "dlpipe.serving",
+        "dlpipe.registry",
+        "dlpipe.evaluation.figures",
+        "dlpipe.tracking",
+    ],
+}
+
+
+def imported_files(stage: str, family: str) -> set[str]:
+    """Repo-relative source files of the dlpipe modules `stage`@`family` imports, measured in a
+    fresh interpreter."""
+    code = (
+        "import importlib, json, sys\n"
+        "from dlpipe.family import get_family\n"
+        f"for name in {STAGE_IMPORTS[stage]!r}: importlib.import_module(name)\n"
+        f"get_family({family!r})\n"
+        "files = [m.__file__ for n, m in list(sys.modules.items())\n"
+        "         if n.startswith('dlpipe') and getattr(m, '__file__', None)]\n"
+        "print(json.dumps(files))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    return {str(Path(f).resolve().relative_to(ROOT / "src")) for f in json.loads(out)}
+
+
+def declared_code(stage: str) -> list[str]:
+    """The stage's deps under src/ (files, and folders ending in /)."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        [found] = [s for s in repo.index.stages if s.addressing == stage]
+        deps = [str(d.def_path) for d in found.deps if str(d.def_path).startswith("src/")]
+    return [d.removeprefix("src/") + ("/" if (ROOT / d).is_dir() else "") for d in deps]
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or (d.endswith("/") and path.startswith(d)) for d in deps)
+
+
+def has_code(path: str) -> bool:
+    """False for a package __init__ that holds only its docstring (nothing to depend on)."""
+    body = ast.parse((ROOT / "src" / path).read_text(encoding="utf-8")).body
+    return not (len(body) <= 1 and all(isinstance(node, ast.Expr) for node in body))
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stage_deps_are_exactly_the_code_it_imports(stage: str, family: str) -> None:
+    deps = declared_code(f"{stage}@{family}")
+    imported = {f for f in imported_files(stage, family) if has_code(f)}
+    imported.discard("dlpipe/__init__.py")  # the package's version string: no behaviour
+    missing = sorted(f for f in imported if not covered(f, deps))
+    assert not missing, f"{stage}@{family} imports {missing} but does not depend on them"
+    unused = sorted(d for d in deps if not d.endswith("/") and d not in imported)
+    assert not unused, f"{stage}@{family} depends on {unused} but never imports them"
