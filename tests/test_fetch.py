@@ -207,3 +207,42 @@ def test_stage_script_reports_user_errors_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: DLPIPE_DATA_MIRROR={tmp_path / 'nope'}: no such folder ({tmp_path / 'nope'})"
     ]
+
+
+def test_fetch_replaces_only_its_own_folders(mirror: tuple[Path, Sources], tmp_path: Path) -> None:
+    folder, sources = mirror
+    out_dir = tmp_path / "data" / "raw"
+    (out_dir / "mnist").mkdir(parents=True)
+    (out_dir / "mnist" / "stale.gz").write_bytes(b"from an older fetch")
+    (out_dir / "notes.txt").write_text("the user's own file")
+    (out_dir / "extra").mkdir()
+    (out_dir / "extra" / "scores.csv").write_text("a,b\n")
+    fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["extra", "imdb", "mnist", "notes.txt"]
+    assert (out_dir / "notes.txt").read_text() == "the user's own file"
+    assert (out_dir / "extra" / "scores.csv").read_text() == "a,b\n"
+    assert sorted(p.name for p in (out_dir / "mnist").iterdir()) == sorted(TINY_MNIST)
+
+
+def test_failed_swap_puts_the_old_output_back(
+    mirror: tuple[Path, Sources], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, sources = mirror
+    out_dir = tmp_path / "raw"
+    (out_dir / "imdb").mkdir(parents=True)
+    (out_dir / "imdb" / "train.parquet").write_bytes(b"previous run")
+    real_rename = os.rename
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        if Path(dst) == out_dir / "imdb" and Path(src).name == "imdb":
+            raise OSError("simulated failure moving the new imdb/ in")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    assert [p.name for p in (out_dir / "imdb").iterdir()] == ["train.parquet"]
+    assert (out_dir / "imdb" / "train.parquet").read_bytes() == b"previous run"
+    # Each output is swapped on its own: mnist/ (first) is already the new one; no temp folder.
+    assert sorted(p.name for p in out_dir.iterdir()) == ["imdb", "mnist"]
+    assert sorted(p.name for p in (out_dir / "mnist").iterdir()) == sorted(TINY_MNIST)

@@ -1,13 +1,15 @@
-"""The fetch stage's work: MNIST's four files and the IMDB reviews into data/raw, all or nothing.
+"""The fetch stage's work: MNIST's four files and the IMDB reviews into data/raw/{mnist,imdb}.
 
 A data mirror (`DLPIPE_DATA_MIRROR`: a folder or URL base holding mnist/ and imdb/) is tried
 before the canonical URLs, so the pipeline runs offline. Every file is checked against the pinned
-checksums in `sources`, and the result is built in a temp folder beside `out_dir` and swapped in
-only once complete, so a failed or interrupted fetch never leaves partial data for DVC to cache.
+checksums in `sources`. Both outputs are built in a temp folder inside `out_dir` and each is
+swapped in only once both are complete, so a failed or interrupted fetch never leaves partial
+data for DVC to cache; anything else in `out_dir` is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -22,7 +24,6 @@ from dlpipe.config import FetchConfig
 from dlpipe.data.archive import SPLIT_FOLDERS, read_aclimdb_archive, read_imdb_csv
 from dlpipe.data.download import (
     SourcesExhaustedError,
-    default_mode,
     download_from,
     is_url,
     local_path,
@@ -64,23 +65,29 @@ def fetch_all(
 ) -> dict[str, Any]:
     """Write `out_dir/mnist/*.gz` and `out_dir/imdb/{train,test,unsup}.parquet`; return a summary.
 
-    `out_dir` is replaced only after everything is downloaded and verified; on any failure it is
-    left as it was and the temp folder is removed.
+    `out_dir/mnist` and `out_dir/imdb` are replaced only after everything is downloaded and
+    verified; on any failure they are left as they were and the temp folder is removed.
     """
     out_dir = Path(out_dir)
     base = resolve_mirror(mirror)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Inside out_dir, so the renames below stay on one file system.
+    build = Path(tempfile.mkdtemp(prefix=".fetch-", dir=out_dir))
     try:
-        build.chmod(default_mode(directory=True))
         summary = {
             "mnist": _fetch_mnist(build, cfg, base, sources),
             "imdb": _fetch_imdb(build, cfg, base, sources, cache_dir or default_cache_dir()),
         }
-        _swap_into_place(build, out_dir)
+        for dataset in summary:
+            _swap_into_place(build / dataset, out_dir / dataset)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # only while empty: never anyone else's files
+                out_dir.rmdir()
         raise
+    shutil.rmtree(build)  # the replaced outputs, moved aside into it
     for dataset, info in summary.items():
         info["dir"] = str(out_dir / dataset)
     return summary
@@ -208,18 +215,16 @@ def _imdb_from_csv(
     return frames, used
 
 
-def _swap_into_place(build: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `build`; the old one is moved aside first and restored on failure."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.rename(build, out_dir)
+def _swap_into_place(new: Path, dest: Path) -> None:
+    """Replace the folder `dest` by `new`; the old one is moved aside beside `new` (and back if the
+    move in fails), so `dest` is at no time a mix of old and new files."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.rename(new, dest)
         return
-    old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
-    aside = old / out_dir.name
-    os.rename(out_dir, aside)
+    aside = new.with_name(f"{new.name}.old")
+    os.rename(dest, aside)
     try:
-        os.rename(build, out_dir)
+        os.rename(new, dest)
     except BaseException:
-        os.rename(aside, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        os.rename(aside, dest)
         raise
-    shutil.rmtree(old, ignore_errors=True)
