@@ -1,10 +1,11 @@
 """The fetch stage's work: MNIST's four files and the IMDB reviews into data/raw/{mnist,imdb}.
 
 A data mirror (`DLPIPE_DATA_MIRROR`: a folder or URL base holding mnist/ and imdb/) is tried
-before the canonical URLs, so the pipeline runs offline. Every file is checked against the pinned
-checksums in `sources`. Both outputs are built in a temp folder inside `out_dir` and each is
-swapped in only once both are complete, so a failed or interrupted fetch never leaves partial
-data for DVC to cache; anything else in `out_dir` is left alone.
+before the canonical URLs, so the pipeline runs offline. Every file goes through the download
+cache (`.dlpipe/downloads`, see `download`) and is checked against the pinned checksums in
+`sources`, so a second fetch downloads nothing. Both outputs are built in a temp folder inside
+`out_dir` and each is swapped in only once both are complete, so a failed or interrupted fetch
+never leaves partial data for DVC to cache; anything else in `out_dir` is left alone.
 """
 
 from __future__ import annotations
@@ -22,13 +23,8 @@ import pandas as pd
 
 from dlpipe.config import FetchConfig
 from dlpipe.data.archive import SPLIT_FOLDERS, read_aclimdb_archive, read_imdb_csv
-from dlpipe.data.download import (
-    SourcesExhaustedError,
-    download_from,
-    is_url,
-    local_path,
-)
-from dlpipe.data.sources import DEFAULT_SOURCES, RemoteFile, Sources
+from dlpipe.data.download import SourcesExhaustedError, fetch_file, is_url, local_path
+from dlpipe.data.sources import DEFAULT_SOURCES, Sources
 from dlpipe.errors import DlpipeError
 from dlpipe.paths import project_root, resolve_from_root
 
@@ -36,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    """Where large canonical downloads are kept between runs (outside any DVC temp copy)."""
+    """Where verified downloads are kept between runs (outside any DVC temp copy)."""
     return project_root() / ".dlpipe" / "downloads"
 
 
@@ -70,14 +66,15 @@ def fetch_all(
     """
     out_dir = Path(out_dir)
     base = resolve_mirror(mirror)
+    cache = cache_dir or default_cache_dir()
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Inside out_dir, so the renames below stay on one file system.
     build = Path(tempfile.mkdtemp(prefix=".fetch-", dir=out_dir))
     try:
         summary = {
-            "mnist": _fetch_mnist(build, cfg, base, sources),
-            "imdb": _fetch_imdb(build, cfg, base, sources, cache_dir or default_cache_dir()),
+            "mnist": _fetch_mnist(build / "mnist", cfg, base, sources, cache),
+            "imdb": _fetch_imdb(build / "imdb", cfg, base, sources, cache),
         }
         for dataset in summary:
             _swap_into_place(build / dataset, out_dir / dataset)
@@ -87,7 +84,7 @@ def fetch_all(
             with contextlib.suppress(OSError):  # only while empty: never anyone else's files
                 out_dir.rmdir()
         raise
-    shutil.rmtree(build)  # the replaced outputs, moved aside into it
+    shutil.rmtree(build, ignore_errors=True)  # with the replaced outputs, moved aside into it
     for dataset, info in summary.items():
         info["dir"] = str(out_dir / dataset)
     return summary
@@ -110,21 +107,6 @@ def _in_mirror(mirror: str, *parts: str) -> str:
     return "/".join([mirror, *parts]) if is_url(mirror) else str(Path(mirror, *parts))
 
 
-def _get(candidates: list[str], dest: Path, remote: RemoteFile, cfg: FetchConfig) -> str:
-    """Download one pinned file; returns the source that delivered it."""
-    _, source = download_from(
-        candidates,
-        dest,
-        sha256=remote.sha256,
-        md5=remote.md5,
-        connect_timeout_s=cfg.connect_timeout_s,
-        read_timeout_s=cfg.read_timeout_s,
-        retries=cfg.retries,
-        desc=remote.name,
-    )
-    return source
-
-
 def _origin(used: dict[str, str], mirror: str | None) -> str:
     """Where a dataset's files came from, in a word or two."""
     kinds = set()
@@ -139,15 +121,16 @@ def _origin(used: dict[str, str], mirror: str | None) -> str:
 
 
 def _fetch_mnist(
-    build: Path, cfg: FetchConfig, mirror: str | None, sources: Sources
+    folder: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    folder = build / "mnist"
+    folder.mkdir()
     used: dict[str, str] = {}
     for remote in sources.mnist_files:
         candidates = [_in_mirror(mirror, "mnist", remote.name)] if mirror else []
         candidates += [f"{url.rstrip('/')}/{remote.name}" for url in sources.mnist_url_bases]
-        used[remote.name] = _get(candidates, folder / remote.name, remote, cfg)
+        cached, used[remote.name] = fetch_file(candidates, remote, cache_dir, cfg)
+        shutil.copyfile(cached, folder / remote.name)
     files = {name: (folder / name).stat().st_size for name in used}
     return {
         "files": files,
@@ -159,22 +142,20 @@ def _fetch_mnist(
 
 
 def _fetch_imdb(
-    build: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
+    folder: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
 ) -> dict[str, Any]:
     start = time.perf_counter()
     frames: dict[str, pd.DataFrame] | None = None
     used: dict[str, str] = {}
     if mirror and sources.imdb_csv_files:
-        frames, used = _imdb_from_csv(build / ".imdb-csv", cfg, mirror, sources)
+        frames, used = _imdb_from_csv(cfg, mirror, sources, cache_dir)
     if frames is None:
         remote = sources.imdb_archive
         candidates = [_in_mirror(mirror, "imdb", remote.name)] if mirror else []
         candidates += list(sources.imdb_archive_urls)
-        archive = cache_dir / remote.name
-        used = {remote.name: _get(candidates, archive, remote, cfg)}
+        archive, used[remote.name] = fetch_file(candidates, remote, cache_dir, cfg)
         frames = read_aclimdb_archive(archive)
-    folder = build / "imdb"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir()
     files = {}
     for split, data in frames.items():
         path = folder / f"{split}.parquet"
@@ -191,7 +172,7 @@ def _fetch_imdb(
 
 
 def _imdb_from_csv(
-    scratch: Path, cfg: FetchConfig, mirror: str, sources: Sources
+    cfg: FetchConfig, mirror: str, sources: Sources, cache_dir: Path
 ) -> tuple[dict[str, pd.DataFrame] | None, dict[str, str]]:
     """The frames from the mirror's CSV export, or None when the mirror has no (complete) export.
 
@@ -200,19 +181,16 @@ def _imdb_from_csv(
     splits = {remote.name.split(".", 1)[0]: remote for remote in sources.imdb_csv_files}
     if set(splits) != set(SPLIT_FOLDERS):
         raise ValueError(f"imdb_csv_files must be one per split {sorted(SPLIT_FOLDERS)}")
+    paths: dict[str, Path] = {}
     used: dict[str, str] = {}
     try:
-        for remote in splits.values():
-            used[remote.name] = _get(
-                [_in_mirror(mirror, "imdb", remote.name)], scratch / remote.name, remote, cfg
-            )
+        for split, remote in splits.items():
+            source = _in_mirror(mirror, "imdb", remote.name)
+            paths[split], used[remote.name] = fetch_file([source], remote, cache_dir, cfg)
     except SourcesExhaustedError:
         log.warning("mirror %s has no complete IMDB CSV export; using aclImdb_v1.tar.gz", mirror)
-        shutil.rmtree(scratch, ignore_errors=True)
         return None, {}
-    frames = {split: read_imdb_csv(scratch / splits[split].name, split) for split in SPLIT_FOLDERS}
-    shutil.rmtree(scratch)
-    return frames, used
+    return {split: read_imdb_csv(paths[split], split) for split in SPLIT_FOLDERS}, used
 
 
 def _swap_into_place(new: Path, dest: Path) -> None:
