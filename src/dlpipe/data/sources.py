@@ -44,8 +44,6 @@ MNIST_URL_BASES: tuple[str, ...] = (
     "http://yann.lecun.com/exdb/mnist/",
 )
 
-IMDB_SPLITS: tuple[str, ...] = ("train", "test", "unsup")
-
 IMDB_ARCHIVE = RemoteFile(
     "aclImdb_v1.tar.gz",
     "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
