@@ -10,18 +10,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pandas as pd
+import pooch.core
 import pytest
 from conftest import TINY_IMDB
 
 from dlpipe.config import FetchConfig
-from dlpipe.data import download as dl
 from dlpipe.data.archive import read_aclimdb_archive
-from dlpipe.data.download import ChecksumError, SourcesExhaustedError
+from dlpipe.data.download import MIRROR_HINT, ChecksumError, SourcesExhaustedError
 from dlpipe.data.fetch import fetch_all, summary_lines
-from dlpipe.data.sources import RemoteFile, Sources
+from dlpipe.data.sources import DEFAULT_SOURCES, RemoteFile, Sources
 from dlpipe.errors import DlpipeError
 
 if TYPE_CHECKING:
@@ -49,8 +50,9 @@ def pinned(path: Path) -> RemoteFile:
 
 
 @pytest.fixture(autouse=True)
-def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dl, "BACKOFF_BASE_S", 0.0)
+def no_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pooch's waits between retries are not slept."""
+    monkeypatch.setattr(pooch.core, "time", SimpleNamespace(sleep=lambda seconds: None))
 
 
 @pytest.fixture
@@ -110,7 +112,31 @@ def test_fetch_from_csv_mirror(mirror: tuple[Path, Sources], tmp_path: Path) -> 
     assert summary["imdb"]["sources"]["train.csv.gz"] == str(folder / "imdb" / "train.csv.gz")
     assert len(summary_lines(summary)) == 2
     assert sorted(p.name for p in out_dir.parent.iterdir()) == ["raw"]
-    assert not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["imdb", "mnist"]
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cached == sorted([*TINY_MNIST, "test.csv.gz", "train.csv.gz", "unsup.csv.gz"])
+
+
+def test_second_fetch_uses_the_download_cache(
+    mirror: tuple[Path, Sources], http_server: Server, tmp_path: Path
+) -> None:
+    folder, sources = mirror
+    for name, data in TINY_MNIST.items():
+        http_server.serve(f"/m/mnist/{name}", data)
+    for csv_file in (folder / "imdb").iterdir():
+        http_server.serve(f"/m/imdb/{csv_file.name}", csv_file.read_bytes())
+    args = (CFG, http_server.url("/m"))
+    first = fetch_all(tmp_path / "a", *args, sources=sources, cache_dir=tmp_path / "cache")
+    assert first["mnist"]["origin"] == f"mirror {http_server.url('/m')}"
+    hits = sum(http_server.hits.values())
+    assert hits == len(TINY_MNIST) + 3
+    second = fetch_all(tmp_path / "b", *args, sources=sources, cache_dir=tmp_path / "cache")
+    assert sum(http_server.hits.values()) == hits, "nothing downloaded again"
+    assert {second[d]["origin"] for d in second} == {"download cache"}
+    for name, data in TINY_MNIST.items():
+        assert (tmp_path / "b" / "mnist" / name).read_bytes() == data
+    for split, frame in read_raw_imdb(tmp_path / "a").items():
+        pd.testing.assert_frame_equal(read_raw_imdb(tmp_path / "b")[split], frame)
 
 
 def test_archive_mirror_gives_the_same_output(mirror: tuple[Path, Sources], tmp_path: Path) -> None:
@@ -123,13 +149,15 @@ def test_archive_mirror_gives_the_same_output(mirror: tuple[Path, Sources], tmp_
         (tmp_path / "aclImdb_v1.tar.gz").read_bytes()
     )
     from_archive = tmp_path / "from_archive"
+    # A fresh cache: the first one holds the CSVs, which a fetch would take from it.
     summary = fetch_all(
-        from_archive, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache"
+        from_archive, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache2"
     )
     assert summary["imdb"]["sources"] == {
         "aclImdb_v1.tar.gz": str(folder / "imdb" / "aclImdb_v1.tar.gz")
     }
-    assert (tmp_path / "cache" / "aclImdb_v1.tar.gz").is_file()
+    assert (tmp_path / "cache2" / "aclImdb_v1.tar.gz").is_file()
+    assert not (tmp_path / "cache2" / "train.csv.gz").exists()
     for split, frame in read_raw_imdb(from_csv).items():
         pd.testing.assert_frame_equal(read_raw_imdb(from_archive)[split], frame)
 
@@ -207,3 +235,93 @@ def test_stage_script_reports_user_errors_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: DLPIPE_DATA_MIRROR={tmp_path / 'nope'}: no such folder ({tmp_path / 'nope'})"
     ]
+
+
+def test_fetch_replaces_only_its_own_folders(mirror: tuple[Path, Sources], tmp_path: Path) -> None:
+    folder, sources = mirror
+    out_dir = tmp_path / "data" / "raw"
+    (out_dir / "mnist").mkdir(parents=True)
+    (out_dir / "mnist" / "stale.gz").write_bytes(b"from an older fetch")
+    (out_dir / "notes.txt").write_text("the user's own file")
+    (out_dir / "extra").mkdir()
+    (out_dir / "extra" / "scores.csv").write_text("a,b\n")
+    fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["extra", "imdb", "mnist", "notes.txt"]
+    assert (out_dir / "notes.txt").read_text() == "the user's own file"
+    assert (out_dir / "extra" / "scores.csv").read_text() == "a,b\n"
+    assert sorted(p.name for p in (out_dir / "mnist").iterdir()) == sorted(TINY_MNIST)
+
+
+def test_failed_swap_puts_the_old_output_back(
+    mirror: tuple[Path, Sources], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, sources = mirror
+    out_dir = tmp_path / "raw"
+    (out_dir / "imdb").mkdir(parents=True)
+    (out_dir / "imdb" / "train.parquet").write_bytes(b"previous run")
+    real_rename = os.rename
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        if Path(dst) == out_dir / "imdb" and Path(src).name == "imdb":
+            raise OSError("simulated failure moving the new imdb/ in")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    assert [p.name for p in (out_dir / "imdb").iterdir()] == ["train.parquet"]
+    assert (out_dir / "imdb" / "train.parquet").read_bytes() == b"previous run"
+    # Each output is swapped on its own: mnist/ (first) is already the new one; no temp folder.
+    assert sorted(p.name for p in out_dir.iterdir()) == ["imdb", "mnist"]
+    assert sorted(p.name for p in (out_dir / "mnist").iterdir()) == sorted(TINY_MNIST)
+
+
+def test_dropped_connection_is_retried_then_fails_in_one_line(
+    mirror: tuple[Path, Sources], http_server: Server, tmp_path: Path
+) -> None:
+    _, sources = mirror
+    name = "t10k-images-idx3-ubyte.gz"
+    for other, data in TINY_MNIST.items():
+        http_server.serve(f"/m/mnist/{other}", data)
+    data = TINY_MNIST[name]
+    short = http_server.serve(f"/m/mnist/{name}", data[: len(data) // 2], length=len(data))
+    out_dir = tmp_path / "raw"
+    cfg = FetchConfig(connect_timeout_s=1.0, read_timeout_s=1.0, retries=2)
+    with pytest.raises(DlpipeError) as err:
+        fetch_all(out_dir, cfg, http_server.url("/m"), sources=sources, cache_dir=tmp_path / "c")
+    assert http_server.hits[f"/m/mnist/{name}"] == 3
+    canonical = f"{sources.mnist_url_bases[0]}{name}"  # a closed port
+    assert str(err.value) == (
+        f"could not fetch {name}: tried {short} "
+        f"(connection dropped mid-download: truncated body, 3 attempts); "
+        f"{canonical} (connection failed, 3 attempts); {MIRROR_HINT}"
+    )
+    assert not out_dir.exists()
+    assert name not in {p.name for p in (tmp_path / "c").iterdir()}
+
+
+def test_stage_script_reports_a_corrupt_mirror_in_one_line(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    (mirror / "mnist").mkdir(parents=True)
+    (mirror / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"not MNIST")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_bytes((ROOT / "params.yaml").read_bytes())
+    env = {**os.environ, "DLPIPE_DATA_MIRROR": str(mirror)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "fetch.py")],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    got = hashlib.sha256(b"not MNIST").hexdigest()
+    assert result.stderr.splitlines()[-1] == (
+        "error: checksum mismatch for train-images-idx3-ubyte.gz from "
+        f"{mirror / 'mnist' / 'train-images-idx3-ubyte.gz'}: "
+        f"expected sha256 {DEFAULT_SOURCES.mnist_files[0].sha256}, got {got}"
+    )
+    assert list((project / "data").iterdir()) == [], "no data/raw, no temp folder"
+    assert list((project / ".dlpipe" / "downloads").iterdir()) == []

@@ -1,64 +1,61 @@
-"""Verified downloads: try each source in turn and never leave a partial or unverified file.
+"""Pinned, verified downloads with pooch, each file tried from several sources in turn.
 
-A source that cannot deliver (missing file, refused connection, HTTP error, timeout) is skipped,
-after retries with backoff where the failure may be transient. Bytes that do arrive but hash wrong,
-or stop short of their Content-Length, end everything at once: trying elsewhere would paper over
-a broken or tampered mirror.
+pooch keeps the files in a cache folder and checks every one against its pinned sha256, a cached
+one too before reusing it. It downloads into a temp file beside the cached one and moves that into
+place only once verified, so no partial or unverified file ever carries the final name. It retries
+what may be transient `retries` times, waiting 1 s, 2 s, ...: connection errors, timeouts, HTTP
+5xx, a body cut short of its Content-Length (urllib3 raises on it) and checksum mismatches. It
+draws tqdm progress bars and logs each download.
+
+What pooch lacks is kept here:
+- several sources per file, tried in order (a pooch object knows one URL per file). A source that
+  does not have the file (HTTP 4xx, missing local file) is skipped at once, as retrying cannot help;
+  one that keeps failing is skipped after its retries; a checksum mismatch that persists ends
+  everything: trying elsewhere would paper over a broken or tampered mirror.
+- local folders as sources: pooch downloads only over HTTP(S), FTP, SFTP and DOI.
+- one-line `DlpipeError`s in place of pooch's and requests' exceptions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import re
+import shutil
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import pooch
 import requests
-import urllib3
-from tqdm import tqdm
 
+from dlpipe.config import FetchConfig
+from dlpipe.data.sources import RemoteFile
 from dlpipe.errors import DlpipeError
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-BACKOFF_BASE_S = 0.5  # retry k (0-based) sleeps BACKOFF_BASE_S * 2**k; tests set it to 0
 MIRROR_HINT = (
     "no network? set DLPIPE_DATA_MIRROR to a folder holding mnist/ and imdb/ "
     "(e.g. DLPIPE_DATA_MIRROR=/path/to/shared/datasets)"
 )
 
-
-class IntegrityError(DlpipeError):
-    """Bytes arrived but are not the expected ones; fatal, never retried elsewhere."""
-
-
-class ChecksumError(IntegrityError):
-    """The content hashes differently from the pinned checksum."""
+# pooch's downloader interface: (url, temp file to write, the calling pooch object).
+Downloader = Callable[[str, str, object], None]
 
 
-class TruncatedError(IntegrityError):
-    """The server sent fewer bytes than its Content-Length announced."""
+class ChecksumError(DlpipeError):
+    """A source delivered bytes that hash differently from the pinned checksum."""
 
 
 class SourcesExhaustedError(DlpipeError):
-    """No source could deliver the file (missing, unreachable, HTTP error)."""
+    """No source could deliver the file (missing, unreachable, HTTP error, broken connection)."""
 
 
 class _Unavailable(Exception):
-    """This source cannot deliver the file; `transient` failures are worth a retry."""
-
-    def __init__(self, reason: str, transient: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.transient = transient
+    """This source does not have the file. Not a requests error, so pooch does not retry it."""
 
 
 def is_url(source: str) -> bool:
@@ -75,189 +72,94 @@ def local_path(source: str) -> Path | None:
     return Path(source)
 
 
-def default_mode(directory: bool = False) -> int:
-    """The permissions a plain open()/mkdir() would give; mkstemp/mkdtemp use owner-only ones."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download(
-    sources: Sequence[str],
-    dest: Path,
-    *,
-    sha256: str,
-    md5: str | None = None,
-    connect_timeout_s: float = 10.0,
-    read_timeout_s: float = 60.0,
-    retries: int = 3,
-    desc: str | None = None,
-) -> Path:
-    """Put the file with this checksum at `dest`, from the first source that has it."""
-    path, _ = download_from(
-        sources,
-        dest,
-        sha256=sha256,
-        md5=md5,
-        connect_timeout_s=connect_timeout_s,
-        read_timeout_s=read_timeout_s,
-        retries=retries,
-        desc=desc,
-    )
-    return path
-
-
-def download_from(
-    sources: Sequence[str],
-    dest: Path,
-    *,
-    sha256: str,
-    md5: str | None = None,
-    connect_timeout_s: float = 10.0,
-    read_timeout_s: float = 60.0,
-    retries: int = 3,
-    desc: str | None = None,
+def fetch_file(
+    sources: Sequence[str], remote: RemoteFile, cache_dir: Path, cfg: FetchConfig
 ) -> tuple[Path, str]:
-    """`download`, also saying which source delivered ("cached" when `dest` was already right)."""
-    dest = Path(dest)
-    if dest.is_file() and sha256_of(dest) == sha256:
-        return dest, "cached"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    timeouts = (connect_timeout_s, read_timeout_s)
+    """`cache_dir/<name>` holding exactly `remote`, and where it came from: the source that
+    delivered it, or "cached" when the cache already had it."""
     tried: list[str] = []
     for source in sources:
-        attempts = retries + 1 if is_url(source) else 1
-        for attempt in range(attempts):
-            try:
-                _fetch_one(source, dest, sha256, md5, timeouts, desc or dest.name)
-                return dest, source
-            except _Unavailable as err:
-                if err.transient and attempt + 1 < attempts:
-                    delay = BACKOFF_BASE_S * 2**attempt
-                    log.warning("%s: %s from %s; retrying in %.1fs", dest.name, err, source, delay)
-                    time.sleep(delay)
-                    continue
-                note = f", {attempt + 1} attempts" if attempt else ""
-                tried.append(f"{source} ({err.reason}{note})")
-                log.warning("%s: %s unavailable (%s)", dest.name, source, err.reason)
-                break
+        url = is_url(source)
+        pup = pooch.create(
+            path=cache_dir,
+            base_url="",  # unused: `urls` gives this file's one source
+            registry={remote.name: f"sha256:{remote.sha256}"},
+            urls={remote.name: source},
+            retry_if_failed=cfg.retries if url else 0,  # a local copy has nothing transient
+        )
+        try:
+            action = pup.fetch(
+                remote.name,
+                downloader=_http_downloader(cfg) if url else _copy_local,
+                processor=_action,
+            )
+        except _Unavailable as err:
+            tried.append(f"{source} ({err})")
+        except requests.RequestException as err:
+            tried.append(f"{source} ({_reason(err)}, {cfg.retries + 1} attempts)")
+        except ValueError as err:  # pooch's checksum mismatch (the only ValueError it raises here)
+            got = re.search(r"but got (\w+)", str(err))
+            detail = f"expected sha256 {remote.sha256}, got {got[1]}" if got else str(err)
+            message = f"checksum mismatch for {remote.name} from {source}: {detail}"
+            raise ChecksumError(message) from None
+        else:
+            return cache_dir / remote.name, "cached" if action == "fetch" else source
+        log.warning("%s: unavailable from %s", remote.name, tried[-1])
     hint = "" if any(local_path(s) is not None for s in sources) else f"; {MIRROR_HINT}"
     what = "; ".join(tried) if tried else "no sources given"
-    raise SourcesExhaustedError(f"could not fetch {dest.name}: tried {what}{hint}")
+    raise SourcesExhaustedError(f"could not fetch {remote.name}: tried {what}{hint}")
 
 
-def _fetch_one(
-    source: str,
-    dest: Path,
-    sha256: str,
-    md5: str | None,
-    timeouts: tuple[float, float],
-    desc: str,
-) -> None:
-    """One attempt: stream into a temp file beside `dest`, verify, then move it into place."""
-    with _open_source(source, timeouts) as (chunks, length):
-        fd, part = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+def _action(path: str, action: str, pup: object) -> str:
+    """pooch processor: how the file was got ("fetch" when the cache had it, else "download" or
+    "update")."""
+    return action
+
+
+def _http_downloader(cfg: FetchConfig) -> Downloader:
+    """pooch's HTTP downloader with our timeouts, a progress bar on a terminal, and HTTP 4xx
+    (but 429) as "not here": pooch would retry every HTTP error."""
+    inner = pooch.HTTPDownloader(
+        progressbar=sys.stderr.isatty(),
+        chunk_size=CHUNK_BYTES,
+        timeout=(cfg.connect_timeout_s, cfg.read_timeout_s),
+        # identity: the checksums are of the bytes as published, never of a re-encoding.
+        headers={"Accept-Encoding": "identity"},
+    )
+
+    def download(url: str, output_file: str, pup: object) -> None:
         try:
-            with os.fdopen(fd, "wb") as out:
-                got_sha, got_md5, size = _copy(chunks, out, length, desc)
-            if length is not None and size < length:
-                raise TruncatedError(
-                    f"truncated download of {dest.name} from {source}: got {size} of {length} "
-                    f"bytes (expected sha256 {sha256}, got {got_sha})"
-                )
-            if got_sha != sha256:
-                raise ChecksumError(
-                    f"checksum mismatch for {dest.name} from {source}: "
-                    f"expected sha256 {sha256}, got {got_sha}"
-                )
-            if md5 is not None and got_md5 != md5:
-                raise ChecksumError(
-                    f"checksum mismatch for {dest.name} from {source}: "
-                    f"expected md5 {md5}, got {got_md5}"
-                )
-            os.chmod(part, default_mode())
-            os.replace(part, dest)
-        except BaseException:
-            Path(part).unlink(missing_ok=True)
+            inner(url, output_file, pup)
+        except requests.HTTPError as err:
+            code = err.response.status_code if err.response is not None else 0
+            if 400 <= code < 500 and code != 429:
+                raise _Unavailable(f"HTTP {code}") from None
             raise
 
-
-def _copy(
-    chunks: Iterable[bytes], out: IO[bytes], length: int | None, desc: str
-) -> tuple[str, str, int]:
-    """Write chunks to `out`, hashing as they pass; returns (sha256, md5, byte count)."""
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    size = 0
-    with tqdm(
-        total=length, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None
-    ) as bar:
-        try:
-            for chunk in chunks:
-                out.write(chunk)
-                sha.update(chunk)
-                md5.update(chunk)
-                size += len(chunk)
-                bar.update(len(chunk))
-        except (urllib3.exceptions.ReadTimeoutError, requests.Timeout):
-            raise _Unavailable("read timed out", transient=True) from None
-        except (urllib3.exceptions.HTTPError, requests.RequestException):
-            # The connection broke mid-body. With a known length this is a truncated body, which
-            # the caller reports as fatal from the byte count; without one it is just a failure.
-            if length is None:
-                raise _Unavailable("connection broken", transient=True) from None
-    return sha.hexdigest(), md5.hexdigest(), size
+    return download
 
 
-def _read_chunks(fh: IO[bytes]) -> Iterator[bytes]:
-    """A local file's chunks; a read error makes the source unavailable (a write error does not)."""
+def _copy_local(url: str, output_file: str, pup: object) -> None:
+    """pooch downloader for a local file or file:// URL: a copy, which pooch then verifies."""
+    path = local_path(url)
+    if path is None:
+        raise _Unavailable("unsupported URL scheme")
     try:
-        yield from iter(lambda: fh.read(CHUNK_BYTES), b"")
+        shutil.copyfile(path, output_file)
+    except FileNotFoundError:
+        raise _Unavailable("not found") from None
     except OSError as err:
         raise _Unavailable(err.strerror or type(err).__name__) from None
 
 
-@contextmanager
-def _open_source(
-    source: str, timeouts: tuple[float, float]
-) -> Iterator[tuple[Iterable[bytes], int | None]]:
-    """The source's bytes as chunks, and its announced length when known."""
-    path = local_path(source)
-    if path is not None:
-        try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
-        except FileNotFoundError:
-            raise _Unavailable("not found") from None
-        except OSError as err:
-            raise _Unavailable(err.strerror or type(err).__name__) from None
-        with fh:
-            yield _read_chunks(fh), os.fstat(fh.fileno()).st_size
-        return
-    if not is_url(source):
-        raise _Unavailable("unsupported URL scheme")
-    try:
-        # identity: the checksums are of the bytes as published, never of a re-encoding.
-        resp = requests.get(
-            source, stream=True, timeout=timeouts, headers={"Accept-Encoding": "identity"}
-        )
-    except requests.Timeout:
-        raise _Unavailable("timed out", transient=True) from None
-    except requests.ConnectionError:
-        raise _Unavailable("connection failed", transient=True) from None
-    except requests.RequestException as err:
-        raise _Unavailable(type(err).__name__) from None
-    with resp:
-        if resp.status_code >= 400:
-            code = resp.status_code
-            raise _Unavailable(f"HTTP {code}", transient=code >= 500 or code == 429)
-        header = resp.headers.get("Content-Length")
-        length = int(header) if header and header.isdigit() else None
-        yield resp.raw.stream(CHUNK_BYTES, decode_content=False), length
+def _reason(err: requests.RequestException) -> str:
+    """A few words for a failure pooch gave up retrying."""
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        return f"HTTP {err.response.status_code}"
+    if isinstance(err, requests.exceptions.ChunkedEncodingError):
+        return "connection dropped mid-download: truncated body"
+    if isinstance(err, requests.Timeout):
+        return "timed out"
+    if isinstance(err, requests.ConnectionError):
+        return "connection failed"
+    return type(err).__name__

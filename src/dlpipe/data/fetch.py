@@ -1,13 +1,16 @@
-"""The fetch stage's work: MNIST's four files and the IMDB reviews into data/raw, all or nothing.
+"""The fetch stage's work: MNIST's four files and the IMDB reviews into data/raw/{mnist,imdb}.
 
 A data mirror (`DLPIPE_DATA_MIRROR`: a folder or URL base holding mnist/ and imdb/) is tried
-before the canonical URLs, so the pipeline runs offline. Every file is checked against the pinned
-checksums in `sources`, and the result is built in a temp folder beside `out_dir` and swapped in
-only once complete, so a failed or interrupted fetch never leaves partial data for DVC to cache.
+before the canonical URLs, so the pipeline runs offline. Every file goes through the download
+cache (`.dlpipe/downloads`, see `download`) and is checked against the pinned checksums in
+`sources`, so a second fetch downloads nothing. Both outputs are built in a temp folder inside
+`out_dir` and each is swapped in only once both are complete, so a failed or interrupted fetch
+never leaves partial data for DVC to cache; anything else in `out_dir` is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -20,14 +23,8 @@ import pandas as pd
 
 from dlpipe.config import FetchConfig
 from dlpipe.data.archive import SPLIT_FOLDERS, read_aclimdb_archive, read_imdb_csv
-from dlpipe.data.download import (
-    SourcesExhaustedError,
-    default_mode,
-    download_from,
-    is_url,
-    local_path,
-)
-from dlpipe.data.sources import DEFAULT_SOURCES, RemoteFile, Sources
+from dlpipe.data.download import SourcesExhaustedError, fetch_file, is_url, local_path
+from dlpipe.data.sources import DEFAULT_SOURCES, Sources
 from dlpipe.errors import DlpipeError
 from dlpipe.paths import project_root, resolve_from_root
 
@@ -35,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    """Where large canonical downloads are kept between runs (outside any DVC temp copy)."""
+    """Where verified downloads are kept between runs (outside any DVC temp copy)."""
     return project_root() / ".dlpipe" / "downloads"
 
 
@@ -64,23 +61,30 @@ def fetch_all(
 ) -> dict[str, Any]:
     """Write `out_dir/mnist/*.gz` and `out_dir/imdb/{train,test,unsup}.parquet`; return a summary.
 
-    `out_dir` is replaced only after everything is downloaded and verified; on any failure it is
-    left as it was and the temp folder is removed.
+    `out_dir/mnist` and `out_dir/imdb` are replaced only after everything is downloaded and
+    verified; on any failure they are left as they were and the temp folder is removed.
     """
     out_dir = Path(out_dir)
     base = resolve_mirror(mirror)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    cache = cache_dir or default_cache_dir()
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Inside out_dir, so the renames below stay on one file system.
+    build = Path(tempfile.mkdtemp(prefix=".fetch-", dir=out_dir))
     try:
-        build.chmod(default_mode(directory=True))
         summary = {
-            "mnist": _fetch_mnist(build, cfg, base, sources),
-            "imdb": _fetch_imdb(build, cfg, base, sources, cache_dir or default_cache_dir()),
+            "mnist": _fetch_mnist(build / "mnist", cfg, base, sources, cache),
+            "imdb": _fetch_imdb(build / "imdb", cfg, base, sources, cache),
         }
-        _swap_into_place(build, out_dir)
+        for dataset in summary:
+            _swap_into_place(build / dataset, out_dir / dataset)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # only while empty: never anyone else's files
+                out_dir.rmdir()
         raise
+    shutil.rmtree(build, ignore_errors=True)  # with the replaced outputs, moved aside into it
     for dataset, info in summary.items():
         info["dir"] = str(out_dir / dataset)
     return summary
@@ -103,21 +107,6 @@ def _in_mirror(mirror: str, *parts: str) -> str:
     return "/".join([mirror, *parts]) if is_url(mirror) else str(Path(mirror, *parts))
 
 
-def _get(candidates: list[str], dest: Path, remote: RemoteFile, cfg: FetchConfig) -> str:
-    """Download one pinned file; returns the source that delivered it."""
-    _, source = download_from(
-        candidates,
-        dest,
-        sha256=remote.sha256,
-        md5=remote.md5,
-        connect_timeout_s=cfg.connect_timeout_s,
-        read_timeout_s=cfg.read_timeout_s,
-        retries=cfg.retries,
-        desc=remote.name,
-    )
-    return source
-
-
 def _origin(used: dict[str, str], mirror: str | None) -> str:
     """Where a dataset's files came from, in a word or two."""
     kinds = set()
@@ -132,15 +121,16 @@ def _origin(used: dict[str, str], mirror: str | None) -> str:
 
 
 def _fetch_mnist(
-    build: Path, cfg: FetchConfig, mirror: str | None, sources: Sources
+    folder: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    folder = build / "mnist"
+    folder.mkdir()
     used: dict[str, str] = {}
     for remote in sources.mnist_files:
         candidates = [_in_mirror(mirror, "mnist", remote.name)] if mirror else []
         candidates += [f"{url.rstrip('/')}/{remote.name}" for url in sources.mnist_url_bases]
-        used[remote.name] = _get(candidates, folder / remote.name, remote, cfg)
+        cached, used[remote.name] = fetch_file(candidates, remote, cache_dir, cfg)
+        shutil.copyfile(cached, folder / remote.name)
     files = {name: (folder / name).stat().st_size for name in used}
     return {
         "files": files,
@@ -152,22 +142,20 @@ def _fetch_mnist(
 
 
 def _fetch_imdb(
-    build: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
+    folder: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
 ) -> dict[str, Any]:
     start = time.perf_counter()
     frames: dict[str, pd.DataFrame] | None = None
     used: dict[str, str] = {}
     if mirror and sources.imdb_csv_files:
-        frames, used = _imdb_from_csv(build / ".imdb-csv", cfg, mirror, sources)
+        frames, used = _imdb_from_csv(cfg, mirror, sources, cache_dir)
     if frames is None:
         remote = sources.imdb_archive
         candidates = [_in_mirror(mirror, "imdb", remote.name)] if mirror else []
         candidates += list(sources.imdb_archive_urls)
-        archive = cache_dir / remote.name
-        used = {remote.name: _get(candidates, archive, remote, cfg)}
+        archive, used[remote.name] = fetch_file(candidates, remote, cache_dir, cfg)
         frames = read_aclimdb_archive(archive)
-    folder = build / "imdb"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir()
     files = {}
     for split, data in frames.items():
         path = folder / f"{split}.parquet"
@@ -184,7 +172,7 @@ def _fetch_imdb(
 
 
 def _imdb_from_csv(
-    scratch: Path, cfg: FetchConfig, mirror: str, sources: Sources
+    cfg: FetchConfig, mirror: str, sources: Sources, cache_dir: Path
 ) -> tuple[dict[str, pd.DataFrame] | None, dict[str, str]]:
     """The frames from the mirror's CSV export, or None when the mirror has no (complete) export.
 
@@ -193,33 +181,28 @@ def _imdb_from_csv(
     splits = {remote.name.split(".", 1)[0]: remote for remote in sources.imdb_csv_files}
     if set(splits) != set(SPLIT_FOLDERS):
         raise ValueError(f"imdb_csv_files must be one per split {sorted(SPLIT_FOLDERS)}")
+    paths: dict[str, Path] = {}
     used: dict[str, str] = {}
     try:
-        for remote in splits.values():
-            used[remote.name] = _get(
-                [_in_mirror(mirror, "imdb", remote.name)], scratch / remote.name, remote, cfg
-            )
+        for split, remote in splits.items():
+            source = _in_mirror(mirror, "imdb", remote.name)
+            paths[split], used[remote.name] = fetch_file([source], remote, cache_dir, cfg)
     except SourcesExhaustedError:
         log.warning("mirror %s has no complete IMDB CSV export; using aclImdb_v1.tar.gz", mirror)
-        shutil.rmtree(scratch, ignore_errors=True)
         return None, {}
-    frames = {split: read_imdb_csv(scratch / splits[split].name, split) for split in SPLIT_FOLDERS}
-    shutil.rmtree(scratch)
-    return frames, used
+    return {split: read_imdb_csv(paths[split], split) for split in SPLIT_FOLDERS}, used
 
 
-def _swap_into_place(build: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `build`; the old one is moved aside first and restored on failure."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.rename(build, out_dir)
+def _swap_into_place(new: Path, dest: Path) -> None:
+    """Replace the folder `dest` by `new`; the old one is moved aside beside `new` (and back if the
+    move in fails), so `dest` is at no time a mix of old and new files."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.rename(new, dest)
         return
-    old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
-    aside = old / out_dir.name
-    os.rename(out_dir, aside)
+    aside = new.with_name(f"{new.name}.old")
+    os.rename(dest, aside)
     try:
-        os.rename(build, out_dir)
+        os.rename(new, dest)
     except BaseException:
-        os.rename(aside, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        os.rename(aside, dest)
         raise
-    shutil.rmtree(old, ignore_errors=True)
