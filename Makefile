@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Python that ruff checks and formats (scripts/ when there is one).
-LINT_DIRS := src stages tests $(wildcard scripts)
+LINT_DIRS := src stages tests examples $(wildcard scripts)
 WORKFLOWS := $(wildcard .github/workflows/*.yml)
 
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
@@ -59,6 +59,7 @@ format: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy examples
 
 lock: $(STAMP)  ## re-pin requirements.lock from the current venv
 	(head -n 2 requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^dlpipe') > requirements.lock.new
