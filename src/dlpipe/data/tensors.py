@@ -2,6 +2,10 @@
 
 Text batches are bucketed by length: shuffled rows are grouped into pools, sorted by length inside
 each pool and cut into batches, so a batch pads only to its own longest review.
+
+An epoch's batches are planned on the host in one go (`Split.batches`): the row order, each
+batch's padded width and, under data parallelism, each process's slice of every batch. The rows
+then reach the device in one copy, and making a batch never waits for the device.
 """
 
 from __future__ import annotations
@@ -16,6 +20,20 @@ from torch import Tensor
 from dlpipe.errors import DlpipeError
 
 BUCKET_POOL_BATCHES = 50
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One process's rows of one batch, planned on the host.
+
+    `index` is on the split's device; `width` is the longest row's length for text (0 for
+    images), so cutting the batch needs no device-to-host read. `share` weights the loss: this
+    process's rows over an even share of the global batch (1.0 but for an uneven last batch), so
+    that the gradients DistributedDataParallel averages are the global batch's mean gradient."""
+
+    index: Tensor
+    width: int = 0
+    share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,12 +60,14 @@ class Split:
             labels=move(self.labels),
         )
 
-    def batch(self, index: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Model inputs and targets for the rows in `index` (a tensor on the split's device)."""
+    def batch(self, index: Tensor, width: int = 0) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Model inputs and targets for the rows in `index` (a tensor on the split's device).
+        Text rows are cut to `width`, or to their longest when it is 0 (a read from the device:
+        `batches` plans widths on the host instead)."""
         targets = self.labels[index]
         if self.is_text:
             lengths = self.features["lengths"][index]
-            width = int(lengths.max())
+            width = width or int(lengths.max())
             return (self.features["tokens"][index, :width].long(), lengths.long()), targets
         images = self.features["images"][index].unsqueeze(1).float().div_(255.0)
         if self.channels_last:
@@ -57,7 +77,8 @@ class Split:
     def batch_indices(
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> list[Tensor]:
-        """Row indices per batch: shuffled when a generator is given, length-bucketed for text."""
+        """Row indices per batch, on the host: shuffled when a generator is given,
+        length-bucketed for text."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator else torch.arange(n)
         if self.is_text:
@@ -68,9 +89,45 @@ class Split:
             )
         batches = list(order.split(batch_size))
         if generator is not None and self.is_text:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
-        device = self.labels.device
-        return [b.to(device) for b in batches]
+            batches = [
+                batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()
+            ]
+        return batches
+
+    def batches(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> list[Batch]:
+        """Process `rank`'s part of every batch of `batch_indices` (each global batch is cut
+        into `world_size` slices: every process sees the same order and takes the same number of
+        steps). A last batch with fewer rows than processes is dropped (at most world_size - 1
+        rows of an epoch; none in one process)."""
+        # Widths come from a numpy copy of the lengths: host arithmetic, never a tensor read.
+        lengths = self.features["lengths"].cpu().numpy() if self.is_text else None
+        mine: list[Tensor] = []
+        planned: list[tuple[int, float]] = []
+        for rows in self.batch_indices(batch_size, generator):
+            if len(rows) < world_size:
+                continue
+            part = rows.tensor_split(world_size)[rank]
+            width = int(lengths[part.numpy()].max()) if lengths is not None else 0
+            mine.append(part)
+            planned.append((width, len(part) * world_size / len(rows)))
+        if not mine:
+            return []
+        index = torch.cat(mine).to(self.labels.device)  # one copy for the whole epoch
+        views = index.split([len(part) for part in mine])
+        return [
+            Batch(view, width, share) for view, (width, share) in zip(views, planned, strict=True)
+        ]
+
+    def steps(self, batch_size: int, world_size: int = 1) -> int:
+        """len(self.batches(batch_size, ..., world_size=world_size)), without planning them."""
+        full, rest = divmod(len(self), batch_size)
+        return full + int(rest >= max(1, world_size))
 
 
 def load_split(prepared_dir: Path, split: str, channels_last: bool = False) -> Split:
