@@ -1,23 +1,32 @@
-"""DVC stage train@<family>: train one model family, resumable, tracked in MLflow."""
+"""DVC stage train@<family>: train one model family, resumable, tracked in MLflow.
+
+With train.<family>.nproc > 1 it re-runs itself under torchrun, one process per GPU (or CPU
+share); rank 0 prints the summary.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dlpipe.config import load_params
 from dlpipe.errors import exit_on_user_error
-from dlpipe.training.run import train
+from dlpipe.training.run import launch, train
 
 
 @exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", help="a model family: a train.<name> section of params.yaml")
-    summary = train(parser.parse_args().model, load_params())
-    print(
-        f"train@{summary['model']}: best val_accuracy {summary['best']['val_accuracy']:.4f} "
-        f"(epoch {summary['best_epoch']}/{summary['epochs']}) in {summary['wall_time_s']:.0f}s"
-    )
+    name = parser.parse_args().model
+    params = load_params()
+    launch(name, params, sys.argv)
+    summary = train(name, params)
+    if summary is not None:
+        print(
+            f"train@{summary['model']}: best val_accuracy {summary['best']['val_accuracy']:.4f} "
+            f"(epoch {summary['best_epoch']}/{summary['epochs']}) in {summary['wall_time_s']:.0f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ TRAIN_JSON_KEYS = {
     "model",
     "device",
     "precision",
+    "compute_dtypes",
+    "world_size",
     "parameters",
     "epochs",
     "best_epoch",
@@ -217,10 +219,11 @@ def test_resume_depends_on_the_restored_rng_state(
 
     def resume_with(rng: Tensor) -> dict[str, Tensor]:
         trainer = make_trainer("transformer", params, meta)
-        trainer.fit(train, val, resume={**state, "torch_rng": rng})
+        trainer.fit(train, val, resume={**state, "rng": [{"torch": rng, "cuda": None}]})
         return trainer.model.state_dict()
 
-    restored = resume_with(state["torch_rng"])
+    [saved] = state["rng"]  # one process: one generator state
+    restored = resume_with(saved["torch"])
     other = resume_with(torch.Generator().manual_seed(12345).get_state())
     assert any(not torch.equal(restored[k], other[k]) for k in restored)
 
@@ -497,6 +500,7 @@ def test_train_writes_every_output(tiny_project: TinyProject, name: str) -> None
     assert set(report) == TRAIN_JSON_KEYS and report == json.loads(json.dumps(summary))
     assert report["epochs"] == config.epochs and report["model"] == name
     assert report["device"] == "CPU" and report["precision"] == "fp32"
+    assert report["world_size"] == 1 and set(report["compute_dtypes"].values()) == {"fp32"}
     assert set(report["final"]) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
     assert 1 <= report["best_epoch"] <= config.epochs
 

@@ -80,9 +80,12 @@ class TrainConfig(Strict):
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deterministic: bool = False
     max_steps_per_epoch: Annotated[int, Field(ge=0)] = 0
+    # Processes the train stage starts on this machine (torchrun); batch_size stays the global
+    # batch, split evenly among them. Under an outer torchrun (several machines) it is ignored.
+    nproc: Annotated[int, Field(ge=1, le=256)] = 1
     model: dict[str, Any] = {}
 
 

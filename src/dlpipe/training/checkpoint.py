@@ -18,6 +18,9 @@ import torch
 from dlpipe.io import atomic_path
 
 CHECKPOINT_FILE = "last.pt"
+# Part of every training key: a checkpoint of another layout is never read (2: per-process RNG
+# states and the loss scaler, for data-parallel training).
+CHECKPOINT_FORMAT = 2
 
 
 def file_digest(paths: list[Path]) -> str:
@@ -32,7 +35,10 @@ def file_digest(paths: list[Path]) -> str:
 
 
 def training_key(model: str, settings: dict[str, Any], data_digest: str) -> str:
-    blob = json.dumps({"model": model, "settings": settings, "data": data_digest}, sort_keys=True)
+    blob = json.dumps(
+        {"model": model, "settings": settings, "data": data_digest, "format": CHECKPOINT_FORMAT},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

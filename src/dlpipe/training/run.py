@@ -1,8 +1,13 @@
 """The train@<family> stage: data -> resumable training -> DVC outputs + one MLflow run.
 
-`train` reads top to bottom as its steps: load the data, find a checkpoint to resume, start (or
-continue) the MLflow run, build the model, fit, write the outputs, log the artifacts. Once the
-run has started, any failure ends it as FAILED (KILLED on Ctrl-C or SIGTERM), never FINISHED.
+`train` reads top to bottom as its steps: load the data, find a checkpoint to resume, build the
+model and measure the precision it computes in, start (or continue) the MLflow run, fit, write the
+outputs, log the artifacts. Once the run has started, any failure ends it as FAILED (KILLED on
+Ctrl-C or SIGTERM), never FINISHED.
+
+With `train.<family>.nproc` > 1, `launch` re-runs the stage under torchrun. Every process then
+loads the data and trains its slice of each batch; rank 0 alone reads the checkpoint (and hands
+it to the others), writes the outputs and checkpoints, and keeps the one MLflow run.
 """
 
 from __future__ import annotations
@@ -22,14 +27,29 @@ import numpy as np
 import torch
 
 from dlpipe import paths
-from dlpipe.config import Params, train_config
+from dlpipe.config import Params, TrainConfig, train_config
 from dlpipe.data.tensors import Split
+from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, Family, get_family
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.plots import plot_history
 from dlpipe.tracking import TrainingRun, flatten, git_state, tracking_uri
 from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
-from dlpipe.training.runtime import Runtime, make_runtime, seed_everything
+from dlpipe.training.distributed import (
+    World,
+    check_batch_size,
+    process_group,
+    relaunch_under_torchrun,
+    under_launcher,
+)
+from dlpipe.training.runtime import (
+    Runtime,
+    compute_dtypes,
+    make_runtime,
+    precision_label,
+    seed_everything,
+    select_device,
+)
 from dlpipe.training.trainer import FitResult, Trainer
 
 PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
@@ -57,16 +77,40 @@ def load_data(family: Family, runtime: Runtime) -> TrainingData:
     return TrainingData(train, val, read_json(prepared / "meta.json"), digest)
 
 
+@dataclass(frozen=True)
+class MeasuredPrecision:
+    """What the model really computes in: the runtime's precision and any kernel that differs."""
+
+    label: str  # e.g. "bf16", or "bf16 (fp32: _cudnn_rnn)"
+    dtypes: dict[str, str]  # kernel -> dtype it was given
+
+    @property
+    def tag(self) -> str:
+        return ",".join(f"{name}={dtype}" for name, dtype in self.dtypes.items())
+
+
+def measure_precision(
+    model: torch.nn.Module, data: TrainingData, runtime: Runtime
+) -> MeasuredPrecision:
+    """One forward pass on two training rows, watching which dtypes the kernels receive."""
+    inputs, _ = data.train.batch(torch.arange(2, device=data.train.labels.device))
+    dtypes = compute_dtypes(model, inputs, runtime)
+    return MeasuredPrecision(precision_label(runtime.precision, dtypes), dtypes)
+
+
 def checkpoints(family: Family, params: Params, data: TrainingData) -> CheckpointStore:
-    """The checkpoint folder of this exact training (params, seed and data)."""
+    """The checkpoint folder of this exact training (params, seed and data). The number of
+    processes is not part of it: they train the same recipe, and a rerun with another number
+    resumes."""
     settings = {"seed": params.seed, **train_config(params, family.name).model_dump()}
+    settings.pop("nproc")
     key = training_key(family.name, settings, data.digest)
     return CheckpointStore(
         paths.project_root() / ".dlpipe" / "checkpoints" / f"{family.name}-{key}"
     )
 
 
-def run_params(family: Family, params: Params) -> dict[str, Any]:
+def run_params(family: Family, params: Params, world: World) -> dict[str, Any]:
     """Flattened params with the same names for every family (train.lr, train.epochs, ...)."""
     config = train_config(params, family.name).model_dump()
     model_config = family.model_config(params).model_dump()
@@ -76,19 +120,21 @@ def run_params(family: Family, params: Params) -> dict[str, Any]:
     return {
         "seed": params.seed,
         "model.family": family.name,
+        "world_size": world.size,
         **flatten("train", config),
         **flatten("model", model_config),
         **flatten("data", {"name": family.dataset, **data}),
     }
 
 
-def run_tags(family: Family, runtime: Runtime) -> dict[str, str]:
+def run_tags(family: Family, runtime: Runtime, precision: MeasuredPrecision) -> dict[str, str]:
     tags = {
         "model_family": family.name,
         "dataset": family.dataset,
         "dvc_stage": f"train@{family.name}",
         "device": runtime.device_name,
-        "precision": runtime.precision,
+        "precision": precision.label,
+        "compute_dtypes": precision.tag,
         "torch_version": torch.__version__,
         "cuda_version": str(torch.version.cuda),
         **git_state(),
@@ -100,7 +146,13 @@ def run_tags(family: Family, runtime: Runtime) -> dict[str, str]:
 
 
 def start_run(
-    family: Family, params: Params, runtime: Runtime, data: TrainingData, resume: Any
+    family: Family,
+    params: Params,
+    runtime: Runtime,
+    data: TrainingData,
+    resume: Any,
+    precision: MeasuredPrecision,
+    world: World,
 ) -> TrainingRun:
     """A new MLflow run, or the interrupted training's run when its checkpoint names one."""
     # "" when the interrupted training ran without tracking: then this one starts a new run.
@@ -112,8 +164,8 @@ def start_run(
         params.mlflow.experiment,
         run_name,
         resume_run_id,
-        run_tags(family, runtime),
-        run_params(family, params),
+        run_tags(family, runtime, precision),
+        run_params(family, params, world),
         params.mlflow.system_metrics_interval_s,
     )
     if not run.resumed:
@@ -136,6 +188,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    """SIGTERM and SIGINT ignored for the block (a few database writes)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def end_run(run: TrainingRun, status: str) -> None:
+    """Record how the run ended, uninterruptibly: when one process of a data-parallel training
+    fails, torchrun sends the others SIGTERM, and one landing while rank 0 records FAILED would
+    leave the run RUNNING."""
+    with signals_ignored():
+        run.end(status)
+
+
 def write_outputs(
     family: Family,
     model: torch.nn.Module,
@@ -145,6 +216,8 @@ def write_outputs(
     run: TrainingRun,
     runtime: Runtime,
     wall_time_s: float,
+    precision: MeasuredPrecision,
+    world: World,
 ) -> dict[str, Any]:
     """data/models/<name>/ (weights, config, what raw inputs need) and reports/models/<name>/."""
     models_dir = paths.MODELS_DIR / family.name
@@ -174,7 +247,9 @@ def write_outputs(
     summary = {
         "model": family.name,
         "device": runtime.device_name,
-        "precision": runtime.precision,
+        "precision": precision.label,
+        "compute_dtypes": precision.dtypes,
+        "world_size": world.size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
@@ -219,6 +294,16 @@ def log_pytorch_model(family: Family, model: torch.nn.Module, data: TrainingData
     )
 
 
+def portable_model(
+    family: Family, model_config: Any, meta: DataMeta, trained: torch.nn.Module
+) -> torch.nn.Module:
+    """The trained weights in a fresh CPU build of the family's network: what serving gets, since
+    training may have swapped in modules that run on GPUs only (SyncBatchNorm)."""
+    model = family.build(model_config, meta)
+    model.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
+    return model.eval()
+
+
 def log_results(
     family: Family,
     run: TrainingRun,
@@ -234,46 +319,113 @@ def log_results(
     print(f"train@{family.name}: MLflow logging took {time.perf_counter() - start:.2f}s")
 
 
-def train(name: str, params: Params) -> dict[str, Any]:
-    """Train one model family end to end; resumes from a checkpoint of the same config."""
+def launch(name: str, params: Params, argv: list[str]) -> None:
+    """Re-run the stage (`argv`) as `train.<name>.nproc` torchrun processes when that is above
+    1 and no launcher started this one. What would stop every process stops here first, in one
+    line: a bad model section, a batch that does not divide, too few GPUs."""
+    config = train_config(params, name)
+    if config.nproc <= 1 or under_launcher():
+        return
+    get_family(name).model_config(params)
+    check_batch_size(config.batch_size, config.nproc, name)
+    device = select_device(config.device)
+    if device.type == "mps":
+        raise DlpipeError(f"train.{name}.nproc {config.nproc}: data-parallel needs CUDA or the CPU")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else config.nproc
+    if gpus < config.nproc:
+        raise DlpipeError(
+            f"train.{name}.nproc {config.nproc}: {gpus} GPU(s) visible, one per process needed"
+        )
+    relaunch_under_torchrun(config.nproc, argv)
+
+
+def build_model(
+    family: Family,
+    model_config: Any,
+    config: TrainConfig,
+    seed: int,
+    data: TrainingData,
+    runtime: Runtime,
+) -> torch.nn.Module:
+    """The family's network, seeded, on the training device (the same on every process)."""
+    seed_everything(seed, config.deterministic)
+    return family.inputs.place(family.build(model_config, data.meta), runtime.device)
+
+
+def train(name: str, params: Params) -> dict[str, Any] | None:
+    """Train one model family end to end; resumes from a checkpoint of the same config. Under
+    torchrun every process calls it: rank 0 returns the summary, the others None."""
     family = get_family(name)
     config = train_config(params, name)
     model_config = family.model_config(params)  # a bad section fails before any work
-    runtime = make_runtime(config.device, config.precision)
-    data = load_data(family, runtime)
-    store = checkpoints(family, params, data)
-    resume = store.load()
-    run = start_run(family, params, runtime, data, resume)
-    try:
-        seed_everything(params.seed, config.deterministic)
-        model = family.inputs.place(family.build(model_config, data.meta), runtime.device)
-
-        def log_epoch(row: dict[str, float]) -> None:
-            metrics = {k: v for k, v in row.items() if k != "epoch"}
-            run.log_metrics(metrics, step=int(row["epoch"]))
-
-        if resume:  # checkpointed epochs the run lacks: a new run, or one stopped while logging
-            print(f"train@{name}: resuming from epoch {resume['epoch']} ({store.path})")
-            logged = run.logged_steps("val_accuracy") if run.resumed else set()
-            for row in resume["history"]:
-                if int(row["epoch"]) not in logged:
-                    log_epoch(row)
-        trainer = Trainer(model, config, runtime, params.seed, store, log_epoch, label=name)
-        start = time.perf_counter()
+    world = World.from_env()
+    check_batch_size(config.batch_size, world.size, name)
+    runtime = make_runtime(config.device, config.precision, world.local_rank)
+    with process_group(world, runtime.device):
+        data = load_data(family, runtime)
+        store = checkpoints(family, params, data)
+        resume = world.broadcast(store.load() if world.is_main else None)
+        model = build_model(family, model_config, config, params.seed, data, runtime)
+        if not world.is_main:
+            trainer = Trainer(model, config, runtime, params.seed, label=name, world=world)
+            trainer.fit(data.train, data.val, resume)
+            return None
+        precision = measure_precision(model, data, runtime)
         with sigterm_as_interrupt():
-            result = trainer.fit(
-                data.train, data.val, resume, extra={"mlflow_run_id": run.run_id or ""}
-            )
-        wall = time.perf_counter() - start
-        summary = write_outputs(family, model, params, data, result, run, runtime, wall)
-        log_results(family, run, model, data, result, summary)
-    except KeyboardInterrupt:
-        print(f"train@{name}: interrupted; last finished epoch is checkpointed in {store.folder}")
-        run.end("KILLED")
-        raise
-    except BaseException:
-        run.end("FAILED")
-        raise
-    run.end("FINISHED")
+            run = start_run(family, params, runtime, data, resume, precision, world)
+            try:
+                summary = fit_and_record(
+                    family, params, runtime, world, data, model, store, resume, run, precision
+                )
+            except BaseException as err:
+                interrupted = isinstance(err, KeyboardInterrupt)
+                if interrupted:
+                    print(
+                        f"train@{name}: interrupted; last finished epoch is checkpointed in "
+                        f"{store.folder}"
+                    )
+                end_run(run, "KILLED" if interrupted else "FAILED")
+                raise
+            end_run(run, "FINISHED")
     store.clear()
+    return summary
+
+
+def fit_and_record(
+    family: Family,
+    params: Params,
+    runtime: Runtime,
+    world: World,
+    data: TrainingData,
+    model: torch.nn.Module,
+    store: CheckpointStore,
+    resume: dict[str, Any] | None,
+    run: TrainingRun,
+    precision: MeasuredPrecision,
+) -> dict[str, Any]:
+    """Rank 0's training inside its MLflow run: every epoch logged, then the outputs written
+    and the model logged; the summary (train.json)."""
+    name, config = family.name, train_config(params, family.name)
+
+    def log_epoch(row: dict[str, float]) -> None:
+        metrics = {k: v for k, v in row.items() if k != "epoch"}
+        run.log_metrics(metrics, step=int(row["epoch"]))
+
+    if resume:  # checkpointed epochs the run lacks: a new run, or one stopped while logging
+        print(f"train@{name}: resuming from epoch {resume['epoch']} ({store.path})")
+        logged = run.logged_steps("val_accuracy") if run.resumed else set()
+        for row in resume["history"]:
+            if int(row["epoch"]) not in logged:
+                log_epoch(row)
+    trainer = Trainer(
+        model, config, runtime, params.seed, store, log_epoch, label=name, world=world
+    )
+    start = time.perf_counter()
+    result = trainer.fit(data.train, data.val, resume, extra={"mlflow_run_id": run.run_id or ""})
+    wall = time.perf_counter() - start
+    summary = write_outputs(
+        family, trainer.model, params, data, result, run, runtime, wall, precision, world
+    )
+    served = portable_model(family, family.model_config(params), data.meta, trainer.model)
+    log_results(family, run, served, data, result, summary)
     return summary
