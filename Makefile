@@ -11,7 +11,7 @@ WORKFLOWS := $(wildcard .github/workflows/*.yml)
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all smoke check bench-keras lint format typecheck lock mlflow-ui clean
+.PHONY: repro test test-all smoke gpu-check check bench-keras lint format typecheck lock mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-all: $(STAMP)  ## every test, slow ones included (gpu tests skip without CU
 
 smoke: $(STAMP)  ## the whole pipeline on small slices of the real data, in a temp copy (~2 min)
 	$(BIN)/python -m dlpipe.smoke
+
+# Quiet (@): without CUDA the whole output is the script's one line saying so.
+gpu-check: $(STAMP)  ## on CUDA: gpu tests, full pipeline on the GPU, 2-GPU DDP; table in .dlpipe/gpu-check/
+	@$(BIN)/python scripts/gpu_check.py
 
 check: $(STAMP)  ## metric gates: reports/models/<model>/eval.json against gates.floors in params.yaml
 	$(BIN)/python -m dlpipe.gates
