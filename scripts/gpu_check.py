@@ -6,8 +6,8 @@ On a CUDA machine it runs, in order:
 2. the whole pipeline on the full data with `device: cuda` for every family, in a throw-away copy
    of the working tree (`dlpipe.smoke`'s workspace, DVC run and checks, with the project's own
    params instead of the smoke slices);
-3. with 2 or more GPUs, train@cnn and evaluate@cnn again in that copy as 2 DDP processes
-   (`train.cnn.nproc: 2`, NCCL);
+3. with 2 or more GPUs, the first family of params.yaml (the CNN) trained and evaluated again in
+   that copy as 2 DDP processes (`train.<family>.nproc: 2`, NCCL);
 
 then prints one table (per model: epochs, s/epoch, samples/s, val and test accuracy, peak GPU
 memory, the precision the kernels really used) and writes it, with the raw numbers, to
@@ -121,17 +121,17 @@ def pipeline(out: Path, mirror: str | None, work: Path) -> Path | None:
     return copies[0] if code == 0 and copies else None
 
 
-def ddp_cnn(repo: Path, mirror: str | None, gpus: int) -> bool:
-    """train@cnn and evaluate@cnn as `gpus` DDP processes, in the pipeline's copy."""
+def data_parallel(repo: Path, mirror: str | None, model: str, gpus: int) -> bool:
+    """train@<model> and evaluate@<model> as `gpus` DDP processes, in the pipeline's copy."""
     from dlpipe.smoke.workspace import isolated_env
 
     params = repo / "params.yaml"
     raw = yaml.safe_load(params.read_text(encoding="utf-8"))
-    raw["train"]["cnn"]["nproc"] = gpus
+    raw["train"][model]["nproc"] = gpus
     params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     env = isolated_env(repo, repo.parent, mirror)
-    command = [sys.executable, "-m", "dvc", "repro", "train@cnn", "evaluate@cnn"]
-    return run_step(f"cnn on {gpus} GPUs (DDP)", command, repo, env, timeout=240)
+    command = [sys.executable, "-m", "dvc", "repro", f"train@{model}", f"evaluate@{model}"]
+    return run_step(f"{model} on {gpus} GPUs (DDP)", command, repo, env, timeout=240)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         models = sorted(p.name for p in reports.iterdir()) if reports.is_dir() else []
         rows += [model_row(reports, model, model, 1) for model in models]
         if gpus >= 2 and repo is not None:
-            passed["cnn DDP"] = ddp_cnn(repo, mirror, 2)
-            if passed["cnn DDP"]:
-                rows.append(model_row(repo / "reports" / "models", "cnn", "cnn (DDP)", 2))
+            first = next(iter(yaml.safe_load((ROOT / "params.yaml").read_text())["train"]))
+            passed[f"{first} DDP"] = data_parallel(repo, mirror, first, 2)
+            if passed[f"{first} DDP"]:
+                rows.append(model_row(repo / "reports" / "models", first, f"{first} (DDP)", 2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     steps = ", ".join(f"{step} {'PASS' if ok else 'FAIL'}" for step, ok in passed.items())
