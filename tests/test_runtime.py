@@ -230,7 +230,7 @@ def test_the_epoch_timer_waits_for_the_device(
 
 def test_loss_scaling_trains_and_resumes(tiny_project: TinyProject, tmp_path: Any) -> None:
     """fp16's GradScaler path (unscale before clipping, scaled step), run on the CPU."""
-    params = tiny_project.with_train("cnn", epochs=2, grad_clip=1.0)
+    params = tiny_project.with_train("cnn", epochs=2, grad_clip=1.0, max_steps_per_epoch=3)
     config = train_config(params, "cnn")
     train, meta = tiny_data("cnn")
     store = CheckpointStore(tmp_path / "ck")
