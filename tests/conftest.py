@@ -372,21 +372,18 @@ def stop_process_group(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free port; yields its URL."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
+@contextmanager
+def running_mlflow_server(folder: Path, backend: str) -> Iterator[str]:
+    """A real `mlflow server` started as `make mlflow-server` starts it (`python -m
+    dlpipe.server`: proxied artifacts, 127.0.0.1) on a free port, with store `backend`; yields
+    its URL and stops it (and its workers) afterwards."""
     port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
     command = [
-        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
-        "server",
-        "--host", "127.0.0.1",
+        sys.executable, "-m", "dlpipe.server",
+        "--backend-store-uri", backend,
+        "--artifacts-destination", str(folder / "artifacts"),
         "--port", str(port),
         "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{folder / 'srv.db'}",
-        "--serve-artifacts",
-        "--artifacts-destination", str(folder / "artifacts"),
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -414,6 +411,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         stop_process_group(process)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free port; yields its URL."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow_server(folder, f"sqlite:///{folder / 'srv.db'}") as url:
+        yield url
 
 
 # --- serving / registry / CLI: tiny trained-model folders and a registry store ------------------
