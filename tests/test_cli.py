@@ -332,13 +332,14 @@ def test_compare_shows_the_latest_finished_run_of_each_family(
     result = cli("compare", "--json")
     assert result.code == 0, result.err
     rows = {row["model"]: row for row in json.loads(result.out)}
-    assert list(rows) == ["cnn", "rnn", "transformer"]
+    assert list(rows) == ["cnn", "rnn", "transformer", "tfidf_logreg"]  # the baseline last
     cnn = rows["cnn"]
     assert cnn["run_id"] == runs_store["cnn"]
     assert cnn["epochs"] == 3 and cnn["val_accuracy"] == 0.95  # the best epoch's value
     assert cnn["train_time_s"] == 36.0 and cnn["samples_per_s"] == 1200.0
     assert (cnn["test_accuracy"], cnn["latency_b1_ms"], cnn["device"]) == (0.9876, 1.234, "cpu")
     assert set(rows["rnn"].values()) == {"rnn", None}
+    assert set(rows["tfidf_logreg"].values()) == {"tfidf_logreg", None}  # no run logged
     assert rows["transformer"]["test_accuracy"] is None
     assert rows["transformer"]["val_accuracy"] == 0.93  # no best_epoch: the last value
 

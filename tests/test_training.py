@@ -38,6 +38,7 @@ from dlpipe.training.trainer import EpochCallback, Trainer
 TIMING_KEYS = {"epoch_time_s", "samples_per_s"}
 TRAIN_JSON_KEYS = {
     "model",
+    "dataset",
     "device",
     "precision",
     "parameters",

@@ -211,7 +211,7 @@ def compare_row(client: MlflowClient, experiment_id: str, family: str) -> dict[s
     if row["val_accuracy"] is None:
         row["val_accuracy"] = metrics.get("val_accuracy")
     times = _history(client, run_id, "epoch_time_s")
-    row["train_time_s"] = sum(times.values()) if times else None
+    row["train_time_s"] = sum(times.values()) if times else metrics.get("train_time_s")
     speeds = _history(client, run_id, "samples_per_s")
     row["samples_per_s"] = sum(speeds.values()) / len(speeds) if speeds else None
     return row
@@ -242,7 +242,10 @@ def compare(args: argparse.Namespace) -> int:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise DlpipeError(f"no experiment {experiment!r} in {store}; train a model first")
-    rows = [compare_row(client, found.experiment_id, family) for family in params.families]
+    from dlpipe.baseline import NAME as BASELINE
+
+    names = [*params.families, BASELINE]
+    rows = [compare_row(client, found.experiment_id, name) for name in names]
     if args.json:
         print(json.dumps(rows))
     else:
@@ -272,7 +275,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     p.add_argument("--json", action="store_true", help="print JSON records")
     p.set_defaults(handler=predict)
 
-    c = commands.add_parser("compare", help="the latest finished run of each model family")
+    c = commands.add_parser(
+        "compare", help="the latest finished run of each model family and of the baseline"
+    )
     c.add_argument("--experiment", help="default: mlflow.experiment in params.yaml")
     c.add_argument("--params", default="params.yaml", help="default params.yaml")
     c.add_argument("--json", action="store_true", help="print JSON records")

@@ -86,6 +86,16 @@ class TrainConfig(Strict):
     model: dict[str, Any] = {}
 
 
+class BaselineConfig(Strict):
+    """The linear baseline beside the text families: TF-IDF word n-grams + logistic regression."""
+
+    ngram_max: Annotated[int, Field(ge=1, le=3)] = 2
+    min_df: Annotated[int, Field(ge=1)] = 2
+    sublinear_tf: bool = True
+    C: Annotated[float, Field(gt=0.0)] = 8.0
+    max_iter: Annotated[int, Field(ge=10, le=100000)] = 1000
+
+
 class EvaluateConfig(Strict):
     calibration_bins: Annotated[int, Field(ge=2, le=100)] = 15
     latency_batch_sizes: tuple[PositiveInt, ...] = (1, 256)
@@ -128,6 +138,7 @@ class Params(Strict):
     fetch: FetchConfig = FetchConfig()
     prepare: PrepareConfig = PrepareConfig()
     train: dict[FamilyName, TrainConfig] = {}
+    baseline: BaselineConfig = BaselineConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     mlflow: MlflowConfig = MlflowConfig()

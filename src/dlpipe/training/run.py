@@ -173,6 +173,7 @@ def write_outputs(
     best = result.history[result.best_epoch - 1]
     summary = {
         "model": family.name,
+        "dataset": family.dataset,
         "device": runtime.device_name,
         "precision": runtime.precision,
         "parameters": sum(p.numel() for p in model.parameters()),
