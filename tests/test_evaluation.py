@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import (
     SERVING_REVIEWS,
     TINY_MAX_TOKENS,
@@ -19,11 +20,12 @@ from conftest import (
 )
 from mlflow.tracking import MlflowClient
 
-from dlpipe.config import PrepareImdbConfig
+from dlpipe.config import DATASET_OF_MODEL, PrepareImdbConfig
 from dlpipe.data.imdb import train_tokenizer
 from dlpipe.evaluation.metrics import classification_report, expected_calibration_error
 from dlpipe.evaluation.run import evaluate
 from dlpipe.report import write_report
+from dlpipe.serving import load_model_files
 from dlpipe.training.run import train
 
 MODELS = ("cnn", "rnn", "transformer")
@@ -149,6 +151,22 @@ def _add_test_splits(project: TinyProject) -> None:
         (reports_data / f"{dataset}.json").write_text(json.dumps(card))
 
 
+def _accuracy_from_saved_files(name: str) -> tuple[float, int]:
+    """Test accuracy and parameter count recomputed from model.pt and test.npz by plain torch,
+    apart from the evaluate stage's code, so its scalars are checked and not just bounded."""
+    folder = Path("data/models") / name
+    model, _ = load_model_files(folder / "model.pt", folder / "config.json")
+    split = np.load(Path("data/prepared") / DATASET_OF_MODEL[name] / "test.npz")
+    with torch.no_grad():
+        if name == "cnn":
+            logits = model(torch.from_numpy(split["images"]).float().unsqueeze(1) / 255.0)
+        else:
+            tokens, lengths = torch.from_numpy(split["tokens"]), torch.from_numpy(split["lengths"])
+            logits = model(tokens.long(), lengths.long())
+    accuracy = float((logits.argmax(dim=1).numpy() == split["labels"]).mean())
+    return accuracy, sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.integration
 def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
     _add_test_splits(tiny_project)
@@ -162,10 +180,13 @@ def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
     for name in MODELS:
         reports = Path("reports") / name
         scalars = json.loads((reports / "eval.json").read_text())
-        assert 0.0 <= scalars["test_accuracy"] <= 1.0
-        assert scalars["latency_b1_ms"] > 0 and scalars["parameters"] > 0
+        accuracy, parameters = _accuracy_from_saved_files(name)
+        assert scalars["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+        assert scalars["latency_b1_ms"] > 0 and scalars["parameters"] == parameters
         confusion = pd.read_csv(reports / "confusion.csv")
         assert len(confusion) == 80 and set(confusion.columns) == {"actual", "predicted"}
+        hits = (confusion["actual"] == confusion["predicted"]).mean()
+        assert hits == pytest.approx(accuracy)
         assert (reports / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
         mistakes = reports / ("mistakes.png" if name == "cnn" else "mistakes.md")
         assert mistakes.exists()
