@@ -2,8 +2,9 @@
 
 The other serving tests use random weights, so they can only check that two paths agree with
 each other. Here a model trained to a known accuracy must keep that accuracy when it is fed PNG
-files (as drawn: inverted; as photographed: upscaled) through the Predictor, the MLflow pyfunc and
-`dlpipe predict`: a broken preprocessing step or a swapped label order fails these tests.
+files (as drawn: inverted; larger: upscaled; pencil on grey paper: faint) through the Predictor,
+the MLflow pyfunc and `dlpipe predict`: a broken preprocessing step or a swapped label order
+fails these tests.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from dlpipe.serving import Predictor, log_raw_input_model, preprocess_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES, EPOCHS, TEST_IMAGES, SEED = 6000, 2, 1000, 0
-FLOOR = 0.90  # the trained model reaches ~0.95; every raw-input path must keep >= 0.90
+FLOOR = 0.90  # the trained model reaches ~0.95; every raw-input path must keep >= 0.90 ...
+SLACK = 0.02  # ... and lose at most 2 points against the model on its own tensors
 LABEL_NAMES = [str(digit) for digit in range(10)]
 
 
@@ -136,11 +138,21 @@ def upscaled(digit: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BICUBIC))
 
 
+def faint(digit: np.ndarray) -> np.ndarray:
+    """Grey pencil on grey paper: a light background and a third of the contrast."""
+    return np.round(200.0 - 0.35 * digit).astype(np.uint8)
+
+
 def accuracy_of_names(label_names: list[str], labels: np.ndarray) -> float:
     """Scored on the label *names*, so a swapped label order counts as wrong."""
     return float(
         np.mean([name == str(label) for name, label in zip(label_names, labels, strict=True)])
     )
+
+
+def assert_keeps_accuracy(accuracy: float, trained: TrainedCNN) -> None:
+    assert accuracy >= FLOOR
+    assert accuracy >= trained.tensor_accuracy - SLACK
 
 
 # --- the model itself ----------------------------------------------------------------------------
@@ -181,6 +193,7 @@ VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "as-is": lambda digit: digit,
     "inverted": inverted,
     "upscaled": upscaled,
+    "faint": faint,
 }
 
 
@@ -190,7 +203,7 @@ def test_the_predictor_reads_png_files(trained: TrainedCNN, variant: str) -> Non
     frame = Predictor.from_folder(trained.model_dir).predict(pictures)
     accuracy = accuracy_of_names(frame["label_name"].tolist(), trained.labels)
     print(f"\nPredictor on {variant} PNGs: {accuracy:.3f}")
-    assert accuracy >= FLOOR
+    assert_keeps_accuracy(accuracy, trained)
     assert (frame["label"].to_numpy() == trained.labels).mean() == pytest.approx(accuracy)
 
 
@@ -204,7 +217,7 @@ def test_the_mlflow_pyfunc_reads_base64_pngs(trained: TrainedCNN, tmp_path: Path
         frame = model.predict(pd.DataFrame({"image": pictures}))
     accuracy = accuracy_of_names(frame["label_name"].tolist(), trained.labels)
     print(f"\npyfunc on inverted base64 PNGs: {accuracy:.3f}")
-    assert accuracy >= FLOOR
+    assert_keeps_accuracy(accuracy, trained)
 
 
 def test_dlpipe_predict_labels_png_files(
@@ -222,4 +235,4 @@ def test_dlpipe_predict_labels_png_files(
     accuracy = accuracy_of_names([record["label_name"] for record in records], trained.labels)
     with capsys.disabled():
         print(f"\n`dlpipe predict cnn` on inverted PNG files: {accuracy:.3f}")
-    assert accuracy >= FLOOR
+    assert_keeps_accuracy(accuracy, trained)
