@@ -114,6 +114,12 @@ def test_expected_calibration_error_depends_on_the_bins_by_hand() -> None:
     #   rows 1, 2, 4 accuracy 1,   confidence 2.4/3 = 0.8,    gap 0.2, weight 1/2
     # ECE = 0.1 + 0.1 = 0.2.
     assert expected_calibration_error(HAND_LABELS, HAND_PROBS, bins=3) == pytest.approx(0.2)
+    # A confidence on an edge belongs to the bin below, (lo, hi] as in Guo et al. (2017):
+    # 2 bins, row A confidence 0.5 right, row B confidence 0.9 wrong:
+    #   (0, .5]: A, gap |1 - 0.5| = 0.5, weight 1/2; (.5, 1]: B, gap |0 - 0.9| = 0.9, weight 1/2
+    # ECE = 0.25 + 0.45 = 0.7 (with [lo, hi) bins both rows would share one: |1/2 - 0.7| = 0.2).
+    edge = np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]])
+    assert expected_calibration_error(np.array([0, 1]), edge, bins=2) == pytest.approx(0.7)
 
 
 def _add_test_splits(project: TinyProject) -> None:
