@@ -105,12 +105,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedCNN:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     inputs, targets = as_tensor(train_x), torch.from_numpy(train_y.astype(np.int64))
     order = torch.Generator().manual_seed(SEED)
-    model.train()
-    for _ in range(EPOCHS):
-        for batch in torch.randperm(len(targets), generator=order).split(64):
-            optimizer.zero_grad()
-            F.cross_entropy(model(inputs[batch]), targets[batch]).backward()
-            optimizer.step()
+    # One thread: ~4 s always; two on a shared 2-core runner took from 2 s to over 50 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        for _ in range(EPOCHS):
+            for batch in torch.randperm(len(targets), generator=order).split(64):
+                optimizer.zero_grad()
+                F.cross_entropy(model(inputs[batch]), targets[batch]).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     model_dir = save_like_train_stage(
         model,
