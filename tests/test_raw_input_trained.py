@@ -2,9 +2,9 @@
 
 The other serving tests use random weights, so they can only check that two paths agree with
 each other. Here a model trained to a known accuracy must keep that accuracy when it is fed PNG
-files (as drawn: inverted; larger: upscaled; pencil on grey paper: faint) through the Predictor,
-the MLflow pyfunc and `dlpipe predict`: a broken preprocessing step or a swapped label order
-fails these tests.
+files (as drawn: inverted; larger: upscaled; pencil on grey paper: faint; compressed: JPEG)
+through the Predictor, the MLflow pyfunc and `dlpipe predict`: a broken preprocessing step or a
+swapped label order fails these tests.
 """
 
 from __future__ import annotations
@@ -134,6 +134,13 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def jpeg(pixels: np.ndarray) -> bytes:
+    """JPEG at quality 75: ringing around the strokes, as in a compressed photo."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=75)
+    return buffer.getvalue()
+
+
 def inverted(digit: np.ndarray) -> np.ndarray:
     """Dark ink on white paper, as people draw."""
     return 255 - digit
@@ -195,20 +202,21 @@ def test_preprocessing_leaves_an_mnist_digit_almost_unchanged(trained: TrainedCN
 
 # --- raw inputs through the Predictor, the pyfunc and the CLI ------------------------------------
 
-VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "as-is": lambda digit: digit,
-    "inverted": inverted,
-    "upscaled": upscaled,
-    "faint": faint,
+VARIANTS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "png": png,
+    "inverted-png": lambda digit: png(inverted(digit)),
+    "upscaled-png": lambda digit: png(upscaled(digit)),
+    "faint-png": lambda digit: png(faint(digit)),
+    "inverted-jpeg": lambda digit: jpeg(inverted(digit)),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_the_predictor_reads_png_files(trained: TrainedCNN, variant: str) -> None:
-    pictures = [png(VARIANTS[variant](digit)) for digit in trained.images]
+def test_the_predictor_reads_picture_files(trained: TrainedCNN, variant: str) -> None:
+    pictures = [VARIANTS[variant](digit) for digit in trained.images]
     frame = Predictor.from_folder(trained.model_dir).predict(pictures)
     accuracy = accuracy_of_names(frame["label_name"].tolist(), trained.labels)
-    print(f"\nPredictor on {variant} PNGs: {accuracy:.3f}")
+    print(f"\nPredictor on {variant} files: {accuracy:.3f}")
     assert_keeps_accuracy(accuracy, trained)
     assert (frame["label"].to_numpy() == trained.labels).mean() == pytest.approx(accuracy)
 
