@@ -376,7 +376,7 @@ def test_mlflow_models_serve_answers_raw_text(
             assert answer.status_code == 200, answer.text
             [prediction] = answer.json()["predictions"]
             folders = registry_store.folders
-            local = Predictor.from_folder(folders.model_dir("transformer"), folders.tokenizer)
+            local = Predictor.from_folder(folders.model_dir("transformer"))
             [expected] = local.predict(["awful, boring film"])["probabilities"]
             assert prediction["label"] == int(np.argmax(expected))
             assert prediction["label_name"] == ["negative", "positive"][prediction["label"]]
