@@ -228,6 +228,7 @@ def tiny_params_dict() -> dict[str, Any]:
         d_model=16, heads=2, layers=1, ff_dim=32, max_len=64
     )
     raw["train"]["transformer"]["lr"] = 0.003
+    raw["prepare"]["imdb"]["max_len"] = 64  # no more than the Transformer keeps
     raw["mlflow"]["system_metrics_interval_s"] = 1.0
     return raw
 

@@ -24,9 +24,10 @@ from mlflow.tracking import MlflowClient
 from torch import Tensor
 
 from dlpipe import paths
-from dlpipe.config import Params, TrainConfig, train_config
+from dlpipe.config import Params, TrainConfig, parse_params, train_config
 from dlpipe.data.tensors import BUCKET_POOL_BATCHES, Split, load_split
-from dlpipe.family import DataMeta, get_family
+from dlpipe.errors import DlpipeError
+from dlpipe.family import DataMeta, get_family, validate_families
 from dlpipe.io import read_json
 from dlpipe.tracking import TrainingRun
 from dlpipe.training import run as run_module
@@ -472,6 +473,29 @@ def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
 
 
 # --- the train stage end to end -----------------------------------------------------------------
+
+
+def test_prepare_max_len_above_the_transformers_is_a_params_error(
+    tiny_project: TinyProject,
+) -> None:
+    """prepare keeps the head and tail of each review; a Transformer keeping fewer tokens would
+    silently cut that tail off again at training time (#10)."""
+    raw = tiny_project.params.model_dump()
+    raw["prepare"]["imdb"]["max_len"] = 65  # the tiny Transformer keeps 64
+    params = parse_params(raw, "tiny params")
+    with pytest.raises(DlpipeError) as err:
+        run_module.train("transformer", params)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("tiny params: "), message
+    assert "prepare.imdb.max_len 65" in message, message
+    assert "train.transformer.model.max_len 64" in message, message
+    assert not Path("data/models/transformer").exists()
+    assert not Path(".dlpipe").exists()  # failed before any work
+    with pytest.raises(DlpipeError, match="prepare.imdb.max_len"):
+        validate_families(params)
+    get_family("rnn").model_config(params)  # the RNN reads whole prepared rows: no such limit
+    raw["prepare"]["imdb"]["max_len"] = 64
+    get_family("transformer").model_config(parse_params(raw, "tiny params"))  # equal is fine
 
 
 @pytest.mark.parametrize("name", ["cnn", "rnn", "transformer"])
