@@ -28,7 +28,7 @@ from dlpipe.family import DataMeta, Family, get_family
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.plots import plot_history
 from dlpipe.tracking import TrainingRun, flatten, git_state, tracking_uri
-from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
+from dlpipe.training.checkpoint import CheckpointStore, code_digest, file_digest, training_key
 from dlpipe.training.runtime import Runtime, make_runtime, seed_everything
 from dlpipe.training.trainer import FitResult, Trainer
 
@@ -58,9 +58,9 @@ def load_data(family: Family, runtime: Runtime) -> TrainingData:
 
 
 def checkpoints(family: Family, params: Params, data: TrainingData) -> CheckpointStore:
-    """The checkpoint folder of this exact training (params, seed and data)."""
+    """The checkpoint folder of this exact training (params, seed, data and code)."""
     settings = {"seed": params.seed, **train_config(params, family.name).model_dump()}
-    key = training_key(family.name, settings, data.digest)
+    key = training_key(family.name, settings, data.digest, code_digest(family))
     return CheckpointStore(
         paths.project_root() / ".dlpipe" / "checkpoints" / f"{family.name}-{key}"
     )
