@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import runpy
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
+    REPO_ROOT,
     SERVING_REVIEWS,
     TINY_MAX_TOKENS,
     TINY_VOCAB,
@@ -16,9 +21,11 @@ from conftest import (
     tiny_imdb_arrays,
     tiny_mnist_arrays,
 )
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
+from dlpipe import serving
 from dlpipe.config import PrepareImdbConfig
 from dlpipe.data.imdb import train_tokenizer
 from dlpipe.evaluation.metrics import classification_report, expected_calibration_error
@@ -136,3 +143,83 @@ def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
     assert "[most confident mistakes](models/cnn/mistakes/mistakes.png)" in summary
     text_mistakes = Path("reports/models/rnn/mistakes/mistakes.md").read_text()
     assert "\\|" in text_mistakes  # a pipe inside a review must not break the table
+
+
+# --- MLflow failures in the evaluate stage ------------------------------------------------------
+
+
+def run_evaluate_stage(name: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """`python stages/evaluate.py <name>`, in this process (so that faults can be injected)."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", name])
+    try:
+        runpy.run_path(str(REPO_ROOT / "stages" / "evaluate.py"), run_name="__main__")
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    return 0
+
+
+def fail_logging_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(model_dir: Path) -> str:
+        raise MlflowException("artifact store refused the upload")
+
+    monkeypatch.setattr(serving, "log_raw_input_model", fail)
+
+
+def fail_registering(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(self: MlflowClient, *args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("registry is read-only")
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", fail)
+
+
+@pytest.fixture
+def trained_cnn(tiny_project: TinyProject) -> TinyProject:
+    """A tiny project with test splits, a trained CNN, params.yaml and a stale registry.json."""
+    _add_test_splits(tiny_project)
+    train("cnn", tiny_project.params)
+    tiny_project.write_params()
+    stale = Path("reports/models/cnn/registry.json")
+    stale.write_text(json.dumps({"registered_model": "dlpipe-cnn", "version": 1}))
+    return tiny_project
+
+
+@pytest.mark.parametrize(
+    ("inject", "cause"),
+    [
+        (fail_logging_the_model, "artifact store refused the upload"),
+        (fail_registering, "registry is read-only"),
+    ],
+    ids=["log-model", "register"],
+)
+def test_a_failed_registration_fails_the_stage_after_writing_its_results(
+    trained_cnn: TinyProject,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    inject: Callable[[pytest.MonkeyPatch], None],
+    cause: str,
+) -> None:
+    """DVC must not take an unregistered model for a finished evaluation (#10)."""
+    inject(monkeypatch)
+    assert run_evaluate_stage("cnn", monkeypatch) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith(("error:", "warning:"))]
+    assert line.startswith("error: evaluate@cnn: ") and "Traceback" not in err, err
+    assert cause in line and "not registered" in line and "require_tracking" in line, err
+    reports = Path("reports/models/cnn")
+    assert json.loads((reports / "eval.json").read_text())["test_accuracy"] >= 0  # kept
+    assert not (reports / "registry.json").exists()  # neither stale nor "not registered"
+    client = MlflowClient(trained_cnn.tracking_uri)
+    assert client.search_registered_models() == [] or not client.search_model_versions()
+
+
+def test_without_required_tracking_a_failed_registration_is_recorded_and_warned(
+    trained_cnn: TinyProject, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained_cnn.write_params(trained_cnn.with_mlflow(require_tracking=False))
+    fail_logging_the_model(monkeypatch)
+    assert run_evaluate_stage("cnn", monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "warning: evaluate@cnn: " in err and "artifact store refused the upload" in err, err
+    decision = json.loads(Path("reports/models/cnn/registry.json").read_text())
+    assert decision["registered"] is False
+    assert "artifact store refused the upload" in decision["reason"]

@@ -28,7 +28,7 @@ import pandas as pd
 
 from dlpipe import gates, paths
 from dlpipe.config import load_params
-from dlpipe.errors import DlpipeError, exit_on_user_error
+from dlpipe.errors import DlpipeError, exit_on_user_error, first_line
 from dlpipe.family import Family, get_family
 from dlpipe.tables import format_table
 
@@ -79,7 +79,7 @@ def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFr
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
-        raise DlpipeError(f"cannot load {model_uri} from {store}: {_first_line(err)}") from None
+        raise DlpipeError(f"cannot load {model_uri} from {store}: {first_line(err)}") from None
     schema = model.metadata.get_input_schema()
     names = schema.input_names() if schema is not None else [column]
     if column not in names:
@@ -140,14 +140,6 @@ def predict(args: argparse.Namespace) -> int:
 
 
 # --- compare -------------------------------------------------------------------------------------
-
-
-def _first_line(err: BaseException) -> str:
-    """The gist of an exception in one line (MLflow puts its reason after "Error: ")."""
-    text = str(err).strip()
-    if "Error: " in text:
-        text = text.rsplit("Error: ", 1)[1]
-    return (text.splitlines() or [type(err).__name__])[0][:300]
 
 
 def _count(value: float) -> str:
@@ -309,14 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except UnidentifiedImageError as err:
-        raise DlpipeError(f"not an image: {_first_line(err)}") from None
+        raise DlpipeError(f"not an image: {first_line(err)}") from None
     except UnicodeDecodeError as err:
         raise DlpipeError(f"not UTF-8 text: {err.reason}") from None
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
-        raise DlpipeError(f"{where}{err.strerror or _first_line(err)}") from None
+        raise DlpipeError(f"{where}{err.strerror or first_line(err)}") from None
     except MlflowException as err:
-        raise DlpipeError(f"MLflow: {_first_line(err)}") from None
+        raise DlpipeError(f"MLflow: {first_line(err)}") from None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ class DlpipeError(Exception):
     """A problem the user can fix: bad params, bad data, unreachable service, bad input."""
 
 
+def first_line(err: BaseException) -> str:
+    """The gist of an exception in one line (MLflow puts its reason after "Error: ")."""
+    text = str(err).strip()
+    if "Error: " in text:
+        text = text.rsplit("Error: ", 1)[1]
+    return (text.splitlines() or [type(err).__name__])[0][:300]
+
+
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
     """Turn `DlpipeError` (and Ctrl-C) raised by `fn` into one stderr line and a non-zero exit."""
 

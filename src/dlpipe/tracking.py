@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 from dlpipe.paths import project_root
 
 # Fail in seconds rather than retrying for minutes when a tracking server is down.
@@ -103,11 +103,14 @@ class TrainingRun:
     """An MLflow run that survives interruptions and never takes the training down with it.
 
     Starting is strict (an unusable store is an error before training, unless tracking is
-    optional); everything after start only warns, so local outputs are always written.
+    optional); everything after start only warns, so local outputs are always written. A
+    `strict` run (the evaluate stage, whose job includes the logging) raises one DlpipeError
+    line at the first failed call instead.
     """
 
-    def __init__(self, uri: str, required: bool) -> None:
+    def __init__(self, uri: str, required: bool, strict: bool = False) -> None:
         self.uri = uri
+        self.strict = strict
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.resumed = False  # start() continued the run of an interrupted training
@@ -131,6 +134,8 @@ class TrainingRun:
             return fn(*args, **kwargs)
         except Exception as err:  # a logging failure must never lose the training
             self._broken = True
+            if self.strict:
+                raise DlpipeError(f"MLflow {what} failed: {first_line(err)}") from None
             print(f"warning: MLflow {what} failed, tracking stops: {err}", file=sys.stderr)
             return None
 
@@ -185,8 +190,10 @@ class TrainingRun:
         if self._broken:
             return
         mlflow.set_tracking_uri(self.uri)
-        run = mlflow.start_run(run_id=run_id)
-        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+        self.run_id = run_id
+        run = self._guard(f"reopening run {run_id}", mlflow.start_run, run_id=run_id)
+        if run is not None:
+            self.experiment_id = run.info.experiment_id
 
     def log_dataset(self, name: str, source: Path, digest: str, context: str) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
