@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -223,3 +225,69 @@ def test_without_required_tracking_a_failed_registration_is_recorded_and_warned(
     decision = json.loads(Path("reports/models/cnn/registry.json").read_text())
     assert decision["registered"] is False
     assert "artifact store refused the upload" in decision["reason"]
+
+
+# --- credentials in the tracking URI ------------------------------------------------------------
+
+SECRET = "s3cr3t-t0ken"
+
+
+def run_stage(stage: str, name: str, root: Path, uri: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), name],
+        cwd=root,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def files_holding(root: Path, text: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+@pytest.mark.integration
+def test_tracking_credentials_are_never_written_or_printed(
+    tiny_project: TinyProject, mlflow_server: str, closed_port: int
+) -> None:
+    """A tracking URI with `user:token@` trains and evaluates, but the token is in no output, no
+    message and no run param or tag; evaluate finds the run through the current URI (#10)."""
+    _add_test_splits(tiny_project)
+    tiny_project.write_params(tiny_project.with_train("cnn", epochs=1))
+    uri = mlflow_server.replace("http://", f"http://alice:{SECRET}@")
+    trained = run_stage("train", "cnn", tiny_project.root, uri)
+    assert trained.returncode == 0, trained.stderr
+    info = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())
+    assert info["tracking_uri"] == mlflow_server.replace("http://", "http://***@")
+
+    evaluated = run_stage("evaluate", "cnn", tiny_project.root, uri)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(Path("reports/models/cnn/registry.json").read_text())["registered"]
+    for done in (trained, evaluated):
+        assert SECRET not in done.stdout + done.stderr
+    assert files_holding(tiny_project.root, SECRET) == []
+    run = MlflowClient(mlflow_server).get_run(info["run_id"])
+    assert SECRET not in json.dumps([run.data.params, run.data.tags])
+    assert "test_accuracy" in run.data.metrics
+
+    # another store than the training's: one clear line, no secret, nothing registered
+    other = f"http://bob:other-secret@127.0.0.1:{closed_port}"
+    moved = run_stage("evaluate", "cnn", tiny_project.root, other)
+    assert moved.returncode == 2
+    [line] = [x for x in moved.stderr.splitlines() if x.startswith("error:")]
+    assert f"is in {info['tracking_uri']}, but MLFLOW_TRACKING_URI is http://***@" in line, line
+    assert "other-secret" not in moved.stderr, moved.stderr
+    assert not Path("reports/models/cnn/registry.json").exists()
+
+
+def test_credentials_in_an_unreachable_uri_are_not_echoed(
+    tiny_project: TinyProject, closed_port: int
+) -> None:
+    tiny_project.write_params()
+    uri = f"http://alice:{SECRET}@127.0.0.1:{closed_port}/?token={SECRET}"
+    done = run_stage("train", "cnn", tiny_project.root, uri)
+    assert done.returncode == 2
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert f"http://***@127.0.0.1:{closed_port}/?token=***" in line, line
+    assert SECRET not in done.stdout + done.stderr

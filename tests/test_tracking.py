@@ -27,10 +27,10 @@ from mlflow.tracking import MlflowClient
 
 from dlpipe.config import train_config
 from dlpipe.data.tensors import load_split
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, redact
 from dlpipe.family import load_trained
 from dlpipe.paths import project_root
-from dlpipe.tracking import TrainingRun, check_reachable, flatten, tracking_uri
+from dlpipe.tracking import TrainingRun, check_reachable, flatten, recorded_store, tracking_uri
 from dlpipe.training import run as run_module
 from dlpipe.training.checkpoint import file_digest
 
@@ -497,3 +497,40 @@ def test_flatten_names_nested_keys_with_dots() -> None:
         "train.model.d_model": 8,
         "train.model.x.y": True,
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://alice:tok@host:5000", "http://***@host:5000"),
+        (
+            "https://tok@host/mlflow?token=abc&experiment=1",
+            "https://***@host/mlflow?token=***&experiment=1",
+        ),
+        ("https://host/?api_key=zz#frag", "https://host/?api_key=***#frag"),
+        (
+            "server http://u:p@10.0.0.1:5/ is unreachable",
+            "server http://***@10.0.0.1:5/ is unreachable",
+        ),
+        ("https://host/?Access_Token=q;password=w", "https://host/?Access_Token=***;password=***"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("databricks://profile:prefix", "databricks://profile:prefix"),
+        ("mail me at user@example.com", "mail me at user@example.com"),
+    ],
+)
+def test_redact_hides_uri_credentials(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_a_redacted_recorded_store_is_the_current_one_or_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:tok@host:5000")
+    assert recorded_store("https://***@host:5000", "f.json", "r1") == "https://alice:tok@host:5000"
+    assert recorded_store(None, "f.json", "r1") == "https://alice:tok@host:5000"
+    assert recorded_store("sqlite:////x/mlflow.db", "f.json", "r1") == "sqlite:////x/mlflow.db"
+    with pytest.raises(
+        DlpipeError, match=r"^f.json: the training's MLflow run r1 is in https://\*\*\*@other"
+    ) as err:
+        recorded_store("https://***@other:5000", "f.json", "r1")
+    assert "tok" not in str(err.value)

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from dlpipe.errors import DlpipeError, first_line
+from dlpipe.errors import REDACTED, DlpipeError, first_line, redact
 from dlpipe.paths import project_root
 
 # Fail in seconds rather than retrying for minutes when a tracking server is down.
@@ -29,6 +29,20 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def recorded_store(recorded: str | None, source: str, run_id: str) -> str:
+    """The URI of the store holding a run recorded with `recorded` (as written, credentials
+    redacted): the current tracking URI when it is that store, one DlpipeError line when not."""
+    current = tracking_uri()
+    if not recorded or redact(current) == recorded:
+        return current
+    if REDACTED not in recorded:  # no credentials: the recorded URI is the store's whole address
+        return recorded
+    raise DlpipeError(
+        f"{source}: the training's MLflow run {run_id} is in {recorded}, but MLFLOW_TRACKING_URI "
+        f"is {redact(current)}; point it at the training's store (credentials included)"
+    )
+
+
 def check_server(uri: str, advice: str) -> None:
     """One DlpipeError line (ending in `advice`) unless the tracking server answers /health."""
     import requests
@@ -37,7 +51,7 @@ def check_server(uri: str, advice: str) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as err:
         raise DlpipeError(
-            f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); {advice}"
+            f"MLflow tracking server {redact(uri)} is unreachable ({type(err).__name__}); {advice}"
         ) from None
 
 
@@ -56,7 +70,7 @@ def check_reachable(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # any backend: its own exception types
-        raise DlpipeError(f"MLflow store {uri} is unusable: {str(err).splitlines()[0]}") from None
+        raise DlpipeError(f"MLflow store {redact(uri)} is unusable: {first_line(err)}") from None
 
 
 def experiment_id(name: str, uri: str) -> str:
@@ -115,6 +129,8 @@ class TrainingRun:
         self.experiment_id: str | None = None
         self.resumed = False  # start() continued the run of an interrupted training
         self._broken = False
+        if redact(uri) != uri:  # MLflow would print run links holding the credentials
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         try:
             check_reachable(uri)
         except DlpipeError as err:
@@ -136,7 +152,10 @@ class TrainingRun:
             self._broken = True
             if self.strict:
                 raise DlpipeError(f"MLflow {what} failed: {first_line(err)}") from None
-            print(f"warning: MLflow {what} failed, tracking stops: {err}", file=sys.stderr)
+            print(
+                f"warning: MLflow {what} failed, tracking stops: {redact(str(err))}",
+                file=sys.stderr,
+            )
             return None
 
     def _run_exists(self, run_id: str) -> bool:
@@ -168,7 +187,8 @@ class TrainingRun:
         mlflow.set_system_metrics_samples_before_logging(1)
         if resume_run_id is not None and not self._run_exists(resume_run_id):
             print(
-                f"warning: the checkpoint's MLflow run {resume_run_id} is not in {self.uri}; "
+                f"warning: the checkpoint's MLflow run {resume_run_id} is not in "
+                f"{redact(self.uri)}; "
                 "starting a new run",
                 file=sys.stderr,
             )
@@ -233,4 +253,4 @@ class TrainingRun:
             try:
                 mlflow.end_run(status=status)
             except Exception as err:
-                print(f"warning: MLflow end_run failed: {err}", file=sys.stderr)
+                print(f"warning: MLflow end_run failed: {first_line(err)}", file=sys.stderr)

@@ -55,7 +55,10 @@ def _log_to_mlflow(
     run_id = info.get("run_id")
     if not run_id:
         raise DlpipeError("the training ran without MLflow tracking: there is no run to log to")
-    run = tracking.TrainingRun(info.get("tracking_uri") or tracking.tracking_uri(), True, True)
+    uri = tracking.recorded_store(
+        info.get("tracking_uri"), str(model_dir / "mlflow_run.json"), run_id
+    )
+    run = tracking.TrainingRun(uri, True, True)
     run.reopen(run_id)
     try:
         run.log_metrics(scalars)

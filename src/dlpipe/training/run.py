@@ -24,6 +24,7 @@ import torch
 from dlpipe import paths
 from dlpipe.config import Params, train_config
 from dlpipe.data.tensors import Split
+from dlpipe.errors import redact
 from dlpipe.family import DataMeta, Family, get_family
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.plots import plot_history
@@ -167,7 +168,7 @@ def write_outputs(
     )
     write_json_atomic(
         models_dir / "mlflow_run.json",
-        {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": run.uri},
+        {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": redact(run.uri)},
     )
     last = result.history[-1]
     best = result.history[result.best_epoch - 1]
