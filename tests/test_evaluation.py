@@ -19,7 +19,9 @@ from conftest import (
     SERVING_REVIEWS,
     TINY_MAX_TOKENS,
     TINY_VOCAB,
+    MlflowServer,
     TinyProject,
+    hook_after_epoch,
     tiny_imdb_arrays,
     tiny_mnist_arrays,
 )
@@ -150,11 +152,11 @@ def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
 # --- MLflow failures in the evaluate stage ------------------------------------------------------
 
 
-def run_evaluate_stage(name: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """`python stages/evaluate.py <name>`, in this process (so that faults can be injected)."""
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", name])
+def run_stage_here(stage: str, name: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """`python stages/<stage>.py <name>`, in this process (so that faults can be injected)."""
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py", name])
     try:
-        runpy.run_path(str(REPO_ROOT / "stages" / "evaluate.py"), run_name="__main__")
+        runpy.run_path(str(REPO_ROOT / "stages" / f"{stage}.py"), run_name="__main__")
     except SystemExit as exit:
         return int(exit.code or 0)
     return 0
@@ -202,7 +204,7 @@ def test_a_failed_registration_fails_the_stage_after_writing_its_results(
 ) -> None:
     """DVC must not take an unregistered model for a finished evaluation (#10)."""
     inject(monkeypatch)
-    assert run_evaluate_stage("cnn", monkeypatch) == 2
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 2
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if line.startswith(("error:", "warning:"))]
     assert line.startswith("error: evaluate@cnn: ") and "Traceback" not in err, err
@@ -219,7 +221,7 @@ def test_without_required_tracking_a_failed_registration_is_recorded_and_warned(
 ) -> None:
     trained_cnn.write_params(trained_cnn.with_mlflow(require_tracking=False))
     fail_logging_the_model(monkeypatch)
-    assert run_evaluate_stage("cnn", monkeypatch) == 0
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 0
     err = capsys.readouterr().err
     assert "warning: evaluate@cnn: " in err and "artifact store refused the upload" in err, err
     decision = json.loads(Path("reports/models/cnn/registry.json").read_text())
@@ -291,3 +293,47 @@ def test_credentials_in_an_unreachable_uri_are_not_echoed(
     [line] = [x for x in done.stderr.splitlines() if x.startswith("error:")]
     assert f"http://***@127.0.0.1:{closed_port}/?token=***" in line, line
     assert SECRET not in done.stdout + done.stderr
+
+
+# --- the tracking server dies mid-training ------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_evaluate_stage_first_delivers_what_a_dead_server_missed(
+    tiny_project: TinyProject,
+    killable_mlflow_server: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The server dies in epoch 2: the train stage succeeds and its last line says what MLflow
+    is missing; evaluate fails while the server is down, and delivers the metrics once it is
+    back, before logging its own (#10)."""
+    _add_test_splits(tiny_project)
+    server = killable_mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    tiny_project.write_params(tiny_project.with_train("cnn", epochs=3))
+    with monkeypatch.context() as patch:
+        hook_after_epoch(patch, lambda row: server.kill() if row["epoch"] == 1 else None)
+        assert run_stage_here("train", "cnn", patch) == 0
+    final = capsys.readouterr().out.splitlines()[-1]
+    assert final.startswith("train@cnn: best val_accuracy "), final
+    assert "; warning: MLflow log metrics failed" in final and "dlpipe sync" in final, final
+    run_id = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"]
+    spool = tiny_project.root / ".dlpipe" / "spool" / f"{run_id}.jsonl"
+    assert f"kept in .dlpipe/spool/{run_id}.jsonl" in final and spool.is_file()
+
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 2  # still down
+    assert "unreachable" in capsys.readouterr().err and spool.is_file()
+    assert not Path("reports/models/cnn/registry.json").exists()
+
+    server.start()
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 0
+    assert f"MLflow run {run_id}: delivered " in capsys.readouterr().out
+    assert not spool.exists()
+    client = MlflowClient(server.url)
+    for key in ("val_accuracy", "train_loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    run = client.get_run(run_id)
+    assert "best_epoch" in run.data.metrics and "test_accuracy" in run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert json.loads(Path("reports/models/cnn/registry.json").read_text())["registered"]

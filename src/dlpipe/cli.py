@@ -6,6 +6,7 @@
     dlpipe predict transformer --model-uri models:/dlpipe-transformer@champion "a review"
     dlpipe compare
     dlpipe check [--smoke] [--baseline REV]
+    dlpipe sync                                      (metrics kept while MLflow was down)
 
 Predictions come from the local DVC outputs (data/models/<name> under the current folder: the
 weights and what reading raw inputs needs, such as the tokenizer) or from any MLflow pyfunc URI;
@@ -242,6 +243,20 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sync ----------------------------------------------------------------------------------------
+
+
+def sync(args: argparse.Namespace) -> int:
+    """Deliver the metrics trainings kept on disk while MLflow was unreachable."""
+    from dlpipe.tracking import spool_dir
+    from dlpipe.tracking import sync as deliver
+
+    lines = deliver()
+    for line in lines or [f"nothing to sync ({spool_dir()} holds no undelivered metrics)"]:
+        print(line)
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -273,7 +288,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     g = commands.add_parser("check", help="metric gates: floors and regressions vs a baseline")
     gates.build_parser(g)
     g.set_defaults(handler=check)
-    return parser, {"predict": p, "compare": c, "check": g}
+
+    s = commands.add_parser("sync", help="deliver metrics kept while MLflow was unreachable")
+    s.set_defaults(handler=sync)
+    return parser, {"predict": p, "compare": c, "check": g, "sync": s}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -59,6 +59,8 @@ def _log_to_mlflow(
         info.get("tracking_uri"), str(model_dir / "mlflow_run.json"), run_id
     )
     run = tracking.TrainingRun(uri, True, True)
+    for line in tracking.sync(run_id):  # metrics the training could not deliver come first
+        print(f"evaluate@{family.name}: {line}")
     run.reopen(run_id)
     try:
         run.log_metrics(scalars)

@@ -277,4 +277,4 @@ def train(name: str, params: Params) -> dict[str, Any]:
         raise
     run.end("FINISHED")
     store.clear()
-    return summary
+    return {**summary, "tracking": run.outcome()}  # not in train.json: MLflow is not an output
