@@ -52,7 +52,7 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except DlpipeError as err:
-            print(f"error: {redact(str(err))}", file=sys.stderr)
+            print(f"error: {' '.join(redact(str(err)).splitlines())}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
