@@ -348,8 +348,7 @@ class TrainingRun:
             return
         timestamp = int(time.time() * 1000)
         if self.active:
-            log = mlflow.log_metrics
-            self._guard("log metrics", log, metrics, step=step, timestamp=timestamp)
+            self._guard("log metrics", mlflow.log_metrics, metrics, step=step, timestamp=timestamp)
         if not self.active:
             step = step or 0
             self._to_spool(
