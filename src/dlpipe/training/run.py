@@ -236,7 +236,8 @@ def log_results(
 
 
 def train(name: str, params: Params) -> dict[str, Any]:
-    """Train one model family end to end; resumes from a checkpoint of the same config."""
+    """Train one model family end to end; resumes from a checkpoint of the same config.
+    Returns train.json's summary and `tracking`: what MLflow could not take ('' if nothing)."""
     family = get_family(name)
     config = train_config(params, name)
     model_config = family.model_config(params)  # a bad section fails before any work
