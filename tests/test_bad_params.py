@@ -201,7 +201,9 @@ def validate(raw: object) -> None:
     validate_families(parse_params(raw, "fuzzed"))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(TREES)
 def test_any_mapping_validates_or_is_one_error_line(raw: object) -> None:
     try:
@@ -210,7 +212,7 @@ def test_any_mapping_validates_or_is_one_error_line(raw: object) -> None:
         check_error(str(err), "fuzzed", "")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.sampled_from(LEAVES), VALUES)
 def test_a_random_value_at_any_key_is_valid_or_named(path: str, value: Any) -> None:
     """The real file is valid, so an error can only come from the edited key: it names it (a
