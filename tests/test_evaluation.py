@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import runpy
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import (
+    REPO_ROOT,
     SERVING_REVIEWS,
     TINY_MAX_TOKENS,
     TINY_VOCAB,
+    MlflowServer,
     TinyProject,
+    hook_after_epoch,
     tiny_imdb_arrays,
     tiny_mnist_arrays,
 )
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dlpipe import serving
 from dlpipe.config import PrepareImdbConfig
 from dlpipe.data.imdb import train_tokenizer
 from dlpipe.evaluation.metrics import classification_report, expected_calibration_error
@@ -218,3 +229,193 @@ def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
     assert "[most confident mistakes](models/cnn/mistakes/mistakes.png)" in summary
     text_mistakes = Path("reports/models/rnn/mistakes/mistakes.md").read_text()
     assert "\\|" in text_mistakes  # a pipe inside a review must not break the table
+
+
+# --- MLflow failures in the evaluate stage ------------------------------------------------------
+
+
+def run_stage_here(stage: str, name: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """`python stages/<stage>.py <name>`, in this process (so that faults can be injected)."""
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py", name])
+    try:
+        runpy.run_path(str(REPO_ROOT / "stages" / f"{stage}.py"), run_name="__main__")
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    return 0
+
+
+def fail_logging_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(model_dir: Path) -> str:
+        raise MlflowException("artifact store refused the upload")
+
+    monkeypatch.setattr(serving, "log_raw_input_model", fail)
+
+
+def fail_registering(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(self: MlflowClient, *args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("registry is read-only")
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", fail)
+
+
+@pytest.fixture
+def trained_cnn(tiny_project: TinyProject) -> TinyProject:
+    """A tiny project with test splits, a trained CNN, params.yaml and a stale registry.json."""
+    _add_test_splits(tiny_project)
+    train("cnn", tiny_project.params)
+    tiny_project.write_params()
+    stale = Path("reports/models/cnn/registry.json")
+    stale.write_text(json.dumps({"registered_model": "dlpipe-cnn", "version": 1}))
+    return tiny_project
+
+
+@pytest.mark.parametrize(
+    ("inject", "cause"),
+    [
+        (fail_logging_the_model, "artifact store refused the upload"),
+        (fail_registering, "registry is read-only"),
+    ],
+    ids=["log-model", "register"],
+)
+def test_a_failed_registration_fails_the_stage_after_writing_its_results(
+    trained_cnn: TinyProject,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    inject: Callable[[pytest.MonkeyPatch], None],
+    cause: str,
+) -> None:
+    """DVC must not take an unregistered model for a finished evaluation (#10)."""
+    inject(monkeypatch)
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith(("error:", "warning:"))]
+    assert line.startswith("error: evaluate@cnn: ") and "Traceback" not in err, err
+    assert cause in line and "not registered" in line and "require_tracking" in line, err
+    reports = Path("reports/models/cnn")
+    assert json.loads((reports / "eval.json").read_text())["test_accuracy"] >= 0  # kept
+    assert not (reports / "registry.json").exists()  # neither stale nor "not registered"
+    client = MlflowClient(trained_cnn.tracking_uri)
+    assert client.search_registered_models() == [] or not client.search_model_versions()
+
+
+def test_without_required_tracking_a_failed_registration_is_recorded_and_warned(
+    trained_cnn: TinyProject, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained_cnn.write_params(trained_cnn.with_mlflow(require_tracking=False))
+    fail_logging_the_model(monkeypatch)
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "warning: evaluate@cnn: " in err and "artifact store refused the upload" in err, err
+    decision = json.loads(Path("reports/models/cnn/registry.json").read_text())
+    assert decision["registered"] is False
+    assert "artifact store refused the upload" in decision["reason"]
+
+
+# --- credentials in the tracking URI ------------------------------------------------------------
+
+SECRET = "s3cr3t-t0ken"
+
+
+def run_stage(stage: str, name: str, root: Path, uri: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), name],
+        cwd=root,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def files_holding(root: Path, text: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+@pytest.mark.integration
+def test_tracking_credentials_are_never_written_or_printed(
+    tiny_project: TinyProject, mlflow_server: str, closed_port: int
+) -> None:
+    """A tracking URI with `user:token@` trains and evaluates, but the token is in no output, no
+    message and no run param or tag; evaluate finds the run through the current URI (#10)."""
+    _add_test_splits(tiny_project)
+    tiny_project.write_params(tiny_project.with_train("cnn", epochs=1))
+    uri = mlflow_server.replace("http://", f"http://alice:{SECRET}@")
+    trained = run_stage("train", "cnn", tiny_project.root, uri)
+    assert trained.returncode == 0, trained.stderr
+    info = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())
+    assert info["tracking_uri"] == mlflow_server.replace("http://", "http://***@")
+
+    evaluated = run_stage("evaluate", "cnn", tiny_project.root, uri)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(Path("reports/models/cnn/registry.json").read_text())["registered"]
+    for done in (trained, evaluated):
+        assert SECRET not in done.stdout + done.stderr
+    assert files_holding(tiny_project.root, SECRET) == []
+    run = MlflowClient(mlflow_server).get_run(info["run_id"])
+    assert SECRET not in json.dumps([run.data.params, run.data.tags])
+    assert "test_accuracy" in run.data.metrics
+
+    # another store than the training's: one clear line, no secret, nothing registered
+    other = f"http://bob:other-secret@127.0.0.1:{closed_port}"
+    moved = run_stage("evaluate", "cnn", tiny_project.root, other)
+    assert moved.returncode == 2
+    [line] = [x for x in moved.stderr.splitlines() if x.startswith("error:")]
+    assert f"is in {info['tracking_uri']}, but MLFLOW_TRACKING_URI is http://***@" in line, line
+    assert "other-secret" not in moved.stderr, moved.stderr
+    assert not Path("reports/models/cnn/registry.json").exists()
+
+
+def test_credentials_in_an_unreachable_uri_are_not_echoed(
+    tiny_project: TinyProject, closed_port: int
+) -> None:
+    tiny_project.write_params()
+    uri = f"http://alice:{SECRET}@127.0.0.1:{closed_port}/?token={SECRET}"
+    done = run_stage("train", "cnn", tiny_project.root, uri)
+    assert done.returncode == 2
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert f"http://***@127.0.0.1:{closed_port}/?token=***" in line, line
+    assert SECRET not in done.stdout + done.stderr
+
+
+# --- the tracking server dies mid-training ------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_evaluate_stage_first_delivers_what_a_dead_server_missed(
+    tiny_project: TinyProject,
+    killable_mlflow_server: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The server dies in epoch 2: the train stage succeeds and its last line says what MLflow
+    is missing; evaluate fails while the server is down, and delivers the metrics once it is
+    back, before logging its own (#10)."""
+    _add_test_splits(tiny_project)
+    server = killable_mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    tiny_project.write_params(tiny_project.with_train("cnn", epochs=3))
+    with monkeypatch.context() as patch:
+        hook_after_epoch(patch, lambda row: server.kill() if row["epoch"] == 1 else None)
+        assert run_stage_here("train", "cnn", patch) == 0
+    final = capsys.readouterr().out.splitlines()[-1]
+    assert final.startswith("train@cnn: best val_accuracy "), final
+    assert "; warning: MLflow log metrics failed" in final and "dlpipe sync" in final, final
+    run_id = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"]
+    spool = tiny_project.root / ".dlpipe" / "spool" / f"{run_id}.jsonl"
+    assert f"kept in .dlpipe/spool/{run_id}.jsonl" in final and spool.is_file()
+
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 2  # still down
+    assert "unreachable" in capsys.readouterr().err and spool.is_file()
+    assert not Path("reports/models/cnn/registry.json").exists()
+
+    server.start()
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 0
+    assert f"MLflow run {run_id}: delivered " in capsys.readouterr().out
+    assert not spool.exists()
+    client = MlflowClient(server.url)
+    for key in ("val_accuracy", "train_loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    run = client.get_run(run_id)
+    assert "best_epoch" in run.data.metrics and "test_accuracy" in run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert json.loads(Path("reports/models/cnn/registry.json").read_text())["registered"]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +80,26 @@ def test_stage_deps_are_exactly_the_code_it_imports(stage: str, family: str | No
     assert not missing, f"{stage}@{family} imports {missing} but does not depend on them"
     unused = sorted(d for d in deps if not d.endswith("/") and d not in imported)
     assert not unused, f"{stage}@{family} depends on {unused} but never imports them"
+
+
+def train_params(dvc_yaml: str) -> dict[str, list[str]]:
+    """Each train stage's params deps (plain keys, or the keys of `{file: [keys]}` entries)."""
+    stages = yaml.safe_load(dvc_yaml)["stages"]
+    found: dict[str, list[str]] = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        if name.split("@")[0] == "train":
+            entries = body.get("params", [])
+            found[name] = [e for e in entries if isinstance(e, str)] + [
+                key for e in entries if isinstance(e, dict) for keys in e.values() for key in keys
+            ]
+    return found
+
+
+def test_no_train_stage_depends_on_the_system_metrics_interval() -> None:
+    """Changing how often system metrics are sampled must not retrain every model (#10)."""
+    found = train_params((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    assert found, "no train stage in dvc.yaml"
+    for name, keys in found.items():
+        assert "mlflow" not in keys, f"{name} depends on the whole mlflow section"
+        assert "mlflow.system_metrics_interval_s" not in keys, name

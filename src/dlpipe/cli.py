@@ -6,6 +6,7 @@
     dlpipe predict transformer --model-uri models:/dlpipe-transformer@champion "a review"
     dlpipe compare
     dlpipe check [--smoke] [--baseline REV]
+    dlpipe sync                                      (metrics kept while MLflow was down)
 
 Predictions come from the local DVC outputs (data/models/<name> under the current folder: the
 weights and what reading raw inputs needs, such as the tokenizer) or from any MLflow pyfunc URI;
@@ -28,7 +29,7 @@ import pandas as pd
 
 from dlpipe import gates, paths
 from dlpipe.config import load_params
-from dlpipe.errors import DlpipeError, exit_on_user_error
+from dlpipe.errors import DlpipeError, exit_on_user_error, first_line
 from dlpipe.family import Family, get_family
 from dlpipe.tables import format_table
 
@@ -79,7 +80,7 @@ def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFr
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
-        raise DlpipeError(f"cannot load {model_uri} from {store}: {_first_line(err)}") from None
+        raise DlpipeError(f"cannot load {model_uri} from {store}: {first_line(err)}") from None
     schema = model.metadata.get_input_schema()
     names = schema.input_names() if schema is not None else [column]
     if column not in names:
@@ -140,14 +141,6 @@ def predict(args: argparse.Namespace) -> int:
 
 
 # --- compare -------------------------------------------------------------------------------------
-
-
-def _first_line(err: BaseException) -> str:
-    """The gist of an exception in one line (MLflow puts its reason after "Error: ")."""
-    text = str(err).strip()
-    if "Error: " in text:
-        text = text.rsplit("Error: ", 1)[1]
-    return (text.splitlines() or [type(err).__name__])[0][:300]
 
 
 def _count(value: float) -> str:
@@ -253,6 +246,20 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sync ----------------------------------------------------------------------------------------
+
+
+def sync(args: argparse.Namespace) -> int:
+    """Deliver the metrics trainings kept on disk while MLflow was unreachable."""
+    from dlpipe.tracking import spool_dir
+    from dlpipe.tracking import sync as deliver
+
+    lines = deliver()
+    for line in lines or [f"nothing to sync ({spool_dir()} holds no undelivered metrics)"]:
+        print(line)
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -286,7 +293,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     g = commands.add_parser("check", help="metric gates: floors and regressions vs a baseline")
     gates.build_parser(g)
     g.set_defaults(handler=check)
-    return parser, {"predict": p, "compare": c, "check": g}
+
+    s = commands.add_parser("sync", help="deliver metrics kept while MLflow was unreachable")
+    s.set_defaults(handler=sync)
+    return parser, {"predict": p, "compare": c, "check": g, "sync": s}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -314,14 +324,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except UnidentifiedImageError as err:
-        raise DlpipeError(f"not an image: {_first_line(err)}") from None
+        raise DlpipeError(f"not an image: {first_line(err)}") from None
     except UnicodeDecodeError as err:
         raise DlpipeError(f"not UTF-8 text: {err.reason}") from None
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
-        raise DlpipeError(f"{where}{err.strerror or _first_line(err)}") from None
+        raise DlpipeError(f"{where}{err.strerror or first_line(err)}") from None
     except MlflowException as err:
-        raise DlpipeError(f"MLflow: {_first_line(err)}") from None
+        raise DlpipeError(f"MLflow: {first_line(err)}") from None
 
 
 if __name__ == "__main__":

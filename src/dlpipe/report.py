@@ -91,7 +91,8 @@ def _environment(devices: set[str]) -> list[str]:
 
 def _registry_line(name: str, decision: dict[str, Any]) -> str:
     if not decision.get("registered_model"):
-        return f"- {name}: not registered"
+        reason = decision.get("reason")
+        return f"- {name}: not registered" + (f" ({reason})" if reason else "")
     verdict = "promoted to `champion`" if decision.get("promoted") else "kept as `candidate`"
     return (
         f"- {name}: `{decision['registered_model']}` v{decision['version']} {verdict} "

@@ -15,19 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dlpipe.errors import DlpipeError, exit_on_user_error
+from dlpipe.errors import DlpipeError, exit_on_user_error, redact
 from dlpipe.paths import project_root
-
-
-def redact(uri: str) -> str:
-    """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`, for messages and logs."""
-    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", uri)
 
 
 def with_driver(backend: str) -> str:

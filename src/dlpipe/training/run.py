@@ -24,11 +24,12 @@ import torch
 from dlpipe import paths
 from dlpipe.config import Params, train_config
 from dlpipe.data.tensors import Split
+from dlpipe.errors import redact
 from dlpipe.family import DataMeta, Family, get_family
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.plots import plot_history
 from dlpipe.tracking import TrainingRun, flatten, git_state, tracking_uri
-from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
+from dlpipe.training.checkpoint import CheckpointStore, code_digest, file_digest, training_key
 from dlpipe.training.runtime import Runtime, make_runtime, seed_everything
 from dlpipe.training.trainer import FitResult, Trainer
 
@@ -58,9 +59,9 @@ def load_data(family: Family, runtime: Runtime) -> TrainingData:
 
 
 def checkpoints(family: Family, params: Params, data: TrainingData) -> CheckpointStore:
-    """The checkpoint folder of this exact training (params, seed and data)."""
+    """The checkpoint folder of this exact training (params, seed, data and code)."""
     settings = {"seed": params.seed, **train_config(params, family.name).model_dump()}
-    key = training_key(family.name, settings, data.digest)
+    key = training_key(family.name, settings, data.digest, code_digest(family))
     return CheckpointStore(
         paths.project_root() / ".dlpipe" / "checkpoints" / f"{family.name}-{key}"
     )
@@ -167,7 +168,7 @@ def write_outputs(
     )
     write_json_atomic(
         models_dir / "mlflow_run.json",
-        {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": run.uri},
+        {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": redact(run.uri)},
     )
     last = result.history[-1]
     best = result.history[result.best_epoch - 1]
@@ -236,7 +237,8 @@ def log_results(
 
 
 def train(name: str, params: Params) -> dict[str, Any]:
-    """Train one model family end to end; resumes from a checkpoint of the same config."""
+    """Train one model family end to end; resumes from a checkpoint of the same config.
+    Returns train.json's summary and `tracking`: what MLflow could not take ('' if nothing)."""
     family = get_family(name)
     config = train_config(params, name)
     model_config = family.model_config(params)  # a bad section fails before any work
@@ -277,4 +279,4 @@ def train(name: str, params: Params) -> dict[str, Any]:
         raise
     run.end("FINISHED")
     store.clear()
-    return summary
+    return {**summary, "tracking": run.outcome()}  # not in train.json: MLflow is not an output
