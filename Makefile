@@ -11,7 +11,7 @@ WORKFLOWS := $(wildcard .github/workflows/*.yml)
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all smoke gpu-check check bench-keras lint format typecheck lock mlflow-ui clean
+.PHONY: repro test test-all smoke gpu-check check bench-keras lint format typecheck lock push pull mlflow-server mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,15 @@ typecheck: $(STAMP)
 lock: $(STAMP)  ## re-pin requirements.lock from the current venv
 	(head -n 2 requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^dlpipe') > requirements.lock.new
 	mv requirements.lock.new requirements.lock
+
+push: $(STAMP)  ## send DVC-cached outputs (data, models) to the default DVC remote
+	$(BIN)/dvc push
+
+pull: $(STAMP)  ## fetch them into this checkout: then `dvc repro` reruns nothing
+	$(BIN)/dvc pull
+
+mlflow-server: $(STAMP)  ## a shared tracking server: PostgreSQL if DLPIPE_MLFLOW_BACKEND_URI, else sqlite
+	$(BIN)/python -m dlpipe.server
 
 mlflow-ui: $(STAMP)  ## browse runs at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000

@@ -4,8 +4,8 @@ The brief's yardstick: conv32(3x3)-maxpool-conv64-maxpool-conv64-dense64-dense10
 `model.fit` defaults (batch 32), trained on the 60k training images and scored on the 10k test
 images. It needs TensorFlow, so `make bench-keras` runs it in its own venv (.venv-keras) and
 TensorFlow never enters requirements.lock. It reads the same canonical IDX files as the pipeline
-(data/raw/mnist, from `dvc repro fetch`) and compares with reports/models/cnn/{train,eval}.json, so run
-`dvc repro evaluate@cnn` first, on the same machine.
+(data/raw/mnist, from `dvc repro fetch`) and compares with reports/models/cnn/{train,eval}.json,
+so run `dvc repro evaluate@cnn` first, on the same machine.
 """
 
 from __future__ import annotations

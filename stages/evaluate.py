@@ -18,8 +18,8 @@ def main() -> None:
     registered = (
         f"; registered {decision['registered_model']} v{decision['version']}"
         f" ({'champion' if decision['promoted'] else 'candidate'})"
-        if decision
-        else ""
+        if decision["registered"]
+        else f"; not registered: {decision['reason']}"
     )
     print(
         f"evaluate: test_accuracy {result['test_accuracy']:.4f}, macro-F1 "

@@ -228,6 +228,7 @@ def tiny_params_dict() -> dict[str, Any]:
         d_model=16, heads=2, layers=1, ff_dim=32, max_len=64
     )
     raw["train"]["transformer"]["lr"] = 0.003
+    raw["prepare"]["imdb"]["max_len"] = 64  # no more than the Transformer keeps
     raw["mlflow"]["system_metrics_interval_s"] = 1.0
     return raw
 
@@ -372,48 +373,97 @@ def stop_process_group(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free port; yields its URL."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    command = [
-        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
-        "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{folder / 'srv.db'}",
-        "--serve-artifacts",
-        "--artifacts-destination", str(folder / "artifacts"),
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(folder / "server.log", "wb")  # noqa: SIM115  (closed after the server stops)
-    process = subprocess.Popen(
-        command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
+@dataclass
+class MlflowServer:
+    """A real `mlflow server` started as `make mlflow-server` starts it (`python -m
+    dlpipe.server`: proxied artifacts, 127.0.0.1), with store `backend` (default: sqlite in
+    `folder`), on `port`; a test may kill it and start it again: the same store comes back at
+    the same URL."""
+
+    folder: Path
+    backend: str = ""
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start it and wait (≤ 60 s) until it answers /health; returns its URL."""
+        command = [
+            sys.executable, "-m", "dlpipe.server",
+            "--backend-store-uri", self.backend or f"sqlite:///{self.folder / 'srv.db'}",
+            "--artifacts-destination", str(self.folder / "artifacts"),
+            "--port", str(self.port),
+            "--workers", "1",
+        ]  # fmt: skip
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(self.folder / "server.log", "ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.folder,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while True:
-            if process.poll() is not None:
-                log.flush()
-                tail = (folder / "server.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n{tail}")
+            if self.process.poll() is not None:
+                tail = (self.folder / "server.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"mlflow server exited with {self.process.returncode}:\n{tail}")
             try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self.url
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer {url}/health within 60 s")
+                pytest.fail(f"mlflow server did not answer {self.url}/health within 60 s")
             time.sleep(0.25)
-        yield url
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+
+
+@contextmanager
+def running_mlflow_server(folder: Path, backend: str) -> Iterator[str]:
+    """An MlflowServer on store `backend` for the block; yields its URL."""
+    server = MlflowServer(folder, backend)
+    try:
+        yield server.start()
     finally:
-        stop_process_group(process)
-        log.close()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free port; yields its URL."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def killable_mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A started `mlflow server` of this test's own, to kill and restart at will."""
+    server = MlflowServer(tmp_path / "mlflow-server")
+    server.folder.mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- serving / registry / CLI: tiny trained-model folders and a registry store ------------------

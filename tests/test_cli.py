@@ -118,7 +118,11 @@ def test_predict_text_from_arguments_and_a_file(
     assert result.code == 0, result.err
     lines = [line.split("\t") for line in result.out.splitlines()]
     assert [line[0] for line in lines] == ["A fine film.", "Awful, boring film."]
-    assert all(line[1] in ("negative", "positive") and 0.5 <= float(line[2]) <= 1 for line in lines)
+    rnn = Predictor.from_folder(project.model_dir("rnn"))
+    expected = rnn.predict(["A fine film.", "Awful,\tboring film."])
+    assert [line[1] for line in lines] == expected["label_name"].tolist()
+    top = [max(row) for row in expected["probabilities"]]
+    assert [float(line[2]) for line in lines] == pytest.approx(top, abs=1e-4)
 
     long_review = "word " * 200
     result = cli("predict", "transformer", "Great!", long_review)
@@ -332,13 +336,14 @@ def test_compare_shows_the_latest_finished_run_of_each_family(
     result = cli("compare", "--json")
     assert result.code == 0, result.err
     rows = {row["model"]: row for row in json.loads(result.out)}
-    assert list(rows) == ["cnn", "rnn", "transformer"]
+    assert list(rows) == ["cnn", "rnn", "transformer", "tfidf_logreg"]  # the baseline last
     cnn = rows["cnn"]
     assert cnn["run_id"] == runs_store["cnn"]
     assert cnn["epochs"] == 3 and cnn["val_accuracy"] == 0.95  # the best epoch's value
     assert cnn["train_time_s"] == 36.0 and cnn["samples_per_s"] == 1200.0
     assert (cnn["test_accuracy"], cnn["latency_b1_ms"], cnn["device"]) == (0.9876, 1.234, "cpu")
     assert set(rows["rnn"].values()) == {"rnn", None}
+    assert set(rows["tfidf_logreg"].values()) == {"tfidf_logreg", None}  # no run logged
     assert rows["transformer"]["test_accuracy"] is None
     assert rows["transformer"]["val_accuracy"] == 0.93  # no best_epoch: the last value
 

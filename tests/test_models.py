@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from dlpipe.data.imdb import truncate
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, get_family
 from dlpipe.inputs.tokens import masked_mean, padding_mask
@@ -208,16 +209,62 @@ def test_rnn_equals_torchs_packed_bidirectional_rnn(
         torch.testing.assert_close(model(tokens, lengths), model.head(pooled))
 
 
-def test_transformer_truncates_input_longer_than_max_len() -> None:
-    model = build_model("transformer", TINY_TRANSFORMER, TEXT).eval()
-    tokens, lengths = text_batch([200, 30], width=200)
+def changed(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two logits differ by more than float noise."""
+    return bool((a - b).abs().max() > 1e-4)
+
+
+@pytest.mark.parametrize(
+    "config", TRANSFORMER_VARIANTS, ids=lambda c: f"{c.positional}-{c.pooling}"
+)
+def test_transformer_reads_only_its_first_max_len_tokens(config: TransformerConfig) -> None:
+    """Longer input is cut to the head: tokens past max_len cannot move the logits, any token
+    inside the window (first or last kept) does, and a length past max_len counts as max_len."""
+    torch.manual_seed(0)
+    model = build_model("transformer", config, TEXT).eval()
+    keep = config.max_len
+    tokens, lengths = text_batch([200, 200], width=200)
+    other = torch.randint(2, VOCAB, tokens.shape, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         logits = model(tokens, lengths)
-        cut = model(
-            tokens[:, : TINY_TRANSFORMER.max_len], lengths.clamp(max=TINY_TRANSFORMER.max_len)
-        )
-    assert logits.shape == (2, 3)
-    torch.testing.assert_close(logits, cut)
+        new_tail = torch.cat([tokens[:, :keep], other[:, keep:]], dim=1)
+        torch.testing.assert_close(model(new_tail, lengths), logits, atol=0, rtol=0)
+        torch.testing.assert_close(model(tokens, torch.tensor([keep, 150])), logits)
+        for position in (0, keep - 1):
+            edited = tokens.clone()
+            edited[:, position] = (tokens[:, position] - 2 + 1) % (VOCAB - 2) + 2  # another word
+            assert changed(model(edited, lengths), logits), position
+        # Declaring fewer real tokens than max_len does cut the window.
+        assert changed(model(tokens, torch.tensor([keep - 1, keep - 1])), logits)
+
+
+def test_a_long_review_keeps_its_opening_and_its_verdict() -> None:
+    """The pipeline's contract for a review longer than max_len: `truncate` (head+tail, as the
+    prepare stage and the predictor use it) keeps the first quarter and the end, so the last
+    words (the verdict) reach the model while the middle is dropped."""
+    torch.manual_seed(0)
+    model = build_model("transformer", TINY_TRANSFORMER, TEXT).eval()
+    keep = TINY_TRANSFORMER.max_len
+    review = list(range(2, VOCAB)) * 6  # 288 ids
+    middle, last, first = len(review) // 2, len(review) - 1, 0
+
+    def logits(ids: list[int]) -> torch.Tensor:
+        kept = truncate(ids, keep, "head+tail")
+        assert len(kept) == keep
+        with torch.no_grad():
+            return model(torch.tensor([kept]), torch.tensor([len(kept)]))
+
+    def with_word(position: int) -> list[int]:
+        edited = list(review)
+        edited[position] = 2 if review[position] != 2 else 3
+        return edited
+
+    base = logits(review)
+    torch.testing.assert_close(logits(with_word(middle)), base, atol=0, rtol=0)
+    assert changed(logits(with_word(last)), base)
+    assert changed(logits(with_word(first)), base)
+    assert changed(logits(with_word(keep // 4 - 1)), base)  # the head's last kept word
+    torch.testing.assert_close(logits(with_word(keep // 4)), base, atol=0, rtol=0)  # dropped
 
 
 def test_heads_must_divide_d_model() -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,18 +26,19 @@ STAGE_IMPORTS = {
         "dlpipe.evaluation.figures",
         "dlpipe.tracking",
     ],
+    "baseline": ["dlpipe.baseline", "dlpipe.tracking"],
 }
 
 
-def imported_files(stage: str, family: str) -> set[str]:
+def imported_files(stage: str, family: str | None) -> set[str]:
     """Repo-relative source files of the dlpipe modules `stage`@`family` imports, measured in a
     fresh interpreter."""
+    load_family = f"from dlpipe.family import get_family; get_family({family!r})\n"
     code = (
         "import importlib, json, sys\n"
-        "from dlpipe.family import get_family\n"
         f"for name in {STAGE_IMPORTS[stage]!r}: importlib.import_module(name)\n"
-        f"get_family({family!r})\n"
-        "files = [m.__file__ for n, m in list(sys.modules.items())\n"
+        + (load_family if family else "")
+        + "files = [m.__file__ for n, m in list(sys.modules.items())\n"
         "         if n.startswith('dlpipe') and getattr(m, '__file__', None)]\n"
         "print(json.dumps(files))\n"
     )
@@ -66,13 +68,38 @@ def has_code(path: str) -> bool:
     return not (len(body) <= 1 and all(isinstance(node, ast.Expr) for node in body))
 
 
-@pytest.mark.parametrize("stage", ["train", "evaluate"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_stage_deps_are_exactly_the_code_it_imports(stage: str, family: str) -> None:
-    deps = declared_code(f"{stage}@{family}")
+@pytest.mark.parametrize(
+    ("stage", "family"),
+    [*((s, f) for s in ("train", "evaluate") for f in FAMILIES), ("baseline", None)],
+)
+def test_stage_deps_are_exactly_the_code_it_imports(stage: str, family: str | None) -> None:
+    deps = declared_code(f"{stage}@{family}" if family else stage)
     imported = {f for f in imported_files(stage, family) if has_code(f)}
     imported.discard("dlpipe/__init__.py")  # the package's version string: no behaviour
     missing = sorted(f for f in imported if not covered(f, deps))
     assert not missing, f"{stage}@{family} imports {missing} but does not depend on them"
     unused = sorted(d for d in deps if not d.endswith("/") and d not in imported)
     assert not unused, f"{stage}@{family} depends on {unused} but never imports them"
+
+
+def train_params(dvc_yaml: str) -> dict[str, list[str]]:
+    """Each train stage's params deps (plain keys, or the keys of `{file: [keys]}` entries)."""
+    stages = yaml.safe_load(dvc_yaml)["stages"]
+    found: dict[str, list[str]] = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        if name.split("@")[0] == "train":
+            entries = body.get("params", [])
+            found[name] = [e for e in entries if isinstance(e, str)] + [
+                key for e in entries if isinstance(e, dict) for keys in e.values() for key in keys
+            ]
+    return found
+
+
+def test_no_train_stage_depends_on_the_system_metrics_interval() -> None:
+    """Changing how often system metrics are sampled must not retrain every model (#10)."""
+    found = train_params((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    assert found, "no train stage in dvc.yaml"
+    for name, keys in found.items():
+        assert "mlflow" not in keys, f"{name} depends on the whole mlflow section"
+        assert "mlflow.system_metrics_interval_s" not in keys, name

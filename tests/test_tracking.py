@@ -5,6 +5,7 @@ failures that must not lose the training, and where the default store lives.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -21,16 +22,31 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TinyProject, dataset_of, hook_after_epoch, use_tiny_project
+from conftest import (
+    REPO_ROOT,
+    MlflowServer,
+    TinyProject,
+    dataset_of,
+    hook_after_epoch,
+    use_tiny_project,
+)
 from mlflow.entities import DatasetInput, LoggedModelOutput, Run
 from mlflow.tracking import MlflowClient
 
+from dlpipe.cli import main as cli_main
 from dlpipe.config import train_config
 from dlpipe.data.tensors import load_split
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, redact
 from dlpipe.family import load_trained
 from dlpipe.paths import project_root
-from dlpipe.tracking import TrainingRun, check_reachable, flatten, tracking_uri
+from dlpipe.tracking import (
+    TrainingRun,
+    check_reachable,
+    flatten,
+    recorded_store,
+    sync,
+    tracking_uri,
+)
 from dlpipe.training import run as run_module
 from dlpipe.training.checkpoint import file_digest
 
@@ -383,6 +399,15 @@ def test_a_logging_failure_mid_training_keeps_the_outputs(
     client = MlflowClient(tiny_project.tracking_uri)
     assert metric_steps(client, run_id, "val_accuracy") == [1]
     assert client.get_run(run_id).info.status == "FINISHED"
+    # what MLflow refused is kept, and delivered once it takes it again
+    assert f".dlpipe/spool/{run_id}.jsonl" in summary["tracking"]
+    assert "not logged: log artifact, log model" in summary["tracking"]
+    monkeypatch.setattr(mlflow, "log_metrics", real_log_metrics)
+    assert sync() == [
+        f"MLflow run {run_id}: delivered {2 * len(EPOCH_METRICS) + 2} spooled metric values"
+    ]
+    assert metric_steps(client, run_id, "val_accuracy") == [1, 2, 3]
+    assert client.get_run(run_id).data.metrics["best_epoch"] == summary["best_epoch"]
 
 
 def test_resuming_an_untracked_training_starts_a_complete_run(
@@ -497,3 +522,108 @@ def test_flatten_names_nested_keys_with_dots() -> None:
         "train.model.d_model": 8,
         "train.model.x.y": True,
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://alice:tok@host:5000", "http://***@host:5000"),
+        (
+            "https://tok@host/mlflow?token=abc&experiment=1",
+            "https://***@host/mlflow?token=***&experiment=1",
+        ),
+        ("https://host/?api_key=zz#frag", "https://host/?api_key=***#frag"),
+        (
+            "server http://u:p@10.0.0.1:5/ is unreachable",
+            "server http://***@10.0.0.1:5/ is unreachable",
+        ),
+        ("https://host/?Access_Token=q;password=w", "https://host/?Access_Token=***;password=***"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("databricks://profile:prefix", "databricks://profile:prefix"),
+        ("mail me at user@example.com", "mail me at user@example.com"),
+    ],
+)
+def test_redact_hides_uri_credentials(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_a_redacted_recorded_store_is_the_current_one_or_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:tok@host:5000")
+    assert recorded_store("https://***@host:5000", "f.json", "r1") == "https://alice:tok@host:5000"
+    assert recorded_store(None, "f.json", "r1") == "https://alice:tok@host:5000"
+    assert recorded_store("sqlite:////x/mlflow.db", "f.json", "r1") == "sqlite:////x/mlflow.db"
+    with pytest.raises(
+        DlpipeError, match=r"^f.json: the training's MLflow run r1 is in https://\*\*\*@other"
+    ) as err:
+        recorded_store("https://***@other:5000", "f.json", "r1")
+    assert "tok" not in str(err.value)
+
+
+# --- the tracking server dies mid-training ------------------------------------------------------
+
+
+def spool_files(root: Path) -> list[Path]:
+    return sorted((root / ".dlpipe" / "spool").glob("*.jsonl"))
+
+
+def train_while_the_server_dies(
+    project: TinyProject, server: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, Any], str]:
+    """Train the CNN for 3 epochs against `server`, killed (SIGKILL) once epoch 1 is logged, so
+    that it is dead throughout epoch 2; returns the summary and the run id."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    with monkeypatch.context() as patch:
+        hook_after_epoch(patch, lambda row: server.kill() if row["epoch"] == 1 else None)
+        summary = run_module.train("cnn", project.with_train("cnn", epochs=3))
+    run_id = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())["run_id"]
+    return summary, run_id
+
+
+@pytest.mark.integration
+def test_metrics_survive_a_dead_tracking_server_and_are_synced_once(
+    tiny_project: TinyProject,
+    killable_mlflow_server: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The server dies during epoch 2: training finishes with complete outputs, the undelivered
+    metrics wait in a spool file, and `dlpipe sync` delivers them once it is back (#10)."""
+    server = killable_mlflow_server
+    summary, run_id = train_while_the_server_dies(tiny_project, server, monkeypatch)
+    assert summary["epochs"] == 3
+    history = Path("reports/models/cnn/history.csv").read_text().splitlines()
+    assert [row["epoch"] for row in csv.DictReader(history)] == ["1", "2", "3"]
+    assert Path("data/models/cnn/model.pt").is_file()
+    assert not list((tiny_project.root / ".dlpipe" / "checkpoints").iterdir())  # finished
+    [spool] = spool_files(tiny_project.root)
+    assert spool.name == f"{run_id}.jsonl"
+    assert "MLflow" in summary["tracking"] and "dlpipe sync" in summary["tracking"]
+    assert str(spool.relative_to(tiny_project.root)) in summary["tracking"]
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as down:  # still dead: one line, the spool is kept
+        cli_main(["sync"])
+    assert down.value.code == 2 and "unreachable" in capsys.readouterr().err
+    assert spool_files(tiny_project.root) == [spool]
+
+    server.start()
+    client = MlflowClient(server.url)
+    assert metric_steps(client, run_id, "val_accuracy") == [1]
+    assert client.get_run(run_id).info.status == "RUNNING"  # its end could not be recorded
+    # a delivery interrupted earlier had already logged val_accuracy of epoch 2
+    client.log_metric(run_id, "val_accuracy", summary["final"]["val_accuracy"], step=2)
+
+    assert cli_main(["sync"]) == 0
+    assert f"{run_id}" in capsys.readouterr().out
+    for key in EPOCH_METRICS:
+        assert metric_steps(client, run_id, key) == [1, 2, 3], key
+    run = client.get_run(run_id)
+    assert run.data.metrics["best_epoch"] == summary["best_epoch"]
+    assert run.data.metrics["parameters"] == summary["parameters"]
+    assert run.info.status == "FINISHED"
+    assert spool_files(tiny_project.root) == []
+    assert cli_main(["sync"]) == 0  # nothing left: nothing logged twice
+    assert "nothing to sync" in capsys.readouterr().out
+    assert metric_steps(client, run_id, "train_loss") == [1, 2, 3]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -24,9 +26,10 @@ from mlflow.tracking import MlflowClient
 from torch import Tensor
 
 from dlpipe import paths
-from dlpipe.config import Params, TrainConfig, train_config
+from dlpipe.config import Params, TrainConfig, parse_params, train_config
 from dlpipe.data.tensors import BUCKET_POOL_BATCHES, Split, load_split
-from dlpipe.family import DataMeta, get_family
+from dlpipe.errors import DlpipeError
+from dlpipe.family import DataMeta, get_family, validate_families
 from dlpipe.io import read_json
 from dlpipe.tracking import TrainingRun
 from dlpipe.training import run as run_module
@@ -38,6 +41,7 @@ from dlpipe.training.trainer import EpochCallback, Trainer
 TIMING_KEYS = {"epoch_time_s", "samples_per_s"}
 TRAIN_JSON_KEYS = {
     "model",
+    "dataset",
     "device",
     "precision",
     "compute_dtypes",
@@ -417,12 +421,13 @@ def test_evaluation_order_is_sorted_by_length_and_image_batches_cover_all() -> N
 
 def test_training_key_changes_with_params_and_data(tmp_path: Path) -> None:
     settings = {"seed": 42, **TrainConfig().model_dump()}
-    base = training_key("cnn", settings, "digest-a")
-    assert training_key("cnn", dict(reversed(settings.items())), "digest-a") == base
-    assert training_key("cnn", {**settings, "lr": 0.002}, "digest-a") != base
-    assert training_key("cnn", {**settings, "seed": 43}, "digest-a") != base
-    assert training_key("cnn", settings, "digest-b") != base
-    assert training_key("rnn", settings, "digest-a") != base
+    base = training_key("cnn", settings, "digest-a", "code-a")
+    assert training_key("cnn", dict(reversed(settings.items())), "digest-a", "code-a") == base
+    assert training_key("cnn", {**settings, "lr": 0.002}, "digest-a", "code-a") != base
+    assert training_key("cnn", {**settings, "seed": 43}, "digest-a", "code-a") != base
+    assert training_key("cnn", settings, "digest-b", "code-a") != base
+    assert training_key("cnn", settings, "digest-a", "code-b") != base
+    assert training_key("rnn", settings, "digest-a", "code-a") != base
 
     a, b = tmp_path / "train.npz", tmp_path / "val.npz"
     a.write_bytes(b"one")
@@ -474,7 +479,72 @@ def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
     assert [row["epoch"] for row in read_history("cnn")] == [1, 2]
 
 
+def edit_source(module_name: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the code digest see an edited `module_name`: its file (a package: its folder's files)
+    copied to `folder` with one line added, and the module's `__file__` pointing at the copy."""
+    module = importlib.import_module(module_name)
+    source = Path(str(module.__file__))
+    folder.mkdir()
+    if source.name == "__init__.py":  # a package: edit one of its modules
+        shutil.copytree(source.parent, folder, dirs_exist_ok=True)
+        edited = folder / "trainer.py"
+    else:
+        edited = folder / source.name
+        shutil.copyfile(source, edited)
+    edited.write_text(edited.read_text(encoding="utf-8") + "\nEDITED = True\n", encoding="utf-8")
+    monkeypatch.setattr(module, "__file__", str(folder / source.name))
+
+
+@pytest.mark.parametrize("module", ["dlpipe.models.cnn", "dlpipe.inputs.images", "dlpipe.training"])
+def test_a_checkpoint_is_not_resumed_after_a_code_edit(
+    tiny_project: TinyProject,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    module: str,
+) -> None:
+    """An edit to the model, its input kind or the trainer after an interruption starts over:
+    weights trained by other code are never resumed (#10)."""
+    params = tiny_project.with_train("cnn", epochs=2)
+    with monkeypatch.context() as patch:
+        hook_after_epoch(patch, interrupt_at_epoch(1))
+        with pytest.raises(KeyboardInterrupt):
+            run_module.train("cnn", params)
+    [stale] = checkpoint_folders(tiny_project.root, "cnn")
+    capsys.readouterr()
+
+    with monkeypatch.context() as patch:
+        edit_source(module, tmp_path / "edited", patch)
+        run_module.train("cnn", params)
+    assert "resuming" not in capsys.readouterr().out
+    assert checkpoint_folders(tiny_project.root, "cnn") == [stale]  # left alone, not used
+    assert [row["epoch"] for row in read_history("cnn")] == [1, 2]
+
+
 # --- the train stage end to end -----------------------------------------------------------------
+
+
+def test_prepare_max_len_above_the_transformers_is_a_params_error(
+    tiny_project: TinyProject,
+) -> None:
+    """prepare keeps the head and tail of each review; a Transformer keeping fewer tokens would
+    silently cut that tail off again at training time (#10)."""
+    raw = tiny_project.params.model_dump()
+    raw["prepare"]["imdb"]["max_len"] = 65  # the tiny Transformer keeps 64
+    params = parse_params(raw, "tiny params")
+    with pytest.raises(DlpipeError) as err:
+        run_module.train("transformer", params)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("tiny params: "), message
+    assert "prepare.imdb.max_len 65" in message, message
+    assert "train.transformer.model.max_len 64" in message, message
+    assert not Path("data/models/transformer").exists()
+    assert not Path(".dlpipe").exists()  # failed before any work
+    with pytest.raises(DlpipeError, match="prepare.imdb.max_len"):
+        validate_families(params)
+    get_family("rnn").model_config(params)  # the RNN reads whole prepared rows: no such limit
+    raw["prepare"]["imdb"]["max_len"] = 64
+    get_family("transformer").model_config(parse_params(raw, "tiny params"))  # equal is fine
 
 
 @pytest.mark.parametrize("name", ["cnn", "rnn", "transformer"])
@@ -497,6 +567,7 @@ def test_train_writes_every_output(tiny_project: TinyProject, name: str) -> None
     assert run_info["tracking_uri"] == tiny_project.tracking_uri and run_info["run_id"]
 
     report = json.loads((reports / "train.json").read_text())
+    assert summary.pop("tracking") == ""  # MLflow took everything
     assert set(report) == TRAIN_JSON_KEYS and report == json.loads(json.dumps(summary))
     assert report["epochs"] == config.epochs and report["model"] == name
     assert report["device"] == "CPU" and report["precision"] == "fp32"

@@ -6,6 +6,7 @@
     dlpipe predict transformer --model-uri models:/dlpipe-transformer@champion "a review"
     dlpipe compare
     dlpipe check [--smoke] [--baseline REV]
+    dlpipe sync                                      (metrics kept while MLflow was down)
 
 Predictions come from the local DVC outputs (data/models/<name> under the current folder: the
 weights and what reading raw inputs needs, such as the tokenizer) or from any MLflow pyfunc URI;
@@ -28,7 +29,7 @@ import pandas as pd
 
 from dlpipe import gates, paths
 from dlpipe.config import load_params
-from dlpipe.errors import DlpipeError, exit_on_user_error
+from dlpipe.errors import DlpipeError, exit_on_user_error, first_line
 from dlpipe.family import Family, get_family
 from dlpipe.tables import format_table
 
@@ -79,7 +80,7 @@ def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFr
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
-        raise DlpipeError(f"cannot load {model_uri} from {store}: {_first_line(err)}") from None
+        raise DlpipeError(f"cannot load {model_uri} from {store}: {first_line(err)}") from None
     schema = model.metadata.get_input_schema()
     names = schema.input_names() if schema is not None else [column]
     if column not in names:
@@ -140,14 +141,6 @@ def predict(args: argparse.Namespace) -> int:
 
 
 # --- compare -------------------------------------------------------------------------------------
-
-
-def _first_line(err: BaseException) -> str:
-    """The gist of an exception in one line (MLflow puts its reason after "Error: ")."""
-    text = str(err).strip()
-    if "Error: " in text:
-        text = text.rsplit("Error: ", 1)[1]
-    return (text.splitlines() or [type(err).__name__])[0][:300]
 
 
 def _count(value: float) -> str:
@@ -211,7 +204,7 @@ def compare_row(client: MlflowClient, experiment_id: str, family: str) -> dict[s
     if row["val_accuracy"] is None:
         row["val_accuracy"] = metrics.get("val_accuracy")
     times = _history(client, run_id, "epoch_time_s")
-    row["train_time_s"] = sum(times.values()) if times else None
+    row["train_time_s"] = sum(times.values()) if times else metrics.get("train_time_s")
     speeds = _history(client, run_id, "samples_per_s")
     row["samples_per_s"] = sum(speeds.values()) / len(speeds) if speeds else None
     return row
@@ -242,11 +235,28 @@ def compare(args: argparse.Namespace) -> int:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise DlpipeError(f"no experiment {experiment!r} in {store}; train a model first")
-    rows = [compare_row(client, found.experiment_id, family) for family in params.families]
+    from dlpipe.baseline import NAME as BASELINE
+
+    names = [*params.families, BASELINE]
+    rows = [compare_row(client, found.experiment_id, name) for name in names]
     if args.json:
         print(json.dumps(rows))
     else:
         print(format_compare(rows))
+    return 0
+
+
+# --- sync ----------------------------------------------------------------------------------------
+
+
+def sync(args: argparse.Namespace) -> int:
+    """Deliver the metrics trainings kept on disk while MLflow was unreachable."""
+    from dlpipe.tracking import spool_dir
+    from dlpipe.tracking import sync as deliver
+
+    lines = deliver()
+    for line in lines or [f"nothing to sync ({spool_dir()} holds no undelivered metrics)"]:
+        print(line)
     return 0
 
 
@@ -272,7 +282,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     p.add_argument("--json", action="store_true", help="print JSON records")
     p.set_defaults(handler=predict)
 
-    c = commands.add_parser("compare", help="the latest finished run of each model family")
+    c = commands.add_parser(
+        "compare", help="the latest finished run of each model family and of the baseline"
+    )
     c.add_argument("--experiment", help="default: mlflow.experiment in params.yaml")
     c.add_argument("--params", default="params.yaml", help="default params.yaml")
     c.add_argument("--json", action="store_true", help="print JSON records")
@@ -281,7 +293,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     g = commands.add_parser("check", help="metric gates: floors and regressions vs a baseline")
     gates.build_parser(g)
     g.set_defaults(handler=check)
-    return parser, {"predict": p, "compare": c, "check": g}
+
+    s = commands.add_parser("sync", help="deliver metrics kept while MLflow was unreachable")
+    s.set_defaults(handler=sync)
+    return parser, {"predict": p, "compare": c, "check": g, "sync": s}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -309,14 +324,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except UnidentifiedImageError as err:
-        raise DlpipeError(f"not an image: {_first_line(err)}") from None
+        raise DlpipeError(f"not an image: {first_line(err)}") from None
     except UnicodeDecodeError as err:
         raise DlpipeError(f"not UTF-8 text: {err.reason}") from None
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
-        raise DlpipeError(f"{where}{err.strerror or _first_line(err)}") from None
+        raise DlpipeError(f"{where}{err.strerror or first_line(err)}") from None
     except MlflowException as err:
-        raise DlpipeError(f"MLflow: {_first_line(err)}") from None
+        raise DlpipeError(f"MLflow: {first_line(err)}") from None
 
 
 if __name__ == "__main__":

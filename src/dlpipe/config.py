@@ -23,9 +23,10 @@ Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Strict(BaseModel):
-    """Base for every section: unknown keys are errors; values are checked against their ranges."""
+    """Base for every section: unknown keys are errors; values are checked against their ranges
+    (and no float is inf or nan: `weight_decay: .inf` would pass a `ge=0` bound)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FetchConfig(Strict):
@@ -89,9 +90,19 @@ class TrainConfig(Strict):
     model: dict[str, Any] = {}
 
 
+class BaselineConfig(Strict):
+    """The linear baseline beside the text families: TF-IDF word n-grams + logistic regression."""
+
+    ngram_max: Annotated[int, Field(ge=1, le=3)] = 2
+    min_df: Annotated[int, Field(ge=1)] = 2
+    sublinear_tf: bool = True
+    C: Annotated[float, Field(gt=0.0)] = 8.0
+    max_iter: Annotated[int, Field(ge=10, le=100000)] = 1000
+
+
 class EvaluateConfig(Strict):
     calibration_bins: Annotated[int, Field(ge=2, le=100)] = 15
-    latency_batch_sizes: tuple[PositiveInt, ...] = (1, 256)
+    latency_batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (1, 256)
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
     mistakes_shown: Annotated[int, Field(ge=1, le=100)] = 10
 
@@ -131,6 +142,7 @@ class Params(Strict):
     fetch: FetchConfig = FetchConfig()
     prepare: PrepareConfig = PrepareConfig()
     train: dict[FamilyName, TrainConfig] = {}
+    baseline: BaselineConfig = BaselineConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     mlflow: MlflowConfig = MlflowConfig()
@@ -155,8 +167,14 @@ class Params(Strict):
         return tuple(self.train)
 
 
+def _key(part: object) -> str:
+    """A key as written in a path; quoted when it is empty, padded or unprintable (one line)."""
+    text = str(part)
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
+
+
 def _describe(error: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
-    path = ".".join(str(part) for part in (*prefix, *error["loc"]))
+    path = ".".join(_key(part) for part in (*prefix, *error["loc"]))
     kind = error["type"]
     if kind == "value_error" and not error["loc"]:  # a cross-field check names its own keys
         return str(error["msg"]).removeprefix("Value error, ")

@@ -7,6 +7,7 @@ line on stderr and exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -14,10 +15,33 @@ from typing import TypeVar
 T = TypeVar("T")
 
 USER_ERROR_EXIT = 2
+REDACTED = "***"
+# `scheme://user:password@` and secret-looking query values (`?token=...`, `&api_key=...`).
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#@\s]+@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;][^=&;#\s]*(?:token|secret|passw|pwd|key|auth|sig|credential)[^=&;#\s]*=)"
+    r"[^&;#\s]+",
+    re.IGNORECASE,
+)
 
 
 class DlpipeError(Exception):
     """A problem the user can fix: bad params, bad data, unreachable service, bad input."""
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URI in it (tracking URIs may carry `user:token@` or
+    `?token=`) replaced by ***: what dlpipe writes or prints never holds a secret."""
+    text = _USERINFO.sub(rf"\g<scheme>{REDACTED}@", text)
+    return _SECRET_QUERY.sub(rf"\g<key>{REDACTED}", text)
+
+
+def first_line(err: BaseException) -> str:
+    """The gist of an exception in one line (MLflow puts its reason after "Error: ")."""
+    text = str(err).strip()
+    if "Error: " in text:
+        text = text.rsplit("Error: ", 1)[1]
+    return redact((text.splitlines() or [type(err).__name__])[0][:300])
 
 
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
@@ -28,7 +52,7 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except DlpipeError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {' '.join(redact(str(err)).splitlines())}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

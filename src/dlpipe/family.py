@@ -63,11 +63,18 @@ class Family:
     config: type[BaseModel]  # the schema of train.<name>.model
     build: Callable[[Any, DataMeta], nn.Module]
     smoke: Mapping[str, Any] = field(default_factory=dict)  # train.<name> overrides, make smoke
+    # Checks of the model section against the rest of params.yaml (e.g. the prepared data), which
+    # its schema alone cannot see; raises one DlpipeError line naming the keys.
+    check: Callable[[Params, Any], None] | None = None
 
     def model_config(self, params: Params) -> BaseModel:
-        """train.<name>.model from params.yaml, validated against this family's schema."""
+        """train.<name>.model from params.yaml, validated against this family's schema (and
+        against the rest of params.yaml by `check`)."""
         raw = train_config(params, self.name).model
-        return validate_section(self.config, raw, ("train", self.name, "model"), params.source)
+        config = validate_section(self.config, raw, ("train", self.name, "model"), params.source)
+        if self.check is not None:
+            self.check(params, config)
+        return config
 
 
 def get_family(name: str) -> Family:

@@ -52,7 +52,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def comparison_row(name: str, train: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
-    """One row of the comparison table."""
+    """One row of the comparison table (a baseline has its numbers in eval.json alone)."""
     return [
         name,
         _fmt(train.get("parameters")),
@@ -91,7 +91,8 @@ def _environment(devices: set[str]) -> list[str]:
 
 def _registry_line(name: str, decision: dict[str, Any]) -> str:
     if not decision.get("registered_model"):
-        return f"- {name}: not registered"
+        reason = decision.get("reason")
+        return f"- {name}: not registered" + (f" ({reason})" if reason else "")
     verdict = "promoted to `champion`" if decision.get("promoted") else "kept as `candidate`"
     return (
         f"- {name}: `{decision['registered_model']}` v{decision['version']} {verdict} "
@@ -124,6 +125,34 @@ def _mistakes_line(name: str, models: Path) -> str:
     return f"- {name}: [most confident mistakes]({found[0].relative_to(models.parent)})"
 
 
+def _baseline_lines(
+    baselines: list[dict[str, Any]], results: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+) -> list[str]:
+    """What each family on a baseline's dataset buys over it, in test-accuracy points and time."""
+    lines = []
+    for baseline in baselines:
+        accuracy, seconds = baseline["test_accuracy"], baseline["train_time_s"]
+        lines += [
+            f"## Against the linear baseline ({baseline['model']}, {baseline['dataset']})",
+            "",
+            f"scikit-learn TF-IDF + logistic regression: test accuracy {accuracy:.4f} after "
+            f"{seconds:.1f} s of fitting on the same training reviews.",
+            "",
+        ]
+        for name, (train, evaluation) in results.items():
+            if train.get("dataset") != baseline["dataset"]:
+                continue
+            gain = 100 * (evaluation["test_accuracy"] - accuracy)
+            cost = train["train_time_s"] / max(seconds, 1e-9)
+            verdict = "beats it" if gain > 0 else "does not beat it"
+            lines.append(
+                f"- {name} {verdict}: {gain:+.2f} points of test accuracy, "
+                f"{cost:.0f}x its training time"
+            )
+        lines.append("")
+    return lines
+
+
 def write_report(
     reports: Path = paths.REPORTS_DIR, params_file: Path = Path("params.yaml")
 ) -> Path:
@@ -134,13 +163,19 @@ def write_report(
     histories: dict[str, list[dict[str, float]]] = {}
     devices: set[str] = set()
     registry: list[str] = []
+    results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for name in families:
         train = read_json(models / name / "train.json")
         evaluation = read_json(models / name / "eval.json")
+        results[name] = train, evaluation
         rows.append(comparison_row(name, train, evaluation))
         histories[name] = _history(models / name / "history.csv")
         devices.add(f"{train['device']} ({train['precision']})")
         registry.append(_registry_line(name, read_json(models / name / "registry.json")))
+    baselines = [read_json(p) for p in sorted(reports.glob("baselines/*/eval.json"))]
+    for baseline in baselines:
+        shown = {**baseline, "best": {"val_accuracy": baseline.get("val_accuracy")}}
+        rows.append(comparison_row(f"{baseline['model']} (baseline)", shown, baseline))
     curves = reports / "learning_curves.png"
     plot_history(histories, curves)
 
@@ -152,6 +187,7 @@ def write_report(
         "",
         format_table(COLUMNS, rows, markdown=True),
         "",
+        *_baseline_lines(baselines, results),
         "## Learning curves",
         "",
         f"![learning curves]({curves.name})",

@@ -7,14 +7,16 @@ execute in `.dvc/tmp/exps/...`) land in the same place as plain `dvc repro`.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import REDACTED, DlpipeError, first_line, redact
 from dlpipe.paths import project_root
 
 # Fail in seconds rather than retrying for minutes when a tracking server is down.
@@ -29,6 +31,20 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def recorded_store(recorded: str | None, source: str, run_id: str) -> str:
+    """The URI of the store holding a run recorded with `recorded` (as written, credentials
+    redacted): the current tracking URI when it is that store, one DlpipeError line when not."""
+    current = tracking_uri()
+    if not recorded or redact(current) == recorded:
+        return current
+    if REDACTED not in recorded:  # no credentials: the recorded URI is the store's whole address
+        return recorded
+    raise DlpipeError(
+        f"{source}: the training's MLflow run {run_id} is in {recorded}, but MLFLOW_TRACKING_URI "
+        f"is {redact(current)}; point it at the training's store (credentials included)"
+    )
+
+
 def check_server(uri: str, advice: str) -> None:
     """One DlpipeError line (ending in `advice`) unless the tracking server answers /health."""
     import requests
@@ -37,7 +53,7 @@ def check_server(uri: str, advice: str) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as err:
         raise DlpipeError(
-            f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); {advice}"
+            f"MLflow tracking server {redact(uri)} is unreachable ({type(err).__name__}); {advice}"
         ) from None
 
 
@@ -56,7 +72,7 @@ def check_reachable(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # any backend: its own exception types
-        raise DlpipeError(f"MLflow store {uri} is unusable: {str(err).splitlines()[0]}") from None
+        raise DlpipeError(f"MLflow store {redact(uri)} is unusable: {first_line(err)}") from None
 
 
 def experiment_id(name: str, uri: str) -> str:
@@ -99,19 +115,106 @@ def flatten(prefix: str, mapping: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+# --- metrics kept on disk while the store does not answer ----------------------------------------
+
+
+def spool_dir() -> Path:
+    return project_root() / ".dlpipe" / "spool"
+
+
+def _append(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append JSON lines and fsync: a record in the spool survives a crash right after."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_spool(path: Path) -> list[dict[str, Any]]:
+    """The spool's records; a line cut short by a crash mid-append is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def deliver_spool(path: Path, client: MlflowClient) -> tuple[int, int]:
+    """Log a spool file's metrics to its run, skipping every (key, step) the run already has, so
+    that delivering twice (or after a delivery cut short) duplicates nothing; then record the
+    run's end if the training could not, and delete the file. Returns (delivered, skipped)."""
+    from mlflow.entities import Metric
+
+    records = _read_spool(path)
+    run_id = path.stem
+    latest = {(r["key"], r["step"]): r for r in records if "key" in r}  # one value per step
+    have = {
+        key: {m.step for m in client.get_metric_history(run_id, key)}
+        for key in {key for key, _ in latest}
+    }
+    new = [
+        Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+        for (key, step), r in latest.items()
+        if step not in have[key]
+    ]
+    for start in range(0, len(new), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=new[start : start + 1000])
+    ends = [r for r in records if "status" in r]
+    if ends and client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, ends[-1]["status"], ends[-1]["end_time"])
+    path.unlink()
+    return len(new), len(latest) - len(new)
+
+
+def sync(run_id: str | None = None) -> list[str]:
+    """Deliver the spooled metrics of `run_id` (default: of every run) to their stores; one line
+    per run delivered. A store that still fails is one DlpipeError line (its spool is kept)."""
+    paths = [spool_dir() / f"{run_id}.jsonl"] if run_id else sorted(spool_dir().glob("*.jsonl"))
+    done = []
+    for path in (p for p in paths if p.is_file()):
+        [header, *_] = _read_spool(path) or [{}]
+        uri = recorded_store(header.get("tracking_uri"), str(path), path.stem)
+        check_reachable(uri)
+        try:
+            delivered, skipped = deliver_spool(path, MlflowClient(uri))
+        except Exception as err:  # any backend: its own exception types
+            raise DlpipeError(
+                f"{path}: delivery to {redact(uri)} failed: {first_line(err)}"
+            ) from None
+        done.append(
+            f"MLflow run {path.stem}: delivered {delivered} spooled metric values"
+            + (f" ({skipped} it already had)" if skipped else "")
+        )
+    return done
+
+
 class TrainingRun:
     """An MLflow run that survives interruptions and never takes the training down with it.
 
     Starting is strict (an unusable store is an error before training, unless tracking is
-    optional); everything after start only warns, so local outputs are always written.
+    optional); everything after start only warns, so local outputs are always written. When the
+    store stops answering, the metrics still to come (and the run's end) are appended to a spool
+    file, `.dlpipe/spool/<run id>.jsonl`, that `sync` delivers later. A `strict` run (the evaluate
+    stage, whose job includes the logging) raises one DlpipeError line at the first failed call
+    instead.
     """
 
-    def __init__(self, uri: str, required: bool) -> None:
+    def __init__(self, uri: str, required: bool, strict: bool = False) -> None:
         self.uri = uri
+        self.strict = strict
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.resumed = False  # start() continued the run of an interrupted training
         self._broken = False
+        self._failure = ""  # the first failed call, once the store stopped answering
+        self._spooled = 0  # metric values appended to the spool
+        self._end_spooled = ""  # the run's end status, when the store could not take it
+        self._skipped: list[str] = []  # what could not be logged, nor spooled
+        if redact(uri) != uri:  # MLflow would print run links holding the credentials
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         try:
             check_reachable(uri)
         except DlpipeError as err:
@@ -124,15 +227,50 @@ class TrainingRun:
     def active(self) -> bool:
         return self.run_id is not None and not self._broken
 
+    @property
+    def spool(self) -> Path:
+        return spool_dir() / f"{self.run_id}.jsonl"
+
     def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.active:
+            if self.run_id is not None:  # the run exists, but its store stopped answering
+                self._skipped.append(what)
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # a logging failure must never lose the training
             self._broken = True
-            print(f"warning: MLflow {what} failed, tracking stops: {err}", file=sys.stderr)
+            if self.strict:
+                raise DlpipeError(f"MLflow {what} failed: {first_line(err)}") from None
+            self._failure = f"{what} failed"
+            if what != "log metrics":
+                self._skipped.append(what)
+            print(
+                f"warning: MLflow {what} failed, tracking stops (metrics go to {self.spool}): "
+                f"{first_line(err)}",
+                file=sys.stderr,
+            )
             return None
+
+    def _to_spool(self, records: list[dict[str, Any]]) -> None:
+        if not self.spool.exists():  # the header: which store the run is in (no credentials)
+            records = [{"run_id": self.run_id, "tracking_uri": redact(self.uri)}, *records]
+        _append(self.spool, records)
+
+    def outcome(self) -> str:
+        """What tracking lost, in one line ('' when MLflow took everything)."""
+        if not self._failure:
+            return ""
+        held = [f"{self._spooled} metric values"] if self._spooled else []
+        held += [f"the run's end ({self._end_spooled})"] if self._end_spooled else []
+        kept = (
+            f"{' and '.join(held)} kept in {self.spool.relative_to(project_root())}: "
+            "`dlpipe sync` (or the evaluate stage) delivers them once MLflow answers"
+            if held
+            else "nothing to deliver later"
+        )
+        lost = f"; not logged: {', '.join(dict.fromkeys(self._skipped))}" if self._skipped else ""
+        return f"MLflow {self._failure}; {kept}{lost}"
 
     def _run_exists(self, run_id: str) -> bool:
         """False when the store has no such run (it was deleted, or the store changed)."""
@@ -163,7 +301,8 @@ class TrainingRun:
         mlflow.set_system_metrics_samples_before_logging(1)
         if resume_run_id is not None and not self._run_exists(resume_run_id):
             print(
-                f"warning: the checkpoint's MLflow run {resume_run_id} is not in {self.uri}; "
+                f"warning: the checkpoint's MLflow run {resume_run_id} is not in "
+                f"{redact(self.uri)}; "
                 "starting a new run",
                 file=sys.stderr,
             )
@@ -185,8 +324,10 @@ class TrainingRun:
         if self._broken:
             return
         mlflow.set_tracking_uri(self.uri)
-        run = mlflow.start_run(run_id=run_id)
-        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+        self.run_id = run_id
+        run = self._guard(f"reopening run {run_id}", mlflow.start_run, run_id=run_id)
+        if run is not None:
+            self.experiment_id = run.info.experiment_id
 
     def log_dataset(self, name: str, source: Path, digest: str, context: str) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -202,10 +343,26 @@ class TrainingRun:
         self._guard("log input", log)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._guard("log metrics", mlflow.log_metrics, metrics, step=step)
+        """Log to the run; once its store has stopped answering, append to the spool."""
+        if self.run_id is None:
+            return
+        timestamp = int(time.time() * 1000)
+        if self.active:
+            self._guard("log metrics", mlflow.log_metrics, metrics, step=step, timestamp=timestamp)
+        if not self.active:
+            step = step or 0
+            self._to_spool(
+                [
+                    {"key": k, "value": float(v), "step": step, "timestamp": timestamp}
+                    for k, v in metrics.items()
+                ]
+            )
+            self._spooled += len(metrics)
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which the run has `key` (none when tracking is off or fails)."""
+        if not self.active:
+            return set()
 
         def read() -> set[int]:
             history = MlflowClient(self.uri).get_metric_history(str(self.run_id), key)
@@ -226,4 +383,8 @@ class TrainingRun:
             try:
                 mlflow.end_run(status=status)
             except Exception as err:
-                print(f"warning: MLflow end_run failed: {err}", file=sys.stderr)
+                print(f"warning: MLflow end_run failed: {first_line(err)}", file=sys.stderr)
+                if not self.strict:  # `sync` records the end once the store answers
+                    self._failure = self._failure or "end_run failed"
+                    self._to_spool([{"status": status, "end_time": int(time.time() * 1000)}])
+                    self._end_spooled = status

@@ -16,6 +16,7 @@ import torch
 
 from dlpipe import paths
 from dlpipe.config import Params, train_config
+from dlpipe.errors import DlpipeError
 from dlpipe.evaluation.figures import plot_confusion
 from dlpipe.evaluation.metrics import classification_report, latency
 from dlpipe.family import Family, load_trained
@@ -43,26 +44,31 @@ def most_confident_mistakes(
 
 def _log_to_mlflow(
     family: Family, params: Params, scalars: dict[str, float], figures: list[Path]
-) -> dict[str, Any] | None:
-    """Reopen the training's run, log test results, the raw-input model, and register it."""
+) -> dict[str, Any]:
+    """Reopen the training's run, log test results, the raw-input model, and register it.
+
+    Returns the registry decision; any failure is one DlpipeError line."""
     from dlpipe import registry, serving, tracking
 
     model_dir = paths.MODELS_DIR / family.name
     info = read_json(model_dir / "mlflow_run.json")
     run_id = info.get("run_id")
     if not run_id:
-        print(
-            f"evaluate@{family.name}: training ran without MLflow; nothing logged", file=sys.stderr
-        )
-        return None
-    run = tracking.TrainingRun(info.get("tracking_uri") or tracking.tracking_uri(), True)
+        raise DlpipeError("the training ran without MLflow tracking: there is no run to log to")
+    uri = tracking.recorded_store(
+        info.get("tracking_uri"), str(model_dir / "mlflow_run.json"), run_id
+    )
+    run = tracking.TrainingRun(uri, True, True)
+    for line in tracking.sync(run_id):  # metrics the training could not deliver come first
+        print(f"evaluate@{family.name}: {line}")
     run.reopen(run_id)
-    run.log_metrics(scalars)
-    for figure in figures:
-        run.log_artifact(figure)
-    model_uri = run.call("log raw-input model", serving.log_raw_input_model, model_dir)
-    decision = None
-    if params.registry.enabled and model_uri:
+    try:
+        run.log_metrics(scalars)
+        for figure in figures:
+            run.log_artifact(figure)
+        model_uri = run.call("log raw-input model", serving.log_raw_input_model, model_dir)
+        if not params.registry.enabled:
+            return {"registered": False, "reason": "registry.enabled is false"}
         decision = run.call(
             "register model",
             registry.register_and_promote,
@@ -73,7 +79,29 @@ def _log_to_mlflow(
             params.registry,
             tracking.MlflowClient(run.uri),
         )
-    run.end("FINISHED")
+        return {"registered": True, **decision}
+    finally:
+        run.end("FINISHED")  # the training's run: its status is the training's
+
+
+def register(
+    name: str, family: Family, params: Params, scalars: dict[str, float], figures: list[Path]
+) -> dict[str, Any]:
+    """The registry decision, written to registry.json. When MLflow fails the stage fails (so DVC
+    never takes an unregistered model for a finished evaluation) unless tracking is optional."""
+    record = paths.MODEL_REPORTS_DIR / name / "registry.json"
+    record.unlink(missing_ok=True)  # never a stale decision beside the new results
+    try:
+        decision = _log_to_mlflow(family, params, scalars, figures)
+    except DlpipeError as err:
+        what = f"evaluate@{name}: {err}; the model is not registered (results: {record.parent})"
+        if params.mlflow.require_tracking:
+            raise DlpipeError(
+                f"{what}; rerun once MLflow works, or set mlflow.require_tracking: false"
+            ) from None
+        print(f"warning: {what}; mlflow.require_tracking is false", file=sys.stderr)
+        decision = {"registered": False, "reason": str(err)}
+    write_json_atomic(record, decision)
     return decision
 
 
@@ -130,6 +158,5 @@ def evaluate(name: str, params: Params) -> dict[str, Any]:
 
     result = {**scalars, "device": runtime.device_name}
     write_json_atomic(reports / "eval.json", result)  # local results first: MLflow may fail
-    decision = _log_to_mlflow(family, params, scalars, [confusion_png, mistakes])
-    write_json_atomic(reports / "registry.json", decision or {"registered": False})
+    decision = register(name, family, params, scalars, [confusion_png, mistakes])
     return {**result, "registry": decision}

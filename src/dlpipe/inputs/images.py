@@ -14,7 +14,7 @@ What turns any picture of a digit into what an MNIST model saw:
      MNIST's lies, shifted back inside the canvas if the digit would be cut;
   6. divide by 255: float32 [28, 28] in [0, 1], as the CNN takes it. A picture with no stroke
      gives an empty canvas.
-An MNIST digit passes through almost unchanged (pixel correlation 0.997 on the test set, same
+An MNIST digit passes through almost unchanged (pixel correlation 0.996 on the test set, same
 accuracy), so the rule matches what the model was trained on.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,9 +50,11 @@ def _decode_bytes(data: bytes, name: str) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            image: Image.Image = ImageOps.exif_transpose(opened)
-            image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": pixels still count
+            with Image.open(io.BytesIO(data)) as opened:
+                image: Image.Image = ImageOps.exif_transpose(opened)
+                image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
         kind = "too large" if isinstance(err, Image.DecompressionBombError) else "not an image"
         raise DlpipeError(f"{name}: {kind} (expected PNG or JPEG data)") from None

@@ -84,11 +84,15 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def check_text(text: Any, name: str = "text") -> str:
-    """The text itself; None, non-text, empty or whitespace-only -> DlpipeError."""
+    """The text itself; None, non-text, empty, whitespace-only or unencodable -> DlpipeError."""
     if not isinstance(text, str):
         raise DlpipeError(f"{name}: expected text, got {type(text).__name__}")
     if not text.strip():
         raise DlpipeError(f"{name}: empty text")
+    try:  # a lone surrogate, e.g. from a command line holding bytes that are not UTF-8
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DlpipeError(f"{name}: not valid Unicode text ({err.reason} at {err.start})") from None
     return text
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from dlpipe.config import PositiveInt, Probability, Strict
+from dlpipe.config import Params, PositiveInt, Probability, Strict
+from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, Family
 from dlpipe.inputs.tokens import TOKENS, check_vocab, masked_mean, padding_mask
 
@@ -40,6 +41,18 @@ class TransformerConfig(Strict):
                 f"d_model {self.d_model}"
             )
         return self
+
+
+def check_max_len(params: Params, config: TransformerConfig) -> None:
+    """prepare keeps the head and the tail of long reviews; a model keeping fewer tokens would cut
+    the tail (often the verdict) off every one of them again, silently."""
+    kept = params.prepare.imdb.max_len
+    if kept > config.max_len:
+        raise DlpipeError(
+            f"{params.source}: prepare.imdb.max_len {kept} is above "
+            f"train.transformer.model.max_len {config.max_len}: the model would drop the end of "
+            "every longer review; lower the first or raise the second"
+        )
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
@@ -144,6 +157,7 @@ FAMILY = Family(
     inputs=TOKENS,
     config=TransformerConfig,
     build=TransformerClassifier,
+    check=check_max_len,
     smoke={
         "epochs": 2,
         "batch_size": 64,

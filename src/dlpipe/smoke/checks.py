@@ -29,6 +29,7 @@ def expected_stages(params: Params) -> list[str]:
         *(f"prepare@{d}" for d in datasets),
         *(f"train@{f}" for f in params.families),
         *(f"evaluate@{f}" for f in params.families),
+        "baseline",
         "report",
     ]
 
@@ -146,6 +147,20 @@ def _finite(values: Sequence[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def check_baselines(repo: Path, runs: list[Any]) -> list[str]:
+    """Each baseline's eval.json has its FINISHED run, with the same test accuracy."""
+    problems = []
+    logged = {run.data.tags.get("model_family"): run for run in runs}
+    for path in sorted((repo / paths.REPORTS_DIR / "baselines").glob("*/eval.json")):
+        evaluation = json.loads(path.read_text())
+        run = logged.get(evaluation["model"])
+        if run is None or run.info.status != "FINISHED":
+            problems.append(f"MLflow: no finished run of baseline {evaluation['model']}")
+        elif abs(run.data.metrics.get("test_accuracy", -1) - evaluation["test_accuracy"]) > 1e-6:
+            problems.append(f"MLflow: baseline {evaluation['model']} test_accuracy differs")
+    return problems
+
+
 def check_mlflow(uri: str, params: Params, repo: Path) -> dict[str, str]:
     """Each model's run: params, per-epoch history, test metrics, a logged model, the champion
     alias in the registry. Returns {model: run id}."""
@@ -155,11 +170,12 @@ def check_mlflow(uri: str, params: Params, repo: Path) -> dict[str, str]:
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     if experiment is None:
         raise SmokeFailure(f"MLflow: no experiment {params.mlflow.experiment!r} in {uri}")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    found = client.search_runs([experiment.experiment_id], max_results=100)
+    runs = [run for run in found if run.data.tags.get("baseline") != "true"]
     by_family: dict[str, list[Any]] = {}
     for run in runs:
         by_family.setdefault(run.data.tags.get("model_family", "?"), []).append(run)
-    problems: list[str] = []
+    problems = check_baselines(repo, [run for run in found if run not in runs])
     if sorted(by_family) != sorted(params.families) or len(runs) != len(params.families):
         counts = {family: len(found) for family, found in by_family.items()}
         raise SmokeFailure(f"MLflow: expected one run per model, found {counts}")

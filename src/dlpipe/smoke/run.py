@@ -140,7 +140,10 @@ def run_smoke(
     extra: dict[str, Any] | None = None,
     timeout: float = 1200,
     tmp_base: str | None = None,
+    tracking_uri: str | None = None,
 ) -> int:
+    """The smoke run; 0 when every check holds. `tracking_uri`: log to that store (a shared
+    server) instead of a throw-away sqlite file in the workspace."""
     from dlpipe.gates import run_check
 
     steps = Steps()
@@ -151,6 +154,8 @@ def run_smoke(
         with workspace(keep, tmp_base) as work:
             repo = work / "repo"
             env = isolated_env(repo, work, mirror)
+            if tracking_uri:
+                env["MLFLOW_TRACKING_URI"] = tracking_uri
             print(f"smoke: workspace {work}; data mirror {mirror or '<none: downloads>'}")
             with steps.step("copy the working tree, shrink params.yaml, commit") as note:
                 raw = build_workspace(source, work, env, extra or {})
@@ -241,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=1200, help="dvc repro limit (s)")
     parser.add_argument("--tmp", default=None, help="parent of the temporary workspace")
+    parser.add_argument(
+        "--tracking-uri",
+        help="log to this MLflow store (e.g. a shared server) instead of a temporary one; "
+        "give a fresh --set mlflow.experiment=... and registry.name_prefix=... there",
+    )
     args = parser.parse_args(argv)
     source = Path(args.project).resolve()
     mirror = args.mirror
@@ -255,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USER_ERROR_EXIT
     out = Path(args.out)
     out = out if out.is_absolute() else source / out
-    return run_smoke(source, out, mirror, args.keep, extra, args.timeout, args.tmp)
+    return run_smoke(
+        source, out, mirror, args.keep, extra, args.timeout, args.tmp, args.tracking_uri
+    )
 
 
 if __name__ == "__main__":

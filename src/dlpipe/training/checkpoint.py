@@ -1,26 +1,28 @@
 """Per-epoch checkpoints that let an interrupted training stage pick up where it stopped.
 
 They live outside DVC's outputs (DVC deletes outputs before rerunning a stage), in a folder named
-by a hash of everything that defines the training: its params and the digest of its data. A changed
-config therefore never resumes from a stale checkpoint.
+by a hash of everything that defines the training: its params, the digest of its data and the
+digest of its code. A changed config, data or model/trainer code therefore never resumes from a
+stale checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dlpipe.io import atomic_path
 
+if TYPE_CHECKING:
+    from dlpipe.family import Family
+
 CHECKPOINT_FILE = "last.pt"
-# Part of every training key: a checkpoint of another layout is never read (2: per-process RNG
-# states and the loss scaler, for data-parallel training).
-CHECKPOINT_FORMAT = 2
 
 
 def file_digest(paths: list[Path]) -> str:
@@ -34,10 +36,24 @@ def file_digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def training_key(model: str, settings: dict[str, Any], data_digest: str) -> str:
+def code_digest(family: Family) -> str:
+    """sha256 over the source that defines a training: the family's module, its input kind's
+    module and the dlpipe.training package, so that an edit to any of them (even one that keeps
+    the weights' shapes) never resumes weights trained by the old code."""
+    modules = [f"dlpipe.models.{family.name}", type(family.inputs).__module__, "dlpipe.training"]
+    digest = hashlib.sha256()
+    for name in modules:
+        source = Path(str(importlib.import_module(name).__file__))
+        files = sorted(source.parent.rglob("*.py")) if source.name == "__init__.py" else [source]
+        for file in files:
+            digest.update(f"{name}:{file.relative_to(source.parent)}\0".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def training_key(model: str, settings: dict[str, Any], data_digest: str, code: str) -> str:
     blob = json.dumps(
-        {"model": model, "settings": settings, "data": data_digest, "format": CHECKPOINT_FORMAT},
-        sort_keys=True,
+        {"model": model, "settings": settings, "data": data_digest, "code": code}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

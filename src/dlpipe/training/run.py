@@ -29,12 +29,12 @@ import torch
 from dlpipe import paths
 from dlpipe.config import Params, TrainConfig, train_config
 from dlpipe.data.tensors import Split
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, redact
 from dlpipe.family import DataMeta, Family, get_family
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.plots import plot_history
 from dlpipe.tracking import TrainingRun, flatten, git_state, tracking_uri
-from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
+from dlpipe.training.checkpoint import CheckpointStore, code_digest, file_digest, training_key
 from dlpipe.training.distributed import (
     World,
     check_batch_size,
@@ -99,12 +99,12 @@ def measure_precision(
 
 
 def checkpoints(family: Family, params: Params, data: TrainingData) -> CheckpointStore:
-    """The checkpoint folder of this exact training (params, seed and data). The number of
+    """The checkpoint folder of this exact training (params, seed, data and code). The number of
     processes is not part of it: they train the same recipe, and a rerun with another number
     resumes."""
     settings = {"seed": params.seed, **train_config(params, family.name).model_dump()}
     settings.pop("nproc")
-    key = training_key(family.name, settings, data.digest)
+    key = training_key(family.name, settings, data.digest, code_digest(family))
     return CheckpointStore(
         paths.project_root() / ".dlpipe" / "checkpoints" / f"{family.name}-{key}"
     )
@@ -240,12 +240,13 @@ def write_outputs(
     )
     write_json_atomic(
         models_dir / "mlflow_run.json",
-        {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": run.uri},
+        {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": redact(run.uri)},
     )
     last = result.history[-1]
     best = result.history[result.best_epoch - 1]
     summary = {
         "model": family.name,
+        "dataset": family.dataset,
         "device": runtime.device_name,
         "precision": precision.label,
         "compute_dtypes": precision.dtypes,
@@ -354,7 +355,8 @@ def build_model(
 
 def train(name: str, params: Params) -> dict[str, Any] | None:
     """Train one model family end to end; resumes from a checkpoint of the same config. Under
-    torchrun every process calls it: rank 0 returns the summary, the others None."""
+    torchrun every process calls it: rank 0 returns train.json's summary and `tracking` (what
+    MLflow could not take, '' if nothing), the others None."""
     family = get_family(name)
     config = train_config(params, name)
     model_config = family.model_config(params)  # a bad section fails before any work
@@ -388,7 +390,7 @@ def train(name: str, params: Params) -> dict[str, Any] | None:
                 raise
             end_run(run, "FINISHED")
     store.clear()
-    return summary
+    return {**summary, "tracking": run.outcome()}  # not in train.json: MLflow is not an output
 
 
 def fit_and_record(

@@ -1,0 +1,141 @@
+"""A shared MLflow server (`make mlflow-server`) on a throw-away PostgreSQL cluster, with the
+smoke pipeline logging to it: runs, histories, models, registry aliases and artifacts, all read
+back through the server. Where PostgreSQL is not installed, the same runs against the sqlite
+server, and the test says so."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, free_port, running_mlflow_server
+
+from dlpipe.config import load_params
+
+
+def postgres_bin() -> Path | None:
+    """Debian's PostgreSQL server binaries (/usr/lib/postgresql/<version>/bin), if installed."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def as_postgres(command: list[str]) -> list[str]:
+    """initdb and pg_ctl refuse to run as root: run them as the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture
+def postgres_uri() -> Iterator[str]:
+    """$DLPIPE_TEST_POSTGRES_URI (an empty database, e.g. CI's postgres service container), else
+    a PostgreSQL cluster in a temporary folder, on its own unix socket and port, with an empty
+    database `mlflow`; stopped and deleted afterwards."""
+    given = os.environ.get("DLPIPE_TEST_POSTGRES_URI")
+    if given:
+        yield given
+        return
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root without runuser: cannot start PostgreSQL")
+    folder = Path(tempfile.mkdtemp(prefix="dlpipe-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    data, port = folder / "data", free_port()
+    options = f"-k {folder} -p {port} -c listen_addresses='' -c fsync=off"
+    pg_ctl = as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w"])
+    try:
+        subprocess.run(
+            as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [*pg_ctl, "-o", options, "-l", str(folder / "log"), "start"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            as_postgres([str(bindir / "createdb"), "-h", str(folder), "-p", str(port), "mlflow"]),
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql://postgres@/mlflow?host={folder}&port={port}"
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_server_refuses_postgres_without_its_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlpipe.errors import DlpipeError
+    from dlpipe.server import server_command
+
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # import fails as if not installed
+    with pytest.raises(DlpipeError, match=r"psycopg2://\*\*\*@h/db: PostgreSQL needs"):
+        server_command("postgresql://u:pw@h/db", "/tmp/a", "127.0.0.1", 5000, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_smoke_pipeline_through_a_shared_server_on_postgres(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(REPO_ROOT.parent / "shared" / "datasets")
+    if "://" not in mirror and not Path(mirror).is_dir():
+        pytest.skip("no data mirror (set DLPIPE_DATA_MIRROR)")
+    if postgres_bin() is None and not os.environ.get("DLPIPE_TEST_POSTGRES_URI"):
+        print("PostgreSQL is not installed: the shared server runs on sqlite instead")
+        backend = f"sqlite:///{tmp_path / 'server.db'}"
+    else:
+        backend = request.getfixturevalue("postgres_uri")
+    from mlflow.tracking import MlflowClient
+
+    experiment, prefix = f"smoke-{int(time.time())}", "team-"
+    with running_mlflow_server(tmp_path, backend) as url:
+        out = tmp_path / "out"
+        command = [
+            sys.executable, "-m", "dlpipe.smoke", "--mirror", mirror, "--out", str(out),
+            "--tracking-uri", url, "--tmp", str(tmp_path),
+            "--set", f"mlflow.experiment={experiment}", "--set", f"registry.name_prefix={prefix}",
+        ]  # fmt: skip
+        result = subprocess.run(
+            command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200
+        )
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+        # Everything reads back through the server: runs, histories, registry, artifacts.
+        client = MlflowClient(url)
+        found = client.get_experiment_by_name(experiment)
+        assert found is not None
+        runs = client.search_runs([found.experiment_id])
+        families = load_params(REPO_ROOT / "params.yaml").families
+        assert sorted(r.data.tags["model_family"] for r in runs) == sorted(families)
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+            family = run.data.tags["model_family"]
+            champion = client.get_model_version_by_alias(f"{prefix}{family}", "champion")
+            assert champion.run_id == run.info.run_id
+            local = client.download_artifacts(run.info.run_id, "learning_curves.png", str(tmp_path))
+            assert Path(local).read_bytes()[:4] == b"\x89PNG"
+        # the registered raw-input model loads and predicts through the server
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+        predict = [sys.executable, "-m", "dlpipe.cli", "predict", "transformer", "a fine film"]
+        uri = f"models:/{prefix}transformer@champion"
+        done = subprocess.run(
+            [*predict, "--model-uri", uri, "--json"], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        [record] = json.loads(done.stdout)
+        assert record["label_name"] in {"negative", "positive"}
