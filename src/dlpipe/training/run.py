@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dlpipe import paths
+from dlpipe import lineage, paths
 from dlpipe.config import Params, train_config
 from dlpipe.data.tensors import Split
 from dlpipe.family import DataMeta, Family, get_family
@@ -58,12 +58,14 @@ def load_data(family: Family, runtime: Runtime) -> TrainingData:
 
 
 def checkpoints(family: Family, params: Params, data: TrainingData) -> CheckpointStore:
-    """The checkpoint folder of this exact training (params, seed and data)."""
+    """The checkpoint folder of this exact training (params, seed and data) in this DVC
+    experiment, if any: queued trials that train alike each have their own, so none resumes
+    or clears another's, and a rerun of the same experiment (same name) resumes its own."""
     settings = {"seed": params.seed, **train_config(params, family.name).model_dump()}
     key = training_key(family.name, settings, data.digest)
-    return CheckpointStore(
-        paths.project_root() / ".dlpipe" / "checkpoints" / f"{family.name}-{key}"
-    )
+    experiment = lineage.experiment_name()
+    name = f"{family.name}-{key}" + (f"-{lineage.folder_safe(experiment)}" if experiment else "")
+    return CheckpointStore(paths.project_root() / ".dlpipe" / "checkpoints" / name)
 
 
 def run_params(family: Family, params: Params) -> dict[str, Any]:
