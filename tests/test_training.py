@@ -498,6 +498,11 @@ def test_experiments_that_train_alike_never_share_a_checkpoint(
     assert f"resuming from epoch 1 ({folder_a / 'last.pt'})" in capsys.readouterr().out
     assert checkpoint_folders(tiny_project.root, "cnn") == []
 
+    client = MlflowClient(tiny_project.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("dlpipe").experiment_id])
+    folders = {run.data.tags["dvc_exp_name"]: run.data.tags["checkpoint_dir"] for run in runs}
+    assert folders == {"trial-a": folder_a.name, "trial/b": folder_a.name[:-7] + "trial_b"}
+
 
 # --- the train stage end to end -----------------------------------------------------------------
 

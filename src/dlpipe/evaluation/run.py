@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dlpipe import paths
+from dlpipe import lineage, paths
 from dlpipe.config import Params, train_config
 from dlpipe.evaluation.figures import plot_confusion
 from dlpipe.evaluation.metrics import classification_report, latency
@@ -65,6 +65,8 @@ def _log_to_mlflow(
     family: Family, params: Params, scalars: dict[str, float], figures: list[Path]
 ) -> dict[str, Any] | None:
     """Reopen the training's run, log test results, the raw-input model, and register it."""
+    import mlflow
+
     from dlpipe import registry, serving, tracking
 
     model_dir = paths.MODELS_DIR / family.name
@@ -77,6 +79,7 @@ def _log_to_mlflow(
         return None
     run = tracking.TrainingRun(info.get("tracking_uri") or tracking.tracking_uri(), True)
     run.reopen(run_id)
+    run.call("tag lineage", mlflow.set_tags, lineage.train_stage_tags(family.name))
     run.log_metrics(scalars)
     for figure in figures:
         run.log_artifact(figure)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 
@@ -108,13 +109,16 @@ def start_run(
     # "" when the interrupted training ran without tracking: then this one starts a new run.
     resume_run_id = (resume["extra"].get("mlflow_run_id") if resume else None) or None
     run = TrainingRun(tracking_uri(), params.mlflow.require_tracking)
-    exp_name = os.environ.get("DVC_EXP_NAME")
+    exp_name = lineage.experiment_name()
+    tags = {**run_tags(family, runtime), **lineage.data_tags(family.dataset)}
+    if params.mlflow.sweep_parent:  # MLflow shows the run nested under its sweep's run
+        tags["mlflow.parentRunId"] = params.mlflow.sweep_parent
     run_name = f"{family.name}-{git_state()['git_sha'][:7]}" + (f"-{exp_name}" if exp_name else "")
     run.start(
         params.mlflow.experiment,
         run_name,
         resume_run_id,
-        run_tags(family, runtime),
+        tags,
         run_params(family, params),
         params.mlflow.system_metrics_interval_s,
     )
@@ -246,6 +250,7 @@ def train(name: str, params: Params) -> dict[str, Any]:
     store = checkpoints(family, params, data)
     resume = store.load()
     run = start_run(family, params, runtime, data, resume)
+    run.call("tag the checkpoint folder", mlflow.set_tag, "checkpoint_dir", store.folder.name)
     try:
         seed_everything(params.seed, config.deterministic)
         model = family.inputs.place(family.build(model_config, data.meta), runtime.device)
