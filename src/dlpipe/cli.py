@@ -6,6 +6,8 @@
     dlpipe predict transformer --model-uri models:/dlpipe-transformer@champion "a review"
     dlpipe compare [--lineage]
     dlpipe check [--smoke] [--baseline REV]
+    dlpipe sweep cnn -S train.cnn.lr=0.001,0.002 -S train.cnn.batch_size=32,64 --jobs 2
+    dlpipe sweep --show [MODEL]                       (dvc exp show on one screen)
 
 Predictions come from the local DVC outputs (data/models/<name> under the current folder: the
 weights and what reading raw inputs needs, such as the tokenizer) or from any MLflow pyfunc URI;
@@ -266,6 +268,26 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sweep ---------------------------------------------------------------------------------------
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """`dlpipe sweep`: queue and run a grid, or show the experiments (see `dlpipe.sweep`)."""
+    from dlpipe import sweep as sweeps
+
+    if args.show:
+        if args.grid:
+            raise DlpipeError("--show takes no -S (it shows the experiments there are)")
+        params = load_params(args.params)
+        if args.model:
+            get_family(args.model)
+        print(sweeps.show_table(params, args.model))
+        return 0
+    if not args.model or not args.grid:
+        raise DlpipeError("give a MODEL and at least one -S KEY=V1,V2 (see `dlpipe sweep --help`)")
+    return sweeps.run_sweep(args.model, args.grid, args.jobs, args.params)
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -303,7 +325,23 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     g = commands.add_parser("check", help="metric gates: floors and regressions vs a baseline")
     gates.build_parser(g)
     g.set_defaults(handler=check)
-    return parser, {"predict": p, "compare": c, "check": g}
+
+    s = commands.add_parser("sweep", help="a grid of one family's params as queued DVC experiments")
+    s.add_argument("model", nargs="?", metavar="MODEL", help="the family the grid trains")
+    s.add_argument(
+        "-S",
+        "--set-param",
+        dest="grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one axis of the grid, in `dvc exp run -S` syntax (train.MODEL.* or evaluate.*)",
+    )
+    s.add_argument("-j", "--jobs", type=int, default=1, help="trials run at once (default 1)")
+    s.add_argument("--show", action="store_true", help="print the experiments, one screen")
+    s.add_argument("--params", default="params.yaml", help="default params.yaml")
+    s.set_defaults(handler=sweep)
+    return parser, {"predict": p, "compare": c, "check": g, "sweep": s}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
