@@ -11,7 +11,7 @@ WORKFLOWS := $(wildcard .github/workflows/*.yml)
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all smoke gpu-check check bench-keras lint format typecheck lock push pull mlflow-server mlflow-ui clean
+.PHONY: repro test test-all smoke gpu-check check sweep exp-show bench-keras lint format typecheck lock push pull mlflow-server mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ gpu-check: $(STAMP)  ## on CUDA: gpu tests, full pipeline on the GPU, 2-GPU DDP;
 
 check: $(STAMP)  ## metric gates: reports/models/<model>/eval.json against gates.floors in params.yaml
 	$(BIN)/python -m dlpipe.gates
+
+# One family's grid as queued DVC experiments, JOBS at a time; each axis in `dvc exp run -S`
+# syntax, e.g. make sweep FAMILY=cnn GRID="train.cnn.lr=0.001,0.002 train.cnn.batch_size=32,64"
+FAMILY ?= cnn
+GRID ?= train.$(FAMILY).lr=0.0005,0.001,0.002
+JOBS ?= 2
+sweep: $(STAMP)  ## queue and run GRID for FAMILY with JOBS workers; one MLflow parent run
+	$(BIN)/dlpipe sweep $(FAMILY) $(foreach axis,$(GRID),-S '$(axis)') --jobs $(JOBS)
+
+exp-show: $(STAMP)  ## dvc exp show on one screen: the params that vary, headline metrics
+	$(BIN)/dlpipe sweep --show
 
 # TensorFlow lives in its own venv: the yardstick must not enter requirements.lock.
 KERAS_VENV := .venv-keras

@@ -373,6 +373,40 @@ def test_compare_table(runs_store: dict[str, str], cli: Cli) -> None:
     assert table["transformer"][2] == "1.5M" and table["transformer"][7:11] == ["-"] * 4
 
 
+def test_compare_lineage_shows_where_each_run_came_from(
+    runs_store: dict[str, str], cli: Cli
+) -> None:
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    lineage = {
+        "git_sha": "0123456789abcdef",
+        "git_dirty": "false",
+        "params_dirty": "true",
+        "dvc_exp_name": "cnn-abc123-2",
+        "dvc_data_md5": "d41d8cd98f00b204e980.dir",
+        "dvc_train_lock": "5f1e2d3c4b5a6978",
+    }
+    for key, value in lineage.items():
+        client.set_tag(runs_store["cnn"], key, value)
+    result = cli("compare", "--lineage")
+    assert result.code == 0, result.err
+    header, _, *lines = result.out.splitlines()
+    assert "dvc experiment" in header and "test acc" not in header
+    table = {line.split()[0]: line.split() for line in lines}
+    assert table["cnn"] == [
+        "cnn",
+        runs_store["cnn"],
+        "0123456789",
+        "false",
+        "true",
+        "cnn-abc123-2",
+        "d41d8cd98f00",
+        "5f1e2d3c4b5a6978",
+    ]
+    assert table["rnn"] == ["rnn"] + ["-"] * 7
+    rows = {row["model"]: row for row in json.loads(cli("compare", "--json").out)}
+    assert rows["cnn"]["dvc_exp_name"] == "cnn-abc123-2"
+
+
 def test_compare_errors(
     runs_store: dict[str, str],
     cli: Cli,

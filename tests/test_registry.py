@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,18 +12,24 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dlpipe import registry
 from dlpipe.config import RegistryConfig
 from dlpipe.errors import DlpipeError
-from dlpipe.registry import beats, register_and_promote
+from dlpipe.registry import SplitIdentity, beats, register_and_promote
 
 Register = Callable[..., dict[str, Any]]
 
 
-def make_register(client: MlflowClient, experiment_id: str) -> Register:
-    """register(value, metric=..., family=..., **config) -> decision, each from a new run."""
+def make_register(client: MlflowClient, experiment_id: str, lock: Path) -> Register:
+    """register(value, metric=..., family=..., split=..., **config) -> decision, each from a new
+    run; promotions serialised by the file `lock`."""
 
     def register(
-        value: float, metric: str = "test_accuracy", family: str = "cnn", **config: Any
+        value: float,
+        metric: str = "test_accuracy",
+        family: str = "cnn",
+        split: SplitIdentity | None = None,
+        **config: Any,
     ) -> dict[str, Any]:
         run = client.create_run(experiment_id)
         run_id = run.info.run_id
@@ -34,6 +42,8 @@ def make_register(client: MlflowClient, experiment_id: str) -> Register:
             {metric: value},
             RegistryConfig.model_validate({"metric": metric, **config}),
             client,
+            split,
+            lock,
         )
 
     return register
@@ -48,7 +58,7 @@ def client(tmp_path: Path, _mlflow_db_template: Path) -> MlflowClient:
 @pytest.fixture
 def register(client: MlflowClient, tmp_path: Path) -> Register:
     experiment = client.create_experiment("registry", (tmp_path / "artifacts").as_uri())
-    return make_register(client, experiment)
+    return make_register(client, experiment, tmp_path / "registry.lock")
 
 
 def aliases(client: MlflowClient, name: str = "dlpipe-cnn") -> dict[str, int]:
@@ -152,13 +162,128 @@ def test_beats_is_strict_and_directional() -> None:
 
 
 @pytest.mark.integration
-def test_the_rule_against_a_tracking_server(mlflow_server: str) -> None:
+def test_the_rule_against_a_tracking_server(mlflow_server: str, tmp_path: Path) -> None:
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("registry-http")
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment("registry-http")
     )
-    register = make_register(client, experiment_id)
+    register = make_register(client, experiment_id, tmp_path / "registry.lock")
     assert register(0.8, family="http")["promoted"] is True
     assert register(0.7, family="http")["promoted"] is False
     assert aliases(client, "dlpipe-http") == {"candidate": 2, "champion": 1}
+
+
+# --- parallel evaluations -----------------------------------------------------------------------
+
+
+def test_parallel_promotions_never_crown_the_worse_model(
+    client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two evaluations (queued experiments) promote at once. Reading the champion is slowed, so
+    without the lock both would read v1 and the later, worse one would take the alias last."""
+    uri = client.tracking_uri
+    experiment = client.create_experiment("parallel", (tmp_path / "artifacts").as_uri())
+    lock = tmp_path / "registry.lock"
+    make_register(client, experiment, lock)(0.90)
+
+    reading = threading.Event()
+    read_champion = registry._champion
+
+    def slow_champion(client: MlflowClient, name: str) -> Any:
+        reading.set()
+        found = read_champion(client, name)
+        time.sleep(0.5)
+        return found
+
+    monkeypatch.setattr(registry, "_champion", slow_champion)
+    decisions: dict[float, dict[str, Any]] = {}
+
+    def evaluate(value: float) -> None:  # each evaluation has its own client, as processes do
+        decisions[value] = make_register(MlflowClient(uri), experiment, lock)(value)
+
+    better = threading.Thread(target=evaluate, args=(0.95,))
+    better.start()
+    assert reading.wait(10)
+    worse = threading.Thread(target=evaluate, args=(0.92,))
+    worse.start()
+    better.join(30)
+    worse.join(30)
+
+    assert decisions[0.95]["promoted"] and decisions[0.95]["champion_version_before"] == 1
+    assert not decisions[0.92]["promoted"], decisions[0.92]
+    assert decisions[0.92]["champion_value_before"] == 0.95  # re-read inside the lock
+    champion = client.get_model_version_by_alias("dlpipe-cnn", "champion")
+    assert int(champion.version) == decisions[0.95]["version"]
+
+
+def test_queued_experiments_share_the_checkout_s_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued experiment runs in .dvc/tmp/exps/<tmp>: its lock is the checkout's."""
+    queued = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    queued.mkdir(parents=True)
+    monkeypatch.chdir(queued)
+    expected = tmp_path.resolve() / ".dlpipe" / "locks" / "registry-dlpipe-cnn.lock"
+    assert registry.lock_file("dlpipe-cnn") == expected
+
+
+# --- scores on different test rows ---------------------------------------------------------------
+
+FULL = SplitIdentity(10000, "a" * 16, True)
+SAMPLE = SplitIdentity(2000, "b" * 16, False)
+OTHER_SAMPLE = SplitIdentity(2000, "c" * 16, False)
+
+
+def test_versions_carry_the_identity_of_their_test_split(
+    client: MlflowClient, register: Register
+) -> None:
+    register(0.9, split=SAMPLE)
+    tags = client.get_model_version("dlpipe-cnn", "1").tags
+    assert (tags["test_split_rows"], tags["test_split_digest"]) == ("2000", "b" * 16)
+    assert tags["test_split_full"] == "false"
+    assert SplitIdentity.from_tags(tags) == SAMPLE
+
+
+def test_scores_on_the_same_rows_compete(client: MlflowClient, register: Register) -> None:
+    register(0.90, split=SAMPLE)
+    assert register(0.89, split=SAMPLE)["promoted"] is False
+    assert register(0.91, split=SAMPLE)["promoted"] is True
+
+
+def test_a_score_on_a_subset_never_competes_with_one_on_the_full_split(
+    client: MlflowClient, register: Register
+) -> None:
+    register(0.90, split=FULL)
+    decision = register(0.99, split=SAMPLE)  # far better, but on other rows
+    assert decision["promoted"] is False
+    assert "a test subset (2000 rows" in decision["reason"]
+    assert "is not compared with champion v1" in decision["reason"]
+    assert "the full test split (10000 rows" in decision["reason"]
+    assert aliases(client) == {"candidate": 2, "champion": 1}
+
+
+def test_the_full_split_replaces_a_champion_scored_on_a_subset(
+    client: MlflowClient, register: Register
+) -> None:
+    register(0.99, split=SAMPLE)
+    decision = register(0.90, split=FULL)  # lower, but the first score on the full split
+    assert decision["promoted"] is True
+    assert decision["reason"].startswith("scored on the full test split (10000 rows")
+    assert "replaces champion v1, scored on a test subset (2000 rows" in decision["reason"]
+    assert aliases(client) == {"candidate": 2, "champion": 2}
+
+
+def test_two_different_subsets_do_not_compete(client: MlflowClient, register: Register) -> None:
+    register(0.90, split=SAMPLE)
+    assert register(0.99, split=OTHER_SAMPLE)["promoted"] is False
+    assert aliases(client)["champion"] == 1
+
+
+def test_a_champion_without_a_recorded_split_is_compared_as_before(
+    client: MlflowClient, register: Register
+) -> None:
+    """Versions registered before splits were recorded keep competing on the metric."""
+    register(0.90)
+    assert register(0.89, split=FULL)["promoted"] is False
+    assert register(0.95, split=FULL)["promoted"] is True

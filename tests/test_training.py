@@ -521,6 +521,39 @@ def test_a_checkpoint_is_not_resumed_after_a_code_edit(
     assert [row["epoch"] for row in read_history("cnn")] == [1, 2]
 
 
+def test_experiments_that_train_alike_never_share_a_checkpoint(
+    tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two queued DVC experiments with the same training params (differing, say, in evaluate
+    params) each keep their own folder: neither resumes nor clears the other's checkpoint, and a
+    rerun of an experiment under its name resumes its own."""
+    params = tiny_project.with_train("cnn", epochs=2)
+    monkeypatch.setenv("DVC_EXP_NAME", "trial-a")
+    with monkeypatch.context() as patch:
+        hook_after_epoch(patch, interrupt_at_epoch(1))
+        with pytest.raises(KeyboardInterrupt):
+            run_module.train("cnn", params)
+    [folder_a] = checkpoint_folders(tiny_project.root, "cnn")
+    assert folder_a.name.endswith("-trial-a")
+    capsys.readouterr()
+
+    monkeypatch.setenv("DVC_EXP_NAME", "trial/b")  # finishes, and clears its own folder only
+    run_module.train("cnn", params)
+    assert "resuming" not in capsys.readouterr().out
+    assert [row["epoch"] for row in read_history("cnn")] == [1, 2]
+    assert checkpoint_folders(tiny_project.root, "cnn") == [folder_a]
+
+    monkeypatch.setenv("DVC_EXP_NAME", "trial-a")
+    run_module.train("cnn", params)
+    assert f"resuming from epoch 1 ({folder_a / 'last.pt'})" in capsys.readouterr().out
+    assert checkpoint_folders(tiny_project.root, "cnn") == []
+
+    client = MlflowClient(tiny_project.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("dlpipe").experiment_id])
+    folders = {run.data.tags["dvc_exp_name"]: run.data.tags["checkpoint_dir"] for run in runs}
+    assert folders == {"trial-a": folder_a.name, "trial/b": folder_a.name[:-7] + "trial_b"}
+
+
 # --- the train stage end to end -----------------------------------------------------------------
 
 

@@ -4,9 +4,11 @@
     dlpipe predict transformer "a review" "another review"
     dlpipe predict rnn --file reviews.txt            (one review per line, blank lines skipped)
     dlpipe predict transformer --model-uri models:/dlpipe-transformer@champion "a review"
-    dlpipe compare
+    dlpipe compare [--lineage]
     dlpipe check [--smoke] [--baseline REV]
     dlpipe sync                                      (metrics kept while MLflow was down)
+    dlpipe sweep cnn -S train.cnn.lr=0.001,0.002 -S train.cnn.batch_size=32,64 --jobs 2
+    dlpipe sweep --show [MODEL]                       (dvc exp show on one screen)
 
 Predictions come from the local DVC outputs (data/models/<name> under the current folder: the
 weights and what reading raw inputs needs, such as the tokenizer) or from any MLflow pyfunc URI;
@@ -173,6 +175,18 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("device", "device", str),
 ]
 
+# `dlpipe compare --lineage`: where each run came from (its tags), in place of the metrics.
+LINEAGE: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("model", "model", str),
+    ("run_id", "run id", str),
+    ("git_sha", "git", lambda v: str(v)[:10]),
+    ("git_dirty", "code edited", str),
+    ("params_dirty", "params edited", str),
+    ("dvc_exp_name", "dvc experiment", str),
+    ("dvc_data_md5", "data (dvc md5)", lambda v: str(v)[:12]),
+    ("dvc_train_lock", "train@ lock", str),
+]
+
 
 def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     """step -> value of an epoch metric; a resumed training's repeated step keeps its last value."""
@@ -182,7 +196,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 def compare_row(client: MlflowClient, experiment_id: str, family: str) -> dict[str, Any]:
     """The latest FINISHED run of one family, as the values `dlpipe compare` shows."""
-    row: dict[str, Any] = dict.fromkeys(key for key, _, _ in COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(key for key, _, _ in COLUMNS + LINEAGE)
     row["model"] = family
     runs = client.search_runs(
         [experiment_id],
@@ -195,6 +209,8 @@ def compare_row(client: MlflowClient, experiment_id: str, family: str) -> dict[s
     run = runs[0]
     metrics, run_id = run.data.metrics, run.info.run_id
     row["run_id"], row["device"] = run_id, run.data.tags.get("device")
+    for key, _, _ in LINEAGE[2:]:
+        row[key] = run.data.tags.get(key)
     for key in ("parameters", "test_accuracy", "test_macro_f1", "latency_b1_ms", "model_size_mb"):
         row[key] = metrics.get(key)
     val = _history(client, run_id, "val_accuracy")
@@ -210,16 +226,18 @@ def compare_row(client: MlflowClient, experiment_id: str, family: str) -> dict[s
     return row
 
 
-def format_compare(rows: list[dict[str, Any]]) -> str:
-    """Aligned columns; a missing or non-finite value is `-`."""
+def format_compare(rows: list[dict[str, Any]], lineage: bool = False) -> str:
+    """Aligned columns (the metrics, or with `lineage` the tags saying where each run came
+    from); a missing or non-finite value is `-`."""
 
     def cell(value: Any, fmt: Callable[[Any], str]) -> str:
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
             return "-"
         return fmt(value)
 
-    header = [header for _, header, _ in COLUMNS]
-    return format_table(header, [[cell(row.get(k), fmt) for k, _, fmt in COLUMNS] for row in rows])
+    columns = LINEAGE if lineage else COLUMNS
+    header = [header for _, header, _ in columns]
+    return format_table(header, [[cell(row.get(k), fmt) for k, _, fmt in columns] for row in rows])
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -242,7 +260,7 @@ def compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        print(format_compare(rows))
+        print(format_compare(rows, args.lineage))
     return 0
 
 
@@ -258,6 +276,26 @@ def sync(args: argparse.Namespace) -> int:
     for line in lines or [f"nothing to sync ({spool_dir()} holds no undelivered metrics)"]:
         print(line)
     return 0
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """`dlpipe sweep`: queue and run a grid, or show the experiments (see `dlpipe.sweep`)."""
+    from dlpipe import sweep as sweeps
+
+    if args.show:
+        if args.grid:
+            raise DlpipeError("--show takes no -S (it shows the experiments there are)")
+        params = load_params(args.params)
+        if args.model:
+            get_family(args.model)
+        print(sweeps.show_table(params, args.model))
+        return 0
+    if not args.model or not args.grid:
+        raise DlpipeError("give a MODEL and at least one -S KEY=V1,V2 (see `dlpipe sweep --help`)")
+    return sweeps.run_sweep(args.model, args.grid, args.jobs, args.params)
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -288,6 +326,12 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     c.add_argument("--experiment", help="default: mlflow.experiment in params.yaml")
     c.add_argument("--params", default="params.yaml", help="default params.yaml")
     c.add_argument("--json", action="store_true", help="print JSON records")
+    c.add_argument(
+        "--lineage",
+        action="store_true",
+        help="where each run came from: git commit, edited code or params, DVC experiment, "
+        "data and train stage hashes",
+    )
     c.set_defaults(handler=compare)
 
     g = commands.add_parser("check", help="metric gates: floors and regressions vs a baseline")
@@ -296,7 +340,22 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
 
     s = commands.add_parser("sync", help="deliver metrics kept while MLflow was unreachable")
     s.set_defaults(handler=sync)
-    return parser, {"predict": p, "compare": c, "check": g, "sync": s}
+    w = commands.add_parser("sweep", help="a grid of one family's params as queued DVC experiments")
+    w.add_argument("model", nargs="?", metavar="MODEL", help="the family the grid trains")
+    w.add_argument(
+        "-S",
+        "--set-param",
+        dest="grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one axis of the grid, in `dvc exp run -S` syntax (train.MODEL.* or evaluate.*)",
+    )
+    w.add_argument("-j", "--jobs", type=int, default=1, help="trials run at once (default 1)")
+    w.add_argument("--show", action="store_true", help="print the experiments, one screen")
+    w.add_argument("--params", default="params.yaml", help="default params.yaml")
+    w.set_defaults(handler=sweep)
+    return parser, {"predict": p, "compare": c, "check": g, "sync": s, "sweep": w}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -121,6 +121,9 @@ class MlflowConfig(Strict):
     experiment: Annotated[str, Field(min_length=1)] = "dlpipe"
     require_tracking: bool = True
     system_metrics_interval_s: Annotated[float, Field(ge=1.0)] = 5.0
+    # The MLflow run a training is nested under: `dlpipe sweep` sets it for each trial. Only a
+    # tag, so no stage depends on it (the same training in or out of a sweep is the same).
+    sweep_parent: Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]*$", max_length=64)] = ""
 
 
 GateMetric = Literal["test_accuracy", "test_macro_f1"]  # higher is better: a floor is a minimum

@@ -1,26 +1,72 @@
 """The model registry rule: every evaluated model is a `candidate`; `champion` moves on merit.
 
-Each call registers a new version of `<name_prefix><family>` and tags it with its metrics, so the
-comparison later never depends on the run still existing. `champion` moves to it only when there
-is no champion yet, the champion has no value of the metric to compare, or the new value beats the
-champion's by more than `min_delta` (lower is better for test_log_loss). Uses only the given
-`MlflowClient`, so it works the same against a sqlite store and a tracking server.
+Each call registers a new version of `<name_prefix><family>` and tags it with its metrics and the
+identity of the test split it was scored on, so the comparison later never depends on the run
+still existing. `champion` moves to it only when there is no champion yet, the champion has no
+value of the metric to compare, or the new value beats the champion's by more than `min_delta`
+(lower is better for test_log_loss). Only scores on the same test rows are compared: a version
+scored on other rows stays a candidate, unless it was scored on the full test split and the
+champion on a sample of it (`prepare.<dataset>.max_test`).
+
+Reading the champion and moving the alias happen under one file lock in the project root's
+`.dlpipe/locks/`, so parallel evaluations (queued experiments) cannot both promote against the
+same old champion and leave the worse one on top. The lock spans one machine: clones on other
+machines logging to one tracking server are not serialised. Uses only the given `MlflowClient`
+otherwise, so it works the same against a sqlite store and a tracking server.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dlpipe.config import RegistryConfig
 from dlpipe.errors import DlpipeError
+from dlpipe.paths import project_root
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 LOWER_IS_BETTER = frozenset({"test_log_loss"})
+LOCK_TIMEOUT_S = 600.0  # a promotion takes seconds; waiting longer means a stuck process
+
+
+@dataclass(frozen=True)
+class SplitIdentity:
+    """The test rows a version was scored on: how many, a digest of their labels and ids, and
+    whether they are the whole official test split."""
+
+    rows: int
+    digest: str
+    full: bool
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "test_split_rows": str(self.rows),
+            "test_split_digest": self.digest,
+            "test_split_full": str(self.full).lower(),
+        }
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> SplitIdentity | None:
+        """None for a version registered without one (before splits were recorded)."""
+        try:
+            rows, digest = int(tags["test_split_rows"]), tags["test_split_digest"]
+        except (KeyError, ValueError):
+            return None
+        return cls(rows, digest, tags.get("test_split_full") == "true")
+
+    def same_rows(self, other: SplitIdentity) -> bool:
+        return (self.rows, self.digest) == (other.rows, other.digest)
+
+    def describe(self) -> str:
+        kind = "the full test split" if self.full else "a test subset"
+        return f"{kind} ({self.rows} rows, {self.digest[:8]})"
 
 
 def registered_name(family: str, config: RegistryConfig) -> str:
@@ -79,6 +125,11 @@ def beats(new: float, old: float, metric: str, min_delta: float) -> bool:
     return new > old + min_delta
 
 
+def lock_file(name: str) -> Path:
+    """The lock serialising promotions of registered model `name` from this project."""
+    return project_root() / ".dlpipe" / "locks" / f"registry-{name}.lock"
+
+
 def register_and_promote(
     family: str,
     model_uri: str,
@@ -86,8 +137,12 @@ def register_and_promote(
     metrics: dict[str, float],
     config: RegistryConfig,
     client: MlflowClient,
+    split: SplitIdentity | None = None,
+    lock: Path | None = None,
 ) -> dict[str, Any]:
-    """Register `model_uri` as a new version (alias `candidate`); promote it if it wins.
+    """Register `model_uri` as a new version (alias `candidate`); promote it if it wins against
+    the champion read under the lock (`lock`, default `lock_file(name)`). `split`: the test rows
+    `metrics` come from (None: compared whatever the champion's were, as before splits existed).
 
     Returns the decision: registered_model, version, metric, value, champion_version_before,
     champion_value_before, promoted, reason."""
@@ -97,10 +152,31 @@ def register_and_promote(
     value = float(metrics[metric])
     name = registered_name(family, config)
     _ensure_registered_model(client, name)
+    tags = {key: repr(float(v)) for key, v in metrics.items() if isinstance(v, int | float)}
+    tags |= split.tags() if split is not None else {}
+    path = lock or lock_file(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path, timeout=LOCK_TIMEOUT_S):
+        return _promote(client, name, model_uri, run_id, tags, value, split, config)
+
+
+def _promote(
+    client: MlflowClient,
+    name: str,
+    model_uri: str,
+    run_id: str,
+    tags: dict[str, str],
+    value: float,
+    split: SplitIdentity | None,
+    config: RegistryConfig,
+) -> dict[str, Any]:
+    """The new version and the decision; run under the lock, so the champion read here is
+    still the champion when the alias moves."""
+    metric = config.metric
     champion = _champion(client, name)
     champion_value = _metric_of(client, champion, metric) if champion is not None else None
+    champion_split = SplitIdentity.from_tags(champion.tags or {}) if champion else None
 
-    tags = {key: repr(float(v)) for key, v in metrics.items() if isinstance(v, int | float)}
     version = client.create_model_version(
         name, source=model_uri, run_id=run_id, tags=tags, model_id=_model_id(model_uri)
     )
@@ -109,6 +185,13 @@ def register_and_promote(
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
     if champion is None:
         promoted, reason = True, "no champion yet"
+    elif split and champion_split and not split.same_rows(champion_split):
+        promoted = split.full and not champion_split.full
+        verdict = "replaces" if promoted else "is not compared with"
+        reason = (
+            f"scored on {split.describe()}: {verdict} champion v{champion.version}, "
+            f"scored on {champion_split.describe()}"
+        )
     elif champion_value is None:
         promoted, reason = True, f"champion v{champion.version} has no {metric} to compare"
     elif beats(value, champion_value, metric, config.min_delta):

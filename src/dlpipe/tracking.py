@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dlpipe.errors import REDACTED, DlpipeError, first_line, redact
-from dlpipe.paths import project_root
+from dlpipe.paths import REPORTS_DIR, project_root
 
 # Fail in seconds rather than retrying for minutes when a tracking server is down.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -87,8 +87,16 @@ def experiment_id(name: str, uri: str) -> str:
     return str(client.create_experiment(name, artifact_location=location))
 
 
+# Changed tracked files that are not code: params.yaml (what `dvc exp run -S` writes: its own
+# flag), and what DVC itself writes, dvc.lock and the uncached outputs under reports/.
+PARAMS_FILE = "params.yaml"
+DVC_RECORDS = ("dvc.lock", f"{REPORTS_DIR.as_posix()}/")
+
+
 def git_state() -> dict[str, str]:
-    """Commit and dirty flag of the code being run ('unknown' outside a git checkout)."""
+    """The commit being run and two dirty flags ('unknown' outside a git checkout): `git_dirty`
+    for edited code (any tracked file but params.yaml and DVC's records), `params_dirty` for an
+    edited params.yaml, so a DVC experiment's overrides do not look like a code change."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -97,10 +105,15 @@ def git_state() -> dict[str, str]:
 
     try:
         sha = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        changed = git("diff", "--name-only", "--no-renames", "HEAD").splitlines()
     except (OSError, subprocess.SubprocessError):
-        return {"git_sha": "unknown", "git_dirty": "unknown"}
-    return {"git_sha": sha, "git_dirty": str(dirty).lower()}
+        return {"git_sha": "unknown", "git_dirty": "unknown", "params_dirty": "unknown"}
+    code = [f for f in changed if f != PARAMS_FILE and not f.startswith(DVC_RECORDS)]
+    return {
+        "git_sha": sha,
+        "git_dirty": str(bool(code)).lower(),
+        "params_dirty": str(PARAMS_FILE in changed).lower(),
+    }
 
 
 def flatten(prefix: str, mapping: dict[str, Any]) -> dict[str, Any]:
@@ -208,6 +221,7 @@ class TrainingRun:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.resumed = False  # start() continued the run of an interrupted training
+        self._end_time: int | None = None  # what `end` restores after `reopen`
         self._broken = False
         self._failure = ""  # the first failed call, once the store stopped answering
         self._spooled = 0  # metric values appended to the spool
@@ -320,11 +334,15 @@ class TrainingRun:
         self._guard("set tags", mlflow.set_tags, tags)
 
     def reopen(self, run_id: str) -> None:
-        """Continue a finished run (the evaluate stage adds its results to the training's run)."""
+        """Continue a finished run (the evaluate stage adds its results to the training's run).
+        `end` gives it back its end time: its duration stays the training's, not the time until
+        this later stage finished."""
         if self._broken:
             return
         mlflow.set_tracking_uri(self.uri)
         self.run_id = run_id
+        previous = self._guard(f"reading run {run_id}", MlflowClient(self.uri).get_run, run_id)
+        self._end_time = previous.info.end_time if previous is not None else None
         run = self._guard(f"reopening run {run_id}", mlflow.start_run, run_id=run_id)
         if run is not None:
             self.experiment_id = run.info.experiment_id
@@ -382,6 +400,10 @@ class TrainingRun:
         if self.run_id is not None and mlflow.active_run() is not None:
             try:
                 mlflow.end_run(status=status)
+                if self._end_time is not None:
+                    MlflowClient(self.uri).set_terminated(
+                        self.run_id, status, end_time=self._end_time
+                    )
             except Exception as err:
                 print(f"warning: MLflow end_run failed: {first_line(err)}", file=sys.stderr)
                 if not self.strict:  # `sync` records the end once the store answers

@@ -7,14 +7,15 @@ logs the raw-input pyfunc model and registers it (alias `candidate`; `champion` 
 from __future__ import annotations
 
 import csv
+import hashlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from dlpipe import paths
+from dlpipe import lineage, paths
 from dlpipe.config import Params, train_config
 from dlpipe.errors import DlpipeError
 from dlpipe.evaluation.figures import plot_confusion
@@ -23,6 +24,9 @@ from dlpipe.family import Family, load_trained
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.training.runtime import make_runtime
 from dlpipe.training.trainer import predict_logits
+
+if TYPE_CHECKING:
+    from dlpipe.registry import SplitIdentity
 
 
 def _write_csv(dest: Path, rows: list[dict[str, Any]]) -> None:
@@ -42,12 +46,30 @@ def most_confident_mistakes(
     return order, confidence[order]
 
 
+def split_identity(family: Family, params: Params) -> SplitIdentity:
+    """The test rows scored: their number, a digest of their labels and of what identifies each
+    row whatever its encoding (the input kind's `row_ids`), and whether they are the full split
+    (no `max_test` sample). The registry compares only scores on the same rows."""
+    from dlpipe.registry import SplitIdentity
+
+    digest = hashlib.sha256()
+    with np.load(paths.PREPARED_DIR / family.dataset / "test.npz", allow_pickle=False) as arrays:
+        for key in ("labels", *family.inputs.row_ids):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+        rows = len(arrays["labels"])
+    prepare = getattr(params.prepare, family.dataset, None)
+    return SplitIdentity(rows, digest.hexdigest()[:16], getattr(prepare, "max_test", 1) == 0)
+
+
 def _log_to_mlflow(
     family: Family, params: Params, scalars: dict[str, float], figures: list[Path]
 ) -> dict[str, Any]:
     """Reopen the training's run, log test results, the raw-input model, and register it.
 
     Returns the registry decision; any failure is one DlpipeError line."""
+    import mlflow
+
     from dlpipe import registry, serving, tracking
 
     model_dir = paths.MODELS_DIR / family.name
@@ -63,6 +85,7 @@ def _log_to_mlflow(
         print(f"evaluate@{family.name}: {line}")
     run.reopen(run_id)
     try:
+        run.call("tag lineage", mlflow.set_tags, lineage.train_stage_tags(family.name))
         run.log_metrics(scalars)
         for figure in figures:
             run.log_artifact(figure)
@@ -78,6 +101,7 @@ def _log_to_mlflow(
             scalars,
             params.registry,
             tracking.MlflowClient(run.uri),
+            split_identity(family, params),
         )
         return {"registered": True, **decision}
     finally:

@@ -31,6 +31,9 @@ class InputKind(ABC):
     mistakes_file: ClassVar[str]  # evaluate writes it in reports/models/<name>/mistakes/
     # Prepared files a trained model needs to read raw inputs: copied beside its weights.
     bundled: ClassVar[tuple[str, ...]] = ()
+    # Arrays of a prepared split that say which rows it holds, whatever their encoding: with
+    # `labels`, the identity of the test split a model is scored on (the registry's comparisons).
+    row_ids: ClassVar[tuple[str, ...]]
 
     # --- training ---
 

@@ -177,6 +177,7 @@ class ImageInputs(InputKind):
     column = "image"
     serve_batch = 256
     mistakes_file = "mistakes.png"
+    row_ids = ("images",)  # pictures carry no ids: their pixels are their identity
 
     def channels_last(self, device: torch.device) -> bool:
         return device.type != "mps"  # faster convolutions on CPU and CUDA; MPS lacks kernels

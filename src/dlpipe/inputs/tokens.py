@@ -108,6 +108,7 @@ class TokenInputs(InputKind):
     serve_batch = 64
     mistakes_file = "mistakes.md"
     bundled = (TOKENIZER_FILE,)
+    row_ids = ("review_id",)  # not the tokens: another vocabulary encodes the same reviews
 
     def pytorch_model(self, model: nn.Module, pad_id: int) -> nn.Module:
         return TokensOnly(model, pad_id)

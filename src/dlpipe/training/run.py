@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 
-from dlpipe import paths
+from dlpipe import lineage, paths
 from dlpipe.config import Params, TrainConfig, train_config
 from dlpipe.data.tensors import Split
 from dlpipe.errors import DlpipeError, redact
@@ -99,15 +100,17 @@ def measure_precision(
 
 
 def checkpoints(family: Family, params: Params, data: TrainingData) -> CheckpointStore:
-    """The checkpoint folder of this exact training (params, seed, data and code). The number of
-    processes is not part of it: they train the same recipe, and a rerun with another number
+    """The checkpoint folder of this exact training (params, seed, data and code) in this DVC
+    experiment, if any: queued trials that train alike each have their own, so none resumes or
+    clears another's, and a rerun of the same experiment (same name) resumes its own. The number
+    of processes is not part of it: they train the same recipe, and a rerun with another number
     resumes."""
     settings = {"seed": params.seed, **train_config(params, family.name).model_dump()}
     settings.pop("nproc")
     key = training_key(family.name, settings, data.digest, code_digest(family))
-    return CheckpointStore(
-        paths.project_root() / ".dlpipe" / "checkpoints" / f"{family.name}-{key}"
-    )
+    experiment = lineage.experiment_name()
+    name = f"{family.name}-{key}" + (f"-{lineage.folder_safe(experiment)}" if experiment else "")
+    return CheckpointStore(paths.project_root() / ".dlpipe" / "checkpoints" / name)
 
 
 def run_params(family: Family, params: Params, world: World) -> dict[str, Any]:
@@ -158,13 +161,16 @@ def start_run(
     # "" when the interrupted training ran without tracking: then this one starts a new run.
     resume_run_id = (resume["extra"].get("mlflow_run_id") if resume else None) or None
     run = TrainingRun(tracking_uri(), params.mlflow.require_tracking)
-    exp_name = os.environ.get("DVC_EXP_NAME")
+    exp_name = lineage.experiment_name()
+    tags = {**run_tags(family, runtime, precision), **lineage.data_tags(family.dataset)}
+    if params.mlflow.sweep_parent:  # MLflow shows the run nested under its sweep's run
+        tags["mlflow.parentRunId"] = params.mlflow.sweep_parent
     run_name = f"{family.name}-{git_state()['git_sha'][:7]}" + (f"-{exp_name}" if exp_name else "")
     run.start(
         params.mlflow.experiment,
         run_name,
         resume_run_id,
-        run_tags(family, runtime, precision),
+        tags,
         run_params(family, params, world),
         params.mlflow.system_metrics_interval_s,
     )
@@ -375,6 +381,9 @@ def train(name: str, params: Params) -> dict[str, Any] | None:
         precision = measure_precision(model, data, runtime)
         with sigterm_as_interrupt():
             run = start_run(family, params, runtime, data, resume, precision, world)
+            run.call(
+                "tag the checkpoint folder", mlflow.set_tag, "checkpoint_dir", store.folder.name
+            )
             try:
                 summary = fit_and_record(
                     family, params, runtime, world, data, model, store, resume, run, precision

@@ -1,0 +1,356 @@
+"""`dlpipe sweep`: the grid and its checks, the one-screen `dvc exp show`, and (slow) a real
+sweep of four queued trials on two workers, each its own MLflow run under one parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+from mlflow.tracking import MlflowClient
+
+from dlpipe.cli import main
+from dlpipe.errors import DlpipeError
+from dlpipe.smoke.params import smoke_params
+from dlpipe.smoke.workspace import isolated_env, workspace_files
+from dlpipe.sweep import Axis, exp_rows, format_rows, parse_grid, trial_env, trials
+
+
+def raw_params() -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    return raw
+
+
+# --- the grid ------------------------------------------------------------------------------------
+
+
+def test_the_grid_reads_dvc_s_override_grammar() -> None:
+    axes = parse_grid(
+        [
+            "train.cnn.lr=0.001,0.002",
+            "train.cnn.batch_size=range(32,97,32)",
+            "evaluate.latency_batch_sizes=[1,256],[1]",
+            "train.cnn.optimizer=adamw",
+        ]
+    )
+    assert axes == [
+        Axis("train.cnn.lr", ("0.001", "0.002")),
+        Axis("train.cnn.batch_size", ("32", "64", "96")),
+        Axis("evaluate.latency_batch_sizes", ("[1,256]", "[1]")),
+        Axis("train.cnn.optimizer", ("adamw",)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("+train.cnn.extra=1", "expected KEY=VALUES"),
+        ("~train.cnn.lr", "expected KEY=VALUES"),
+        ("train.cnn.lr=interval(0,1)", "Can only enumerate"),
+        ("train.cnn.lr=[1,", "-S train.cnn.lr=[1,:"),
+    ],
+)
+def test_grid_syntax_errors_are_one_line(item: str, message: str) -> None:
+    with pytest.raises(DlpipeError, match="-S") as caught:
+        parse_grid([item])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_every_combination_is_a_trial() -> None:
+    axes = parse_grid(["train.cnn.lr=0.001,0.002", "train.cnn.batch_size=32,64"])
+    assert trials(raw_params(), "cnn", axes) == [
+        {"train.cnn.lr": "0.001", "train.cnn.batch_size": "32"},
+        {"train.cnn.lr": "0.001", "train.cnn.batch_size": "64"},
+        {"train.cnn.lr": "0.002", "train.cnn.batch_size": "32"},
+        {"train.cnn.lr": "0.002", "train.cnn.batch_size": "64"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["train.rnn.lr=0.1"], "a sweep of cnn varies train.cnn.* and evaluate.* only"),
+        (["prepare.mnist.max_train=100"], "on the baseline's data"),
+        (["train.cnn.lrr=0.1"], "-S train.cnn.lrr: no such key in params.yaml"),
+        (["train.cnn.lr=0.1", "train.cnn.lr=0.2"], "-S train.cnn.lr is given twice"),
+        (
+            ["train.cnn.lr=0.001,-1"],
+            "trial train.cnn.lr=-1: train.cnn.lr: Input should be greater than 0",
+        ),
+        (["train.cnn.model.width=1,0"], "trial train.cnn.model.width=0: train.cnn.model.width"),
+    ],
+)
+def test_a_bad_trial_is_one_line_before_anything_is_queued(items: list[str], message: str) -> None:
+    with pytest.raises(DlpipeError) as caught:
+        trials(raw_params(), "cnn", parse_grid(items))
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_trials_import_their_own_copy_and_share_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = trial_env(jobs=2)
+    assert env["PYTHONPATH"] == os.pathsep.join(["src", "/elsewhere"])
+    assert env["OMP_NUM_THREADS"] == "4"
+    assert env["PATH"].startswith(str(Path(sys.executable).parent))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert trial_env(jobs=8)["OMP_NUM_THREADS"] == "3"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_usage_errors_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copyfile(REPO_ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["sweep"], "give a MODEL and at least one -S"),
+        (["sweep", "cnn"], "give a MODEL and at least one -S"),
+        (["sweep", "--show", "-S", "train.cnn.lr=1"], "--show takes no -S"),
+        (["sweep", "gan", "-S", "train.gan.lr=1"], "unknown model family 'gan'"),
+        (["sweep", "cnn", "-S", "train.cnn.lr=1", "--jobs", "0"], "--jobs 0: must be at least 1"),
+        (["sweep", "cnn", "-S", "train.cnn.lr=0,1"], "train.cnn.lr: Input should be greater"),
+    ]
+    for argv, message in cases:
+        code, out, err = cli(capsys, *argv)
+        assert code == 2 and out == "", (argv, out, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / ".dvc").exists()  # nothing was queued
+    monkeypatch.chdir(tmp_path.parent)
+    code, _, err = cli(capsys, "sweep", "cnn", "-S", "train.cnn.lr=1")
+    assert code == 2 and "run `dlpipe sweep` from the project root" in err
+
+
+def test_a_sweep_that_cannot_queue_every_trial_runs_none(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    _mlflow_db_template: Path,
+) -> None:
+    """DVC refuses the second trial: the first is taken out of the queue again, and the parent
+    run ends FAILED with one error line."""
+    from dlpipe import sweep
+
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copyfile(REPO_ROOT / name, tmp_path / name)
+    shutil.copyfile(_mlflow_db_template, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(sweep, "check_baseline", lambda dataset: None)
+    calls: list[tuple[str, ...]] = []
+
+    def dvc(*args: str, env: dict[str, str] | None = None) -> str:
+        calls.append(args)
+        if len(calls) == 2:
+            raise DlpipeError("`dvc exp run --queue ...` failed: ERROR: no space left")
+        return ""
+
+    removed: list[list[str]] = []
+    monkeypatch.setattr(sweep, "dvc", dvc)
+    monkeypatch.setattr(sweep, "remove_from_queue", lambda names: removed.append(list(names)))
+    code, _, err = cli(capsys, "sweep", "cnn", "-S", "train.cnn.lr=0.001,0.002")
+    assert code == 2 and err == "error: `dvc exp run --queue ...` failed: ERROR: no space left\n"
+    first = calls[0]
+    assert first[:5] == ("exp", "run", "--queue", "-f", "-s")
+    assert first[-2:] == ("train@cnn", "evaluate@cnn") and "train.cnn.lr=0.001" in first
+    assert removed == [[first[first.index("-n") + 1]]]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dlpipe")
+    assert experiment is not None
+    [parent] = client.search_runs([experiment.experiment_id])
+    assert parent.info.status == "FAILED" and parent.data.tags["sweep_family"] == "cnn"
+    assert parent.data.params == {
+        "grid.train.cnn.lr": "0.001,0.002",
+        "sweep.trials": "2",
+        "sweep.jobs": "1",
+    }
+    sweep_parent = [a for a in first if a.startswith("mlflow.sweep_parent=")]
+    assert sweep_parent == [f"mlflow.sweep_parent='{parent.info.run_id}'"]
+
+
+# --- dvc exp show, readable ----------------------------------------------------------------------
+
+
+def shown_entry(rev: str, name: str | None, lr: float, accuracy: float | None) -> dict[str, Any]:
+    """One entry of `dvc exp show --json`, as DVC 3 writes it."""
+    params = raw_params()
+    params["train"]["cnn"]["lr"] = lr
+    params["mlflow"]["sweep_parent"] = "f" * 32 if name else ""
+    metrics: dict[str, Any] = {
+        "reports/data/mnist.json": {"data": {"train": {"count": 5000, "pixel_mean": 0.13}}},
+        "reports/models/rnn/eval.json": {"error": {"type": "FileNotFoundError", "msg": "no"}},
+    }
+    if accuracy is not None:
+        metrics["reports/models/cnn/eval.json"] = {"data": {"test_accuracy": accuracy}}
+        metrics["reports/models/cnn/train.json"] = {
+            "data": {"train_time_s": 12.345, "best": {"val_accuracy": accuracy - 0.01}}
+        }
+    return {
+        "rev": rev,
+        "name": name,
+        "data": {
+            "rev": rev,
+            "params": {"params.yaml": {"data": params}},
+            "metrics": metrics,
+            "deps": {"data/prepared/mnist": {"hash": "md5", "size": 1}},
+            "outs": {},
+        },
+        "error": None,
+        "experiments": None,
+    }
+
+
+def test_exp_show_is_one_screen_of_what_varies_and_the_headline_metrics() -> None:
+    baseline = shown_entry("a" * 40, "main", 0.001, 0.95)
+    baseline["experiments"] = [
+        {
+            "name": "cnn-abc123-2",
+            "executor": None,
+            "revs": [shown_entry("b" * 40, "cnn-abc123-2", 0.002, 0.9612)],
+        },
+        {
+            "name": "cnn-abc123-3",
+            "executor": {"state": "queued"},
+            "revs": [{"rev": "c" * 40, "name": "cnn-abc123-3", "data": None}],
+        },
+    ]
+    rows = exp_rows([shown_entry("workspace", None, 0.001, 0.95), baseline])
+    assert [(r.name, r.state) for r in rows] == [
+        ("workspace", ""),
+        ("main", ""),
+        ("cnn-abc123-2", "done"),
+        ("cnn-abc123-3", "queued"),
+    ]
+    text = format_rows(rows, ["cnn", "rnn"], {"cnn-abc123-2": "0fa1b2c3"})
+    header, _, *lines = text.splitlines()
+    assert header.split() == [
+        "experiment", "rev", "state", "train.cnn.lr",
+        "cnn", "test", "acc", "cnn", "val", "acc", "cnn", "train", "s", "mlflow", "run",
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "cnn-abc123-2", "bbbbbbb", "done", "0.002", "0.9612", "0.9512", "12.3", "0fa1b2c3",
+    ]  # fmt: skip
+    assert lines[3].split()[2:] == ["queued", "-", "-", "-", "-", "-"]
+    assert "pixel_mean" not in text and "sweep_parent" not in text and "md5" not in text
+    assert len(header) < 120
+
+
+# --- a real sweep --------------------------------------------------------------------------------
+
+GRID = ["-S", "train.cnn.lr=0.001,0.002", "-S", "train.cnn.batch_size=32,64"]
+
+
+def check_output(args: list[str], repo: Path, env: dict[str, str], timeout: float = 600) -> str:
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def baseline_project(folder: Path, mirror: str) -> tuple[Path, dict[str, str]]:
+    """A copy of the project with the smoke settings, `dvc repro evaluate@cnn` run and
+    committed: the sweep's baseline. MLflow uses its default store, <repo>/mlflow.db, which the
+    trials (in .dvc/tmp/exps/...) must find too."""
+    repo = folder / "repo"
+    files, _ = workspace_files(REPO_ROOT)
+    for name in files:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, repo / name)
+    raw = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(smoke_params(raw), sort_keys=False))
+    env = isolated_env(repo, folder, mirror)
+    env.pop("MLFLOW_TRACKING_URI")
+    python = [sys.executable, "-m"]
+    check_output(["git", "init", "-q"], repo, env)
+    check_output(["git", "add", "-A"], repo, env)
+    check_output(["git", "commit", "-qm", "project"], repo, env)
+    check_output([*python, "dvc", "repro", "evaluate@cnn"], repo, env)
+    check_output(["git", "add", "-A"], repo, env)
+    check_output(["git", "commit", "-qm", "baseline"], repo, env)
+    return repo, env
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_sweep_of_four_trials_on_two_workers(tmp_path: Path) -> None:
+    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(REPO_ROOT.parent / "shared" / "datasets")
+    if "://" not in mirror and not Path(mirror).is_dir():
+        pytest.skip("no data mirror (set DLPIPE_DATA_MIRROR)")
+    repo, env = baseline_project(tmp_path, mirror)
+    dvc = [sys.executable, "-m", "dvc"]
+    try:
+        start = time.monotonic()
+        sweep = [sys.executable, "-m", "dlpipe.cli", "sweep", "cnn", *GRID, "--jobs", "2"]
+        out = check_output(sweep, repo, env, timeout=1800)
+        print(f"sweep of 4 trials on 2 workers: {time.monotonic() - start:.0f} s\n{out}")
+
+        client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("dlpipe")
+        assert experiment is not None
+        [parent] = client.search_runs(
+            [experiment.experiment_id], filter_string="tags.sweep_family = 'cnn'"
+        )
+        assert parent.info.status == "FINISHED"
+        assert parent.data.params["grid.train.cnn.lr"] == "0.001,0.002"
+        assert parent.data.metrics["trials_finished"] == 4
+        parent_id = parent.info.run_id
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        )
+        names = {run.data.tags["dvc_exp_name"] for run in runs}
+        assert len(runs) == 4 and len(names) == 4, [r.data.tags for r in runs]
+        assert names == set(parent.data.tags["dvc_exp_names"].split(","))
+        assert {run.info.status for run in runs} == {"FINISHED"}
+        grid = {(run.data.params["train.lr"], run.data.params["train.batch_size"]) for run in runs}
+        assert grid == {(lr, bs) for lr in ("0.001", "0.002") for bs in ("32", "64")}
+        for run in runs:  # its own checkpoint folder; its own code; params, not code, edited
+            name = run.data.tags["dvc_exp_name"]
+            assert run.data.tags["checkpoint_dir"].endswith(f"-{name}")
+            assert (run.data.tags["git_dirty"], run.data.tags["params_dirty"]) == ("false", "true")
+            assert run.data.tags["dvc_data_md5"].endswith(".dir")
+            assert run.data.tags["dvc_train_lock"]
+            assert "test_accuracy" in run.data.metrics
+            log = check_output([*dvc, "queue", "logs", name], repo, env)
+            assert "Running stage 'train@cnn'" in log and "resuming from epoch" not in log, log
+        assert len({run.data.tags["checkpoint_dir"] for run in runs}) == 4
+        # four evaluations registered at once: the champion is still the best of all
+        champion = client.get_model_version_by_alias("dlpipe-cnn", "champion")
+        scores = [
+            r.data.metrics["test_accuracy"]
+            for r in client.search_runs([experiment.experiment_id])
+            if "test_accuracy" in r.data.metrics
+        ]
+        assert float(champion.tags["test_accuracy"]) == max(scores)
+
+        shown = json.loads(check_output([*dvc, "exp", "show", "--json"], repo, env))
+        exps = {exp["name"] for commit in shown for exp in commit.get("experiments") or []}
+        assert names <= exps
+        for name in names:  # the sweep's table: each trial, its params and its MLflow run
+            [line] = [line for line in out.splitlines() if line.startswith(name)]
+            assert {r.info.run_id[:8] for r in runs if r.data.tags["dvc_exp_name"] == name} <= set(
+                line.split()
+            )
+        assert "train.cnn.batch_size" in out and "pixel_mean" not in out
+    finally:
+        subprocess.run([*dvc, "queue", "stop"], cwd=repo, env=env, capture_output=True)
