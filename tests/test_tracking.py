@@ -627,3 +627,43 @@ def test_metrics_survive_a_dead_tracking_server_and_are_synced_once(
     assert cli_main(["sync"]) == 0  # nothing left: nothing logged twice
     assert "nothing to sync" in capsys.readouterr().out
     assert metric_steps(client, run_id, "train_loss") == [1, 2, 3]
+
+
+# --- a failure never leaves a FINISHED run --------------------------------------------------------
+
+
+def family_runs(project: TinyProject) -> list[Run]:
+    client = MlflowClient(project.tracking_uri)
+    experiment = client.get_experiment_by_name(project.params.mlflow.experiment)
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+def test_a_model_that_cannot_be_built_leaves_no_run(
+    tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the model comes before the run starts: `dlpipe compare` can never show an empty
+    run of a training that never began (#10)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise DlpipeError("transformer: heads must divide d_model")
+
+    monkeypatch.setattr(run_module, "build_model", refuse)
+    with pytest.raises(DlpipeError, match="heads must divide"):
+        run_module.train("cnn", tiny_project.params)
+    assert family_runs(tiny_project) == []
+
+
+def test_a_failure_after_the_run_started_ends_it_failed(
+    tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever fails between the run's start and its end marks it FAILED, never FINISHED
+    (MLflow's exit hook would otherwise finish it), and `dlpipe compare` skips it (#10)."""
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(run_module, "fit_and_record", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_module.train("cnn", tiny_project.params)
+    [run] = family_runs(tiny_project)
+    assert run.info.status == "FAILED"
