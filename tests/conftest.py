@@ -619,6 +619,21 @@ def registry_store(
     return store
 
 
+# --- the real data --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_mirror() -> str:
+    """Where the real files are: DLPIPE_DATA_MIRROR if set, else `../shared/datasets` beside the
+    repo (as in CI); the test is skipped, saying so in one line, where neither holds the data."""
+    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(REPO_ROOT.parent / "shared" / "datasets")
+    if "://" not in mirror and not (
+        Path(mirror, "mnist").is_dir() and Path(mirror, "imdb").is_dir()
+    ):
+        pytest.skip(f"no data mirror with mnist/ and imdb/ at {mirror} (set DLPIPE_DATA_MIRROR)")
+    return mirror
+
+
 # --- families -----------------------------------------------------------------------------------
 
 

@@ -64,11 +64,9 @@ def digit_png(path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_fourth_family_needs_only_its_module_a_params_section_and_a_dvc_entry(
-    tmp_path: Path,
+    tmp_path: Path, data_mirror: str
 ) -> None:
-    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(ROOT.parent / "shared" / "datasets")
-    if "://" not in mirror and not Path(mirror).is_dir():
-        pytest.skip("no data mirror (set DLPIPE_DATA_MIRROR)")
+    mirror = data_mirror
     project = copy_project(tmp_path / "project")
     touched = add_mlp_family(project)
     assert touched == ["src/dlpipe/models/mlp.py", "params.yaml", "dvc.yaml"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -309,23 +308,9 @@ def test_a_code_change_marks_only_the_stages_that_run_it(
 # --- slow: fetch too, from the real files ---------------------------------------------------------
 
 
-@pytest.fixture
-def real_data_mirror() -> str:
-    """DLPIPE_DATA_MIRROR if set, else `../shared/datasets` beside the repo (as in CI)."""
-    mirror = os.environ.get("DLPIPE_DATA_MIRROR")
-    if mirror:
-        if "://" not in mirror and not Path(mirror, "mnist").is_dir():
-            pytest.skip(f"DLPIPE_DATA_MIRROR={mirror} has no mnist/ folder")
-        return mirror
-    shared = ROOT.parent / "shared" / "datasets"
-    if not ((shared / "mnist").is_dir() and (shared / "imdb").is_dir()):
-        pytest.skip(f"no data mirror: set DLPIPE_DATA_MIRROR or provide {shared}")
-    return str(shared)
-
-
 @pytest.mark.slow
-def test_full_data_pipeline_from_the_real_files(tmp_path: Path, real_data_mirror: str) -> None:
-    repo = make_repo(tmp_path, real_data_mirror)
+def test_full_data_pipeline_from_the_real_files(tmp_path: Path, data_mirror: str) -> None:
+    repo = make_repo(tmp_path, data_mirror)
 
     def smaller(raw: dict[str, Any]) -> None:
         raw["prepare"]["mnist"]["val_size"] = 1000

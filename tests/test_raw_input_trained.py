@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,8 @@ SLACK = 0.02  # ... and lose at most 2 points against the model on its own tenso
 LABEL_NAMES = [str(digit) for digit in range(10)]
 
 
-def mnist_dir() -> Path:
-    """$DLPIPE_DATA_MIRROR/mnist, else ../shared/datasets/mnist beside the repo (as in CI)."""
-    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(ROOT.parent / "shared" / "datasets")
+def mnist_dir(mirror: str) -> Path:
+    """The mirror's MNIST IDX files (a local folder: they are read here, not fetched)."""
     folder = Path(mirror) / "mnist"
     if not (folder / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"no MNIST IDX files in {folder} (set DLPIPE_DATA_MIRROR)")
@@ -90,11 +88,11 @@ def accuracy_on(model: nn.Module, inputs: torch.Tensor, labels: np.ndarray) -> f
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedCNN:
+def trained(tmp_path_factory: pytest.TempPathFactory, data_mirror: str) -> TrainedCNN:
     """The project's CNN, trained once (a plain loop: Adam 1e-3, batch 64, fixed seed) on the
     first 6,000 real training digits for 2 epochs (2,000 reach only ~0.87-0.89), saved as the
     train stage saves it."""
-    folder = mnist_dir()
+    folder = mnist_dir(data_mirror)
     train_x = read_idx(folder / "train-images-idx3-ubyte.gz")[:TRAIN_IMAGES]
     train_y = read_idx(folder / "train-labels-idx1-ubyte.gz")[:TRAIN_IMAGES]
     test_x = read_idx(folder / "t10k-images-idx3-ubyte.gz")[:TEST_IMAGES]

@@ -190,11 +190,9 @@ def test_outside_a_git_checkout_is_a_user_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_make_smoke_passes(tmp_path: Path) -> None:
+def test_make_smoke_passes(tmp_path: Path, data_mirror: str) -> None:
     """The real smoke run: fetch from the mirror, dvc repro, every check, the smoke gates."""
-    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(ROOT.parent / "shared" / "datasets")
-    if "://" not in mirror and not Path(mirror).is_dir():
-        pytest.skip("no data mirror (set DLPIPE_DATA_MIRROR)")
+    mirror = data_mirror
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "dlpipe.smoke", "--mirror", mirror, "--out", str(out)],

@@ -292,10 +292,8 @@ def baseline_project(folder: Path, mirror: str) -> tuple[Path, dict[str, str]]:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_sweep_of_four_trials_on_two_workers(tmp_path: Path) -> None:
-    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(REPO_ROOT.parent / "shared" / "datasets")
-    if "://" not in mirror and not Path(mirror).is_dir():
-        pytest.skip("no data mirror (set DLPIPE_DATA_MIRROR)")
+def test_a_sweep_of_four_trials_on_two_workers(tmp_path: Path, data_mirror: str) -> None:
+    mirror = data_mirror
     repo, env = baseline_project(tmp_path, mirror)
     dvc = [sys.executable, "-m", "dvc"]
     try:

@@ -89,11 +89,9 @@ def test_the_server_refuses_postgres_without_its_driver(monkeypatch: pytest.Monk
 @pytest.mark.slow
 @pytest.mark.integration
 def test_smoke_pipeline_through_a_shared_server_on_postgres(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, request: pytest.FixtureRequest, data_mirror: str
 ) -> None:
-    mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(REPO_ROOT.parent / "shared" / "datasets")
-    if "://" not in mirror and not Path(mirror).is_dir():
-        pytest.skip("no data mirror (set DLPIPE_DATA_MIRROR)")
+    mirror = data_mirror
     if postgres_bin() is None and not os.environ.get("DLPIPE_TEST_POSTGRES_URI"):
         print("PostgreSQL is not installed: the shared server runs on sqlite instead")
         backend = f"sqlite:///{tmp_path / 'server.db'}"
