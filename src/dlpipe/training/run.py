@@ -46,10 +46,12 @@ from dlpipe.training.distributed import (
 from dlpipe.training.runtime import (
     Runtime,
     compute_dtypes,
+    determinism_label,
     make_runtime,
     precision_label,
     seed_everything,
     select_device,
+    watch_nondeterminism,
 )
 from dlpipe.training.trainer import FitResult, Trainer
 
@@ -130,7 +132,9 @@ def run_params(family: Family, params: Params, world: World) -> dict[str, Any]:
     }
 
 
-def run_tags(family: Family, runtime: Runtime, precision: MeasuredPrecision) -> dict[str, str]:
+def run_tags(
+    family: Family, runtime: Runtime, precision: MeasuredPrecision, deterministic: bool
+) -> dict[str, str]:
     tags = {
         "model_family": family.name,
         "dataset": family.dataset,
@@ -138,6 +142,8 @@ def run_tags(family: Family, runtime: Runtime, precision: MeasuredPrecision) -> 
         "device": runtime.device_name,
         "precision": precision.label,
         "compute_dtypes": precision.tag,
+        # as asked; fit_and_record makes it best-effort (...) if a kernel had no such variant
+        "deterministic": determinism_label(deterministic, []),
         "torch_version": torch.__version__,
         "cuda_version": str(torch.version.cuda),
         **git_state(),
@@ -162,7 +168,11 @@ def start_run(
     resume_run_id = (resume["extra"].get("mlflow_run_id") if resume else None) or None
     run = TrainingRun(tracking_uri(), params.mlflow.require_tracking)
     exp_name = lineage.experiment_name()
-    tags = {**run_tags(family, runtime, precision), **lineage.data_tags(family.dataset)}
+    deterministic = train_config(params, family.name).deterministic
+    tags = {
+        **run_tags(family, runtime, precision, deterministic),
+        **lineage.data_tags(family.dataset),
+    }
     if params.mlflow.sweep_parent:  # MLflow shows the run nested under its sweep's run
         tags["mlflow.parentRunId"] = params.mlflow.sweep_parent
     run_name = f"{family.name}-{git_state()['git_sha'][:7]}" + (f"-{exp_name}" if exp_name else "")
@@ -368,7 +378,7 @@ def train(name: str, params: Params) -> dict[str, Any] | None:
     model_config = family.model_config(params)  # a bad section fails before any work
     world = World.from_env()
     check_batch_size(config.batch_size, world.size, name)
-    runtime = make_runtime(config.device, config.precision, world.local_rank)
+    runtime = make_runtime(config.device, config.precision, world.local_rank, config.deterministic)
     with process_group(world, runtime.device):
         data = load_data(family, runtime)
         store = checkpoints(family, params, data)
@@ -432,8 +442,15 @@ def fit_and_record(
         model, config, runtime, params.seed, store, log_epoch, label=name, world=world
     )
     start = time.perf_counter()
-    result = trainer.fit(data.train, data.val, resume, extra={"mlflow_run_id": run.run_id or ""})
+    with watch_nondeterminism() as kernels:
+        result = trainer.fit(
+            data.train, data.val, resume, extra={"mlflow_run_id": run.run_id or ""}
+        )
     wall = time.perf_counter() - start
+    if kernels:  # deterministic asked for, but these kernels have no deterministic variant
+        label = determinism_label(config.deterministic, kernels)
+        print(f"train@{name}: deterministic: {label}")
+        run.call("tag determinism", mlflow.set_tag, "deterministic", label)
     summary = write_outputs(
         family, trainer.model, params, data, result, run, runtime, wall, precision, world
     )

@@ -1,5 +1,9 @@
 """Where and how training runs: device, numeric precision, seeds and determinism.
 
+Determinism is asked of torch in warn-only mode: a kernel without a deterministic variant (on
+CUDA, a few scatter/index kernels; cuBLAS without its workspace setting) still runs, and
+`watch_nondeterminism` names it, so the run can be tagged `best-effort` rather than `true`.
+
 The precision a run is tagged with is measured, not assumed: `compute_dtypes` runs one forward
 pass and records the dtype each matrix-multiply, convolution, attention or RNN kernel was given
 (after autocast's casts), so a layer that autocast hands another dtype, or that a model keeps in
@@ -11,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +33,7 @@ from dlpipe.errors import DlpipeError
 Precision = Literal["bf16", "fp16", "fp32"]
 PrecisionSetting = Literal["auto", "bf16", "fp16", "fp32"]
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CUBLAS_DETERMINISTIC = ":4096:8"  # CUBLAS_WORKSPACE_CONFIG for reproducible cuBLAS results
 SHORT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 # The kernels that do a model's arithmetic, as the dispatcher sees them after autocast: their
@@ -167,9 +175,14 @@ def select_precision(requested: PrecisionSetting, device: torch.device) -> Preci
     return requested
 
 
-def make_runtime(device: str, precision: PrecisionSetting, local_rank: int = 0) -> Runtime:
+def make_runtime(
+    device: str, precision: PrecisionSetting, local_rank: int = 0, deterministic: bool = False
+) -> Runtime:
     """Resolve `auto` settings; on CUDA make GPU `local_rank` current and turn on TF32 matmuls
-    (autocast covers the rest)."""
+    (autocast covers the rest). `deterministic`: first give cuBLAS its deterministic workspace
+    setting (unless the user chose one), which it reads once, before CUDA starts."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     chosen = select_device(device, local_rank, warn=local_rank == 0)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
@@ -236,11 +249,71 @@ def precision_label(precision: Precision, dtypes: dict[str, str]) -> str:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed python, numpy and torch; optionally force deterministic kernels (slower on GPU)."""
+    """Seed python, numpy and torch; turn deterministic kernels on (slower on GPU) or off, so a
+    mode left on by an earlier training in the same process does not carry over."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
         torch.backends.cudnn.benchmark = False
+
+
+# torch's warnings, in warn-only mode, for a kernel that ran without a deterministic variant
+# ("<kernel> does not have a deterministic implementation, ...") and for cuBLAS run without
+# CUBLAS_WORKSPACE_CONFIG ("... is not deterministic because it uses CuBLAS ...").
+_NONDETERMINISTIC = re.compile(
+    r"(?P<kernel>.+?) does not have a deterministic implementation"
+    r"|.*not deterministic because it uses (?P<library>CuBLAS)",
+    re.DOTALL,
+)
+
+
+def nondeterministic_kernel(message: str) -> str | None:
+    """The kernel a torch determinism warning names; None for any other warning."""
+    found = _NONDETERMINISTIC.match(message)
+    if found is None:
+        return None
+    return found["kernel"] or found["library"]
+
+
+@contextlib.contextmanager
+def watch_nondeterminism() -> Iterator[list[str]]:
+    """The kernels without a deterministic variant that ran in the block (with deterministic
+    algorithms on, see `seed_everything`), in the order torch first warned of them. Each such
+    warning is shown once, even when one like it was shown before the block; other warnings are
+    shown as they would be without the watch."""
+    kernels: list[str] = []
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def record(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: Any = None,
+            line: str | None = None,
+        ) -> None:
+            kernel = nondeterministic_kernel(str(message))
+            if kernel is not None:
+                if kernel in kernels:
+                    return
+                kernels.append(kernel)
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = record
+        # every occurrence reaches `record`, not just the first per place that Python would show
+        warnings.filterwarnings("always", message=_NONDETERMINISTIC.pattern, category=UserWarning)
+        yield kernels
+
+
+def determinism_label(deterministic: bool, nondeterministic_kernels: list[str]) -> str:
+    """The run's `deterministic` tag: "false" when not asked for, "true" when asked for and no
+    kernel ran without a deterministic variant, else "best-effort (<those kernels>)"."""
+    if not deterministic:
+        return "false"
+    if not nondeterministic_kernels:
+        return "true"
+    return f"best-effort ({', '.join(nondeterministic_kernels)})"
