@@ -12,6 +12,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyProject, hook_after_epoch
+from conftest import REPO_ROOT, TinyProject, hook_after_epoch
 from mlflow.tracking import MlflowClient
 
 from dlpipe.training import run as run_module
@@ -77,6 +79,61 @@ def assert_same_files(first: dict[str, bytes], second: dict[str, bytes]) -> None
     assert "model.pt" in first
     different = [name for name in first if first[name] != second[name]]
     assert not different, f"files differ between two deterministic runs: {different}"
+
+
+@pytest.mark.parametrize(
+    ("family", "updates"),
+    [("cnn", {}), ("transformer", {"model": {"dropout": 0.3}})],
+    ids=["cnn", "transformer-dropout"],
+)
+def test_two_deterministic_trainings_write_byte_identical_models(
+    tiny_project: TinyProject, family: str, updates: dict[str, Any]
+) -> None:
+    params = tiny_project.with_train(family, epochs=2, deterministic=True, **updates)
+    results = []
+    for _ in range(2):
+        run_module.train(family, params)
+        results.append((model_files(tiny_project.root, family), metrics(tiny_project.root, family)))
+        assert determinism_tag(tiny_project, family) == "true"
+        remove_outputs(tiny_project.root, family)
+    (first_files, first_metrics), (second_files, second_metrics) = results
+    assert_same_files(first_files, second_files)
+    assert first_metrics == second_metrics
+    assert len(first_metrics["history"]) == 2
+
+
+@pytest.mark.slow
+def test_two_stage_processes_write_byte_identical_models(tiny_project: TinyProject) -> None:
+    """The same through `python stages/train.py`, in two processes with other hash seeds (set
+    and dict orders differ between them, unlike between two trainings in one process)."""
+    family = "transformer"
+    tiny_project.write_params(
+        tiny_project.with_train(family, epochs=2, deterministic=True, model={"dropout": 0.3})
+    )
+    results = []
+    for hash_seed in ("1", "2"):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT / "src"),
+            "PYTHONHASHSEED": hash_seed,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        done = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "stages" / "train.py"), family],
+            cwd=tiny_project.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        results.append((model_files(tiny_project.root, family), metrics(tiny_project.root, family)))
+        assert determinism_tag(tiny_project, family) == "true"
+        remove_outputs(tiny_project.root, family)
+    (first_files, first_metrics), (second_files, second_metrics) = results
+    assert_same_files(first_files, second_files)
+    assert first_metrics == second_metrics
 
 
 # --- the `deterministic` tag ----------------------------------------------------------------------

@@ -240,8 +240,10 @@ def write_outputs(
     reports_dir = paths.MODEL_REPORTS_DIR / family.name
     models_dir.mkdir(parents=True, exist_ok=True)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(models_dir / "model.pt") as tmp:
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    # Saved through a handle: given a path, torch.save names the archive's folder inside the
+    # file after it, and the temp file's random name would make every save's bytes differ.
+    with atomic_path(models_dir / "model.pt") as tmp, open(tmp, "wb") as handle:
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, handle)
     for name in family.inputs.bundled:
         with atomic_path(models_dir / name) as tmp:
             shutil.copyfile(paths.PREPARED_DIR / family.dataset / name, tmp)
