@@ -248,7 +248,11 @@ def test_prepare_mnist(raw_mnist: RawMnist, tmp_path: Path) -> None:
         "num_classes": 10,
         "label_names": [str(digit) for digit in range(10)],
     }
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", *(f"{s}.npz" for s in SPLITS)]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS",
+        "meta.json",
+        *(f"{s}.npz" for s in SPLITS),
+    ]
 
 
 def test_prepare_mnist_is_byte_for_byte_reproducible(raw_mnist: RawMnist, tmp_path: Path) -> None:
