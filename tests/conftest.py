@@ -544,6 +544,7 @@ def build_trained_folders(root: Path) -> TrainedFolders:
             "data": meta,
         }
         (folder / "config.json").write_text(json.dumps(info), encoding="utf-8")
+        seal(folder)  # as stages/train.py does: load_trained checks the files against it
     return folders
 
 

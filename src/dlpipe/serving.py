@@ -6,8 +6,9 @@ How a raw input becomes a tensor is the family's input kind (`dlpipe.inputs`); t
 batches, runs the model and names the labels.
 
 A trained model's folder (`data/models/<name>`: weights, config.json, and what its input kind
-needs, such as tokenizer.json) is all a Predictor reads; the pyfunc logs those files (and not
-mlflow_run.json, which names the tracking store).
+needs, such as tokenizer.json) is all a Predictor reads, each file checked against the folder's
+SHA256SUMS; the pyfunc logs those files with their checksums (and not mlflow_run.json, which
+names the tracking store), so a served copy is checked as it loads too.
 Loading a logged raw model needs the `dlpipe` package importable where it is served
 (`pip install -e .` in this repo): the pyfunc pickles `RawInputModel` by reference. `code_paths`
 is not used on purpose: MLflow would put the copy first on sys.path, so a fresh server would run
@@ -28,7 +29,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from dlpipe.errors import DlpipeError
-from dlpipe.family import load_trained
+from dlpipe.family import load_trained, rerun_training
+from dlpipe.integrity import file_sha256, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     from torch import nn
@@ -160,11 +162,18 @@ def log_raw_input_model(model_dir: Path) -> str:
     )
     kind = predictor.family.inputs
     example = pd.DataFrame({predictor.input_column: kind.example()})
+    # The copy's checksums are the source's (checked just now by from_folder): a copy that
+    # differs from what was trained fails where it is loaded.
+    source = read_manifest(model_dir, rerun_training(model_dir / "config.json")) or {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / MODEL_FOLDER
         folder.mkdir()
-        for name in (*TRAINED_FILES, *kind.bundled):
+        names = (*TRAINED_FILES, *kind.bundled)
+        for name in names:
             shutil.copyfile(model_dir / name, folder / name)
+        write_manifest(
+            folder, {name: source.get(name) or file_sha256(model_dir / name) for name in names}
+        )
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT_NAME,
             python_model=RawInputModel(),
