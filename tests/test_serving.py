@@ -279,8 +279,11 @@ def test_image_pyfunc_round_trip_takes_base64_bytes_and_pixels(
     with mlflow_tracking(registry_store.uri):
         model = mlflow.pyfunc.load_model("models:/dlpipe-cnn@champion")
         frame = model.predict(pd.DataFrame({"image": inputs}))
-        with pytest.raises(DlpipeError, match="row 1: not an image"):
+        with pytest.raises(DlpipeError, match="row 1: not an image") as caught:
             model.predict(pd.DataFrame({"image": [png, "aGVsbG8="]}))
+        # what makes `mlflow models serve` answer 400 with this line (not 500, not a traceback)
+        assert isinstance(caught.value, mlflow.exceptions.MlflowException)
+        assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
         with pytest.raises(mlflow.exceptions.MlflowException, match="missing inputs"):
             model.predict(pd.DataFrame({"text": ["a review"]}))
     local = Predictor.from_folder(registry_store.folders.model_dir("cnn")).predict([png])

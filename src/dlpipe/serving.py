@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from dlpipe.errors import DlpipeError
@@ -106,6 +108,15 @@ class Predictor:
 # --- MLflow ------------------------------------------------------------------------------------
 
 
+class InvalidInput(MlflowException, DlpipeError):
+    """A bad input to the served model. As an MlflowException with INVALID_PARAMETER_VALUE,
+    MLflow's scoring server answers it 400 with this line; any other exception it answers with a
+    generic message and the model's traceback. Still a DlpipeError for in-process callers."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class RawInputModel(PythonModel):
     """The pyfunc: the input kind's column (`text`, `image`) in, `Predictor.predict` out."""
 
@@ -125,11 +136,14 @@ class RawInputModel(PythonModel):
         column = self.predictor.input_column
         if not isinstance(model_input, pd.DataFrame) or column not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else None
-            raise DlpipeError(
+            raise InvalidInput(
                 f"the {self.predictor.family.name} model needs a {column!r} column, got {got}"
             )
         values = model_input[column].tolist()
-        return self.predictor.predict(values, [f"row {i}" for i in range(len(values))])
+        try:
+            return self.predictor.predict(values, [f"row {i}" for i in range(len(values))])
+        except DlpipeError as err:
+            raise InvalidInput(str(err)) from None
 
 
 def pip_requirements() -> list[str]:
