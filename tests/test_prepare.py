@@ -546,6 +546,7 @@ def test_prepare_imdb_is_byte_for_byte_reproducible(raw_imdb: RawImdb, tmp_path:
         outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())})
     assert outputs[0] == outputs[1]
     assert set(outputs[0]) == {
+        "SHA256SUMS",
         "card.json",
         "meta.json",
         "test.npz",
