@@ -29,6 +29,7 @@ import requests
 import yaml
 
 from dlpipe.config import Params, load_params, parse_params
+from dlpipe.integrity import seal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = load_params(REPO_ROOT / "params.yaml").families
@@ -307,6 +308,8 @@ def use_tiny_project(
         {"train": tiny_imdb_arrays(256, seed=3), "val": tiny_imdb_arrays(64, seed=4)},
     )
     tokenizer.save(str(prepared / "imdb" / "tokenizer.json"))  # trained models bundle it
+    for dataset in ("mnist", "imdb"):
+        seal(prepared / dataset)  # as prepare does: load_split checks the files against it
     db = folder / "mlflow.db"
     shutil.copyfile(db_template, db)
     uri = f"sqlite:///{db}"
@@ -541,6 +544,7 @@ def build_trained_folders(root: Path) -> TrainedFolders:
             "data": meta,
         }
         (folder / "config.json").write_text(json.dumps(info), encoding="utf-8")
+        seal(folder)  # as stages/train.py does: load_trained checks the files against it
     return folders
 
 

@@ -13,6 +13,7 @@ from conftest import TinyProject
 from mlflow.tracking import MlflowClient
 
 from dlpipe.baseline import NAME, train_and_evaluate
+from dlpipe.integrity import seal
 
 POSITIVE = ["great", "wonderful", "moving", "superb", "brilliant"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "silly"]
@@ -46,6 +47,7 @@ def write_imdb(root: Path) -> None:
         )
     meta = json.loads((prepared / "meta.json").read_text())
     (prepared / "meta.json").write_text(json.dumps({**meta, "label_names": ["neg", "pos"]}))
+    seal(prepared)
 
 
 def test_the_baseline_learns_the_same_split_and_is_logged(tiny_project: TinyProject) -> None:

@@ -36,6 +36,7 @@ from dlpipe.data.imdb import train_tokenizer
 from dlpipe.evaluation.metrics import classification_report, expected_calibration_error
 from dlpipe.evaluation.run import evaluate
 from dlpipe.family import load_trained
+from dlpipe.integrity import seal
 from dlpipe.report import write_report
 from dlpipe.training.run import train
 
@@ -156,6 +157,7 @@ def _add_test_splits(project: TinyProject) -> None:
     for dataset, fields in extra.items():
         meta_path = prepared / dataset / "meta.json"
         meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **fields}))
+        seal(prepared / dataset)
     raw = project.root / "data" / "raw" / "imdb"
     raw.mkdir(parents=True)
     texts = [f"review number {i} | with a pipe" for i in range(80)]

@@ -176,12 +176,14 @@ def load_card(repo: DvcRepo, dataset: str) -> dict[str, Any]:
 def assert_outputs_exist(repo: DvcRepo) -> None:
     prepared = repo.root / "data" / "prepared"
     assert sorted(p.name for p in (prepared / "mnist").iterdir()) == [
+        "SHA256SUMS",
         "meta.json",
         "test.npz",
         "train.npz",
         "val.npz",
     ]
     assert sorted(p.name for p in (prepared / "imdb").iterdir()) == [
+        "SHA256SUMS",
         "meta.json",
         "test.npz",
         "tokenizer.json",

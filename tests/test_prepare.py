@@ -248,7 +248,11 @@ def test_prepare_mnist(raw_mnist: RawMnist, tmp_path: Path) -> None:
         "num_classes": 10,
         "label_names": [str(digit) for digit in range(10)],
     }
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", *(f"{s}.npz" for s in SPLITS)]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS",
+        "meta.json",
+        *(f"{s}.npz" for s in SPLITS),
+    ]
 
 
 def test_prepare_mnist_is_byte_for_byte_reproducible(raw_mnist: RawMnist, tmp_path: Path) -> None:
@@ -542,6 +546,7 @@ def test_prepare_imdb_is_byte_for_byte_reproducible(raw_imdb: RawImdb, tmp_path:
         outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())})
     assert outputs[0] == outputs[1]
     assert set(outputs[0]) == {
+        "SHA256SUMS",
         "card.json",
         "meta.json",
         "test.npz",

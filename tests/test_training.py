@@ -30,6 +30,7 @@ from dlpipe.config import Params, TrainConfig, parse_params, train_config
 from dlpipe.data.tensors import BUCKET_POOL_BATCHES, Split, load_split
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, get_family, validate_families
+from dlpipe.integrity import seal
 from dlpipe.io import read_json
 from dlpipe.tracking import TrainingRun
 from dlpipe.training import run as run_module
@@ -447,7 +448,8 @@ def test_checkpoint_store_round_trip_and_clear(tmp_path: Path) -> None:
     assert (
         state is not None and state["epoch"] == 3 and torch.equal(state["weights"], torch.ones(2))
     )
-    assert [p.name for p in store.folder.iterdir()] == ["last.pt"]  # no temp files left
+    # no temp files left
+    assert sorted(p.name for p in store.folder.iterdir()) == ["last.pt", "last.pt.sha256"]
     store.clear()
     assert not store.folder.exists() and store.load() is None
 
@@ -473,6 +475,7 @@ def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
     val = tiny_project.root / "data/prepared/mnist/val.npz"
     other = tiny_mnist_arrays(64, seed=99)
     np.savez(val, images=other["images"], labels=other["labels"])
+    seal(val.parent)  # new data, as prepare would write it
     run_module.train("cnn", params)
     assert "resuming" not in capsys.readouterr().out
     assert checkpoint_folders(tiny_project.root, "cnn") == [stale]

@@ -8,6 +8,7 @@ run in the same experiment (tag model_family=tfidf_logreg, baseline=true).
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from dlpipe import paths
 from dlpipe.config import BaselineConfig, Params
 from dlpipe.errors import DlpipeError
 from dlpipe.evaluation.metrics import classification_report
+from dlpipe.integrity import read_verified
 from dlpipe.io import read_json, write_json_atomic
 
 NAME = "tfidf_logreg"
@@ -30,7 +32,7 @@ def split_texts(raw_dir: Path, prepared_dir: Path, split: str) -> tuple[list[str
     path = prepared_dir / f"{split}.npz"
     if not path.is_file():
         raise DlpipeError(f"{path}: missing; run `dvc repro prepare@{DATASET}` first")
-    with np.load(path) as arrays:
+    with np.load(io.BytesIO(read_verified(path, f"dvc repro prepare@{DATASET}"))) as arrays:
         if "review_id" not in arrays:
             raise DlpipeError(f"{path}: no review ids; rerun `dvc repro prepare@{DATASET}`")
         ids, labels = arrays["review_id"], arrays["labels"].astype(np.int64)

@@ -14,6 +14,8 @@ CNN's module alone.
 from __future__ import annotations
 
 import importlib
+import io
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from pydantic import BaseModel
 
 from dlpipe.config import Params, train_config, validate_section
 from dlpipe.errors import DlpipeError
-from dlpipe.io import read_json
+from dlpipe.integrity import read_verified
 
 if TYPE_CHECKING:
     from torch import nn
@@ -98,22 +100,63 @@ def get_family(name: str) -> Family:
 
 def load_trained(model_dir: Path) -> tuple[nn.Module, dict[str, Any], Family]:
     """A trained model (eval mode, CPU), its config.json and its family, from a train stage's
-    output folder (`data/models/<name>`, or the same files logged with the pyfunc)."""
+    output folder (`data/models/<name>`, or the same files logged with the pyfunc).
+
+    Every file read (config.json, model.pt, the input kind's bundled files) is checked against
+    the folder's SHA256SUMS when it has one (folders logged before checksums have none): a
+    flipped byte is one DlpipeError line naming the file, never a model that answers wrongly."""
     import torch
 
-    info: dict[str, Any] = read_json(model_dir / "config.json")
-    if not isinstance(info.get("model"), str) or not isinstance(info.get("data"), dict):
-        raise DlpipeError(f"{model_dir / 'config.json'}: not a trained model's config.json")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise DlpipeError(f"{config_path}: missing; run the earlier stages first (dvc repro)")
+    rerun = rerun_training(config_path)
+    try:
+        info: Any = json.loads(read_verified(config_path, rerun, required=False))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DlpipeError(f"{config_path}: not valid JSON ({err})") from None
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("model"), str)
+        or not isinstance(info.get("data"), dict)
+    ):
+        raise DlpipeError(f"{config_path}: not a trained model's config.json")
     family = get_family(info["model"])
     config = validate_section(
-        family.config, info.get("model_config"), ("model_config",), str(model_dir / "config.json")
+        family.config, info.get("model_config"), ("model_config",), str(config_path)
     )
     model = family.build(config, DataMeta.from_json(info["data"]))
     weights = model_dir / "model.pt"
     if not weights.is_file():
         raise DlpipeError(f"{weights}: missing; run `dvc repro train@{family.name}` first")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    for name in family.inputs.bundled:  # read next by the input kind's load_assets
+        if (model_dir / name).is_file():
+            read_verified(model_dir / name, rerun, required=False)
+    data = read_verified(weights, rerun, required=False)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, pickle errors, EOFError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DlpipeError(
+            f"{weights}: not a readable model.pt ({first}); rerun `{rerun}`"
+        ) from None
+    model.load_state_dict(state)
     return model.eval(), info, family
+
+
+def rerun_training(config_path: Path) -> str:
+    """The command that rewrites a trained model's folder, for error messages: the family named
+    in its config.json (read before it is checked, only for this), else the folder's name under
+    data/models."""
+    try:
+        name = json.loads(config_path.read_bytes()).get("model")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    folder = config_path.parent
+    if not isinstance(name, str) and folder.parent.name == "models":
+        name = folder.name
+    known = isinstance(name, str) and NAME.fullmatch(name)
+    return f"dvc repro train@{name if known else '<model>'}"
 
 
 def validate_families(params: Params) -> dict[str, BaseModel]:

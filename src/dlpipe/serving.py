@@ -6,8 +6,9 @@ How a raw input becomes a tensor is the family's input kind (`dlpipe.inputs`); t
 batches, runs the model and names the labels.
 
 A trained model's folder (`data/models/<name>`: weights, config.json, and what its input kind
-needs, such as tokenizer.json) is all a Predictor reads; the pyfunc logs those files (and not
-mlflow_run.json, which names the tracking store).
+needs, such as tokenizer.json) is all a Predictor reads, each file checked against the folder's
+SHA256SUMS; the pyfunc logs those files with their checksums (and not mlflow_run.json, which
+names the tracking store), so a served copy is checked as it loads too.
 Loading a logged raw model needs the `dlpipe` package importable where it is served
 (`pip install -e .` in this repo): the pyfunc pickles `RawInputModel` by reference. `code_paths`
 is not used on purpose: MLflow would put the copy first on sys.path, so a fresh server would run
@@ -25,10 +26,13 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from dlpipe.errors import DlpipeError
-from dlpipe.family import load_trained
+from dlpipe.family import load_trained, rerun_training
+from dlpipe.integrity import file_sha256, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     from torch import nn
@@ -104,6 +108,15 @@ class Predictor:
 # --- MLflow ------------------------------------------------------------------------------------
 
 
+class InvalidInput(MlflowException, DlpipeError):
+    """A bad input to the served model. As an MlflowException with INVALID_PARAMETER_VALUE,
+    MLflow's scoring server answers it 400 with this line; any other exception it answers with a
+    generic message and the model's traceback. Still a DlpipeError for in-process callers."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class RawInputModel(PythonModel):
     """The pyfunc: the input kind's column (`text`, `image`) in, `Predictor.predict` out."""
 
@@ -123,11 +136,14 @@ class RawInputModel(PythonModel):
         column = self.predictor.input_column
         if not isinstance(model_input, pd.DataFrame) or column not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else None
-            raise DlpipeError(
+            raise InvalidInput(
                 f"the {self.predictor.family.name} model needs a {column!r} column, got {got}"
             )
         values = model_input[column].tolist()
-        return self.predictor.predict(values, [f"row {i}" for i in range(len(values))])
+        try:
+            return self.predictor.predict(values, [f"row {i}" for i in range(len(values))])
+        except DlpipeError as err:
+            raise InvalidInput(str(err)) from None
 
 
 def pip_requirements() -> list[str]:
@@ -160,11 +176,18 @@ def log_raw_input_model(model_dir: Path) -> str:
     )
     kind = predictor.family.inputs
     example = pd.DataFrame({predictor.input_column: kind.example()})
+    # The copy's checksums are the source's (checked just now by from_folder): a copy that
+    # differs from what was trained fails where it is loaded.
+    source = read_manifest(model_dir, rerun_training(model_dir / "config.json")) or {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / MODEL_FOLDER
         folder.mkdir()
-        for name in (*TRAINED_FILES, *kind.bundled):
+        names = (*TRAINED_FILES, *kind.bundled)
+        for name in names:
             shutil.copyfile(model_dir / name, folder / name)
+        write_manifest(
+            folder, {name: source.get(name) or file_sha256(model_dir / name) for name in names}
+        )
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT_NAME,
             python_model=RawInputModel(),

@@ -17,6 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from dlpipe.config import PrepareImdbConfig
 from dlpipe.data.splits import class_counts, stratified_split, stratified_subset
 from dlpipe.errors import DlpipeError
+from dlpipe.integrity import remove_manifest, write_manifest_of
 from dlpipe.io import atomic_path, write_json_atomic, write_npz_atomic
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -166,6 +167,7 @@ def prepare(
     tokenizer = train_tokenizer(corpus, config)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_manifest(out_dir)  # until the new one is written, the folder is incomplete
     card: dict[str, Any] = {
         "num_classes": NUM_CLASSES,
         "tokenizer": config.tokenizer,
@@ -195,5 +197,6 @@ def prepare(
         "truncation": config.truncation,
     }
     write_json_atomic(out_dir / "meta.json", meta)
+    write_manifest_of(out_dir, [*(f"{name}.npz" for name in frames), "tokenizer.json", "meta.json"])
     write_json_atomic(card_path, card)
     return card

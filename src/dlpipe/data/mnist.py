@@ -11,6 +11,7 @@ import numpy as np
 from dlpipe.config import PrepareMnistConfig
 from dlpipe.data.splits import class_counts, stratified_split, stratified_subset
 from dlpipe.errors import DlpipeError
+from dlpipe.integrity import remove_manifest, write_manifest_of
 from dlpipe.io import write_json_atomic, write_npz_atomic
 
 IMAGES_MAGIC = 2051
@@ -91,12 +92,14 @@ def prepare(
         "test": (test_x, test_y),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_manifest(out_dir)  # until the new one is written, the folder is incomplete
     for name, (images, labels) in splits.items():
         write_npz_atomic(out_dir / f"{name}.npz", images=images, labels=labels)
     label_names = [str(digit) for digit in range(NUM_CLASSES)]
     write_json_atomic(
         out_dir / "meta.json", {"num_classes": NUM_CLASSES, "label_names": label_names}
     )
+    write_manifest_of(out_dir, [*(f"{name}.npz" for name in splits), "meta.json"])
     card = _card(splits)
     write_json_atomic(card_path, card)
     return card

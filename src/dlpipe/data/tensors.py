@@ -10,6 +10,8 @@ then reach the device in one copy, and making a batch never waits for the device
 
 from __future__ import annotations
 
+import io
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dlpipe.errors import DlpipeError
+from dlpipe.integrity import read_verified, verify_listed
 
 BUCKET_POOL_BATCHES = 50
 
@@ -131,17 +134,25 @@ class Split:
 
 
 def load_split(prepared_dir: Path, split: str, channels_last: bool = False) -> Split:
-    """Read `<prepared_dir>/<split>.npz` written by a prepare stage."""
+    """Read `<prepared_dir>/<split>.npz` written by a prepare stage, its bytes checked against the
+    folder's SHA256SUMS (and the small files beside it, meta.json and tokenizer.json, which the
+    stages read next); a changed or incomplete folder is one DlpipeError line."""
     path = prepared_dir / f"{split}.npz"
+    rerun = f"dvc repro prepare@{prepared_dir.name}"
     if not path.exists():
         raise DlpipeError(f"{path}: missing; run the prepare stage first (dvc repro)")
-    with np.load(path) as arrays:
-        labels = torch.from_numpy(arrays["labels"].astype(np.int64))
-        if "tokens" in arrays:
-            features = {
-                "tokens": torch.from_numpy(arrays["tokens"]),
-                "lengths": torch.from_numpy(arrays["lengths"].astype(np.int64)).clamp_(min=1),
-            }
-        else:
-            features = {"images": torch.from_numpy(arrays["images"])}
+    data = read_verified(path, rerun)
+    verify_listed(prepared_dir, rerun, skip_suffix=".npz")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            labels = torch.from_numpy(arrays["labels"].astype(np.int64))
+            if "tokens" in arrays:
+                features = {
+                    "tokens": torch.from_numpy(arrays["tokens"]),
+                    "lengths": torch.from_numpy(arrays["lengths"].astype(np.int64)).clamp_(min=1),
+                }
+            else:
+                features = {"images": torch.from_numpy(arrays["images"])}
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError) as err:
+        raise DlpipeError(f"{path}: not a prepared split ({err}); rerun `{rerun}`") from None
     return Split(features, labels, channels_last=channels_last)

@@ -21,6 +21,7 @@ from dlpipe.errors import DlpipeError
 from dlpipe.evaluation.figures import plot_confusion
 from dlpipe.evaluation.metrics import classification_report, latency
 from dlpipe.family import Family, load_trained
+from dlpipe.integrity import read_verified
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.training.runtime import make_runtime
 from dlpipe.training.trainer import predict_logits
@@ -73,6 +74,10 @@ def _log_to_mlflow(
     from dlpipe import registry, serving, tracking
 
     model_dir = paths.MODELS_DIR / family.name
+    if (model_dir / "mlflow_run.json").is_file():  # the run to log to: checked like the model
+        read_verified(
+            model_dir / "mlflow_run.json", f"dvc repro train@{family.name}", required=False
+        )
     info = read_json(model_dir / "mlflow_run.json")
     run_id = info.get("run_id")
     if not run_id:
