@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dlpipe import paths
 from dlpipe.config import load_params
 from dlpipe.errors import exit_on_user_error
-from dlpipe.integrity import seal
 from dlpipe.training.run import launch, train
 
 
@@ -26,9 +24,6 @@ def main() -> None:
     summary = train(name, params)
     if summary is None:  # a torchrun process other than rank 0: rank 0 reports
         return
-    # Last, after every output: the checksums that load_trained (evaluate, predict, the pyfunc)
-    # checks, so a model file changed from now on is an error instead of wrong answers.
-    seal(paths.MODELS_DIR / name)
     # Exit 0 even when MLflow failed mid-training: the outputs are complete (a rerun would only
     # redo the same training), the undelivered metrics wait on disk, and the evaluate stage,
     # which needs them in MLflow, delivers them first or fails.

@@ -32,6 +32,7 @@ from dlpipe.config import Params, TrainConfig, train_config
 from dlpipe.data.tensors import Split
 from dlpipe.errors import DlpipeError, redact
 from dlpipe.family import DataMeta, Family, get_family
+from dlpipe.integrity import seal
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.plots import plot_history
 from dlpipe.tracking import TrainingRun, flatten, git_state, tracking_uri
@@ -260,6 +261,9 @@ def write_outputs(
         models_dir / "mlflow_run.json",
         {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": redact(run.uri)},
     )
+    # Last of the model files: the checksums load_trained (evaluate, predict, the pyfunc) checks,
+    # so a model file changed from now on is an error instead of wrong answers.
+    seal(models_dir)
     last = result.history[-1]
     best = result.history[result.best_epoch - 1]
     summary = {
