@@ -11,7 +11,7 @@ WORKFLOWS := $(wildcard .github/workflows/*.yml)
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all smoke gpu-check check sweep exp-show bench-keras lint format typecheck lock push pull mlflow-server mlflow-ui clean
+.PHONY: repro test test-all smoke gpu-check check sweep exp-show bench lint format typecheck lock push pull mlflow-server mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,12 +52,11 @@ exp-show: $(STAMP)  ## dvc exp show on one screen: the params that vary, headlin
 
 # TensorFlow lives in its own venv: the yardstick must not enter requirements.lock.
 KERAS_VENV := .venv-keras
-bench-keras: $(STAMP)  ## the classic Keras MNIST program vs train@cnn on this machine
-	$(BIN)/dvc repro evaluate@cnn
+bench: $(STAMP)  ## dlpipe's defaults vs Keras, a tutorial PyTorch loop and TF-IDF, one run (~30 min); QUICK=1: slices
+	test -d data/raw/mnist -a -d data/raw/imdb || $(BIN)/dvc repro fetch
 	test -x $(KERAS_VENV)/bin/python || $(PYTHON) -m venv $(KERAS_VENV)
-	$(KERAS_VENV)/bin/python -m pip install --quiet 'tensorflow-cpu==2.21.*' pydantic pyyaml scikit-learn
-	$(KERAS_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(KERAS_VENV)/bin/python scripts/keras_baseline.py
+	$(KERAS_VENV)/bin/python -m pip install --quiet 'tensorflow-cpu==2.21.*' pandas pyarrow
+	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick)
 
 lint: $(STAMP)  ## ruff (lint and format), and the GitHub workflows
 	$(BIN)/ruff check $(LINT_DIRS)

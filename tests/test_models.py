@@ -96,12 +96,29 @@ def test_cnn_default_is_the_keras_mnist_convnet() -> None:
     model = build_model("cnn", CNNConfig(), MNIST)
     assert sum(p.numel() for p in model.parameters()) == 93_322
     assert layer_signature(model) == [
-        "Conv2d(1,32,(3, 3))", "ReLU", "MaxPool2d(2)",
-        "Conv2d(32,64,(3, 3))", "ReLU", "MaxPool2d(2)",
+        "Conv2d(1,32,(3, 3))", "MaxPool2d(2)", "ReLU",
+        "Conv2d(32,64,(3, 3))", "MaxPool2d(2)", "ReLU",
         "Conv2d(64,64,(3, 3))", "ReLU", "Flatten",
         "Linear(576,64)", "ReLU",
         "Linear(64,10)",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_cnn_pools_before_relu_yet_computes_kerass_conv_relu_pool(batch_norm: bool) -> None:
+    """The same function as Keras's order, written out with the model's own weights."""
+    torch.manual_seed(0)
+    model = build_model("cnn", CNNConfig(batch_norm=batch_norm), MNIST)
+    model.train()  # batch statistics: the order must not matter there either
+    images = torch.rand(8, 1, 28, 28)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.features if isinstance(m, nn.BatchNorm2d)] or [nn.Identity()] * 3
+    x = (images - 0.1307) / 0.3081
+    for i, (conv, norm) in enumerate(zip(convs, norms, strict=True)):
+        x = F.relu(norm(conv(x)))
+        x = F.max_pool2d(x, 2) if i < 2 else x
+    expected = model.classifier(x.flatten(1))
+    torch.testing.assert_close(model(images), expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

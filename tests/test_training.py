@@ -457,7 +457,7 @@ def test_checkpoint_store_round_trip_and_clear(tmp_path: Path) -> None:
 def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
     tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    params = tiny_project.with_train("cnn", epochs=2)
+    params = tiny_project.with_train("cnn", epochs=2, schedule="constant")
     with monkeypatch.context() as patch:
         hook_after_epoch(patch, interrupt_at_epoch(1))
         with pytest.raises(KeyboardInterrupt):
@@ -465,7 +465,7 @@ def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
     [stale] = checkpoint_folders(tiny_project.root, "cnn")
     capsys.readouterr()
 
-    run_module.train("cnn", tiny_project.with_train("cnn", epochs=2, lr=0.002))
+    run_module.train("cnn", tiny_project.with_train("cnn", epochs=2, schedule="constant", lr=0.002))
     assert "resuming" not in capsys.readouterr().out
     assert checkpoint_folders(tiny_project.root, "cnn") == [stale]  # left alone, not used
     history = read_history("cnn")
@@ -722,3 +722,21 @@ def test_resuming_matches_the_uninterrupted_stage(
     run_module.train("transformer", params)
     assert_same_weights(torch.load("data/models/transformer/model.pt", weights_only=True), straight)
     assert without_timing(read_history("transformer")) == straight_history
+
+
+def test_a_stop_asked_for_while_outputs_are_written_waits_for_them() -> None:
+    """SIGTERM and SIGINT inside the block: the block runs to its end, then Ctrl-C is raised."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        before = signal.getsignal(sig)
+        finished = False
+        with (
+            pytest.raises(KeyboardInterrupt, match=f"signal {int(sig)}"),
+            run_module.signals_deferred(),
+        ):
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)  # the handler has run by now; an unheld signal would have struck
+            finished = True
+        assert finished
+        assert signal.getsignal(sig) == before  # the handler is restored
+    with run_module.signals_deferred():  # no signal: nothing raised
+        pass

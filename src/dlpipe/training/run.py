@@ -216,6 +216,25 @@ def signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT held until the block ends, then acted on as Ctrl-C: a stop asked for
+    while the outputs are written leaves them whole, not a model without its config."""
+    caught: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt(f"signal {caught[0]}")
+
+
 def end_run(run: TrainingRun, status: str) -> None:
     """Record how the run ended, uninterruptibly: when one process of a data-parallel training
     fails, torchrun sends the others SIGTERM, and one landing while rank 0 records FAILED would
@@ -457,9 +476,10 @@ def fit_and_record(
         label = determinism_label(config.deterministic, kernels)
         print(f"train@{name}: deterministic: {label}")
         run.call("tag determinism", mlflow.set_tag, "deterministic", label)
-    summary = write_outputs(
-        family, trainer.model, params, data, result, run, runtime, wall, precision, world
-    )
+    with signals_deferred():
+        summary = write_outputs(
+            family, trainer.model, params, data, result, run, runtime, wall, precision, world
+        )
     served = portable_model(family, family.model_config(params), data.meta, trainer.model)
     log_results(family, run, served, data, result, summary)
     return summary

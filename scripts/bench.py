@@ -1,0 +1,326 @@
+"""`make bench`: dlpipe's defaults beside the programs people would run instead, in one run.
+
+On this machine, one after another: the prepare stages, then per dataset the published programs
+(scripts/bench_programs.py: Keras CNN, a tutorial PyTorch loop, the Keras BiLSTM and Transformer
+examples, TF-IDF + logistic regression) and dlpipe's train stages with the project's params, each
+in its own process (peak RSS from wait4). Stages run in a scratch workspace (its own MLflow
+store), so the project's outputs and runs stay untouched. Then a no-op `dvc repro` in the project.
+
+Timings vary 2x between machines and +-25 % between runs: read the ratios, which are measured in
+the same run. Writes reports/bench.md and reports/bench.json. `--quick` (CI): data slices, one
+epoch per program, dlpipe at its smoke settings; its numbers say nothing about the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlpipe.errors import DlpipeError, exit_on_user_error
+from dlpipe.io import read_json, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+KERAS_PYTHON = ROOT / ".venv-keras" / "bin" / "python"
+# name -> (dataset, kind, who runs it). Each kind's yardstick is its first program.
+PROGRAMS: dict[str, tuple[str, str, str]] = {
+    "keras-cnn": ("mnist", "cnn", "keras"),
+    "torch-cnn": ("mnist", "cnn", "python"),
+    "cnn": ("mnist", "cnn", "dlpipe"),
+    "tfidf": ("imdb", "linear", "python"),
+    "keras-bilstm": ("imdb", "rnn", "keras"),
+    "rnn": ("imdb", "rnn", "dlpipe"),
+    "keras-transformer": ("imdb", "transformer", "keras"),
+    "transformer": ("imdb", "transformer", "dlpipe"),
+}
+
+
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Run `command`; its wall time (s) and peak RSS (MiB). Output passes through."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise DlpipeError(f"bench: {' '.join(command[1:3])} failed (exit {status >> 8})")
+    return wall, usage.ru_maxrss / 1024
+
+
+class Workspace:
+    """A scratch copy of the project's params with the stage scripts, reading the project's raw
+    data: dlpipe's stages run here exactly as `dvc repro` runs them."""
+
+    def __init__(self, folder: Path, quick: bool) -> None:
+        self.folder = folder
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        if quick:
+            from dlpipe.smoke.params import smoke_params
+
+            raw = smoke_params(raw)
+        self.params = raw
+        (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        (folder / "stages").symlink_to(ROOT / "stages")
+        (folder / "data").mkdir()
+        (folder / "data" / "raw").symlink_to(ROOT / "data" / "raw")
+        self.env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def stage(self, script: str, arg: str) -> tuple[float, float]:
+        return timed([sys.executable, f"stages/{script}.py", arg], self.folder, self.env)
+
+    def dlpipe_program(self, name: str) -> dict[str, Any]:
+        """train@name with the project's params; held-out = its validation split."""
+        import csv
+
+        wall, rss = self.stage("train", name)
+        reports = self.folder / "reports" / "models" / name
+        trained = read_json(reports / "train.json")
+        with open(reports / "history.csv", newline="") as handle:
+            history = list(csv.DictReader(handle))
+        config = self.params["train"][name]
+        return {
+            "program": f"dlpipe train@{name}, {trained['precision']}, batch {config['batch_size']}",
+            "train_samples": read_json(self.folder / "reports/data" / f"{trained['dataset']}.json")[
+                "train"
+            ]["count"],
+            "epoch_times_s": [round(float(row["epoch_time_s"]), 2) for row in history],
+            "heldout": "val",
+            "heldout_accuracy": [round(float(row["val_accuracy"]), 4) for row in history],
+            "test_accuracy": round(self.test_accuracy(name), 4),
+            "stage_wall_s": round(wall, 1),
+            "peak_rss_mib": round(rss),
+        }
+
+    def test_accuracy(self, name: str) -> float:
+        import torch
+
+        from dlpipe.family import load_trained
+        from dlpipe.training.runtime import make_runtime
+        from dlpipe.training.trainer import predict_logits
+
+        model, info, family = load_trained(self.folder / "data" / "models" / name)
+        prepared = self.folder / "data" / "prepared" / family.dataset
+        test = family.inputs.load_split(prepared, "test", torch.device("cpu"))
+        logits = predict_logits(model, test, make_runtime("cpu", "fp32"), 512)
+        return float((logits.argmax(1) == test.labels).float().mean())
+
+
+def other_program(name: str, runner: str, quick: bool, scratch: Path) -> dict[str, Any]:
+    python = str(KERAS_PYTHON) if runner == "keras" else sys.executable
+    out = scratch / f"{name}.json"
+    command = [python, str(ROOT / "scripts" / "bench_programs.py"), name, "--out", str(out)]
+    raw = ROOT / "data" / "raw"
+    command += ["--mnist", str(raw / "mnist"), "--imdb", str(raw / "imdb")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    wall, rss = timed(command + (["--quick"] if quick else []), scratch, env)
+    record: dict[str, Any] = json.loads(out.read_text())
+    return {**record, "stage_wall_s": round(wall, 1), "peak_rss_mib": round(rss)}
+
+
+def summarise(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The per-program figures of the table, from its epoch times and held-out accuracies."""
+    times, heldout = record["epoch_times_s"], record["heldout_accuracy"]
+    train_time = sum(times)
+    best = max(range(len(heldout)), key=lambda i: heldout[i])
+    dataset, kind, _ = PROGRAMS[name]
+    return {
+        **record,
+        "name": name,
+        "dataset": dataset,
+        "kind": kind,
+        "epochs": len(times),
+        "median_epoch_s": round(statistics.median(times), 2),
+        "train_time_s": round(train_time, 1),
+        "samples_per_s": round(record["train_samples"] * len(times) / train_time),
+        "time_to_best_s": round(sum(times[: best + 1]), 1),
+    }
+
+
+def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
+    """Each program's training time over its kind's yardstick (the first of its kind)."""
+    yardstick: dict[str, str] = {}
+    for name, row in rows.items():
+        first = yardstick.setdefault(row["kind"], name)
+        row["time_vs_yardstick"] = round(row["train_time_s"] / rows[first]["train_time_s"], 3)
+        row["yardstick"] = first
+    if "tfidf" in rows:
+        for row in rows.values():
+            if row["dataset"] == "imdb":
+                delta = row["test_accuracy"] - rows["tfidf"]["test_accuracy"]
+                row["points_over_tfidf"] = round(100 * delta, 2)
+
+
+def noop_repro_s() -> float | None:
+    """`dvc repro` in the project when nothing changed (None when something did: it would run)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    status = subprocess.run([*dvc, "status", "--json"], cwd=ROOT, capture_output=True, text=True)
+    if status.returncode != 0 or json.loads(status.stdout or "{}"):
+        return None
+    start = time.perf_counter()
+    subprocess.run([*dvc, "repro"], cwd=ROOT, check=True, capture_output=True)
+    return round(time.perf_counter() - start, 2)
+
+
+def machine() -> dict[str, Any]:
+    import sklearn
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    info = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    line = next((x for x in info if x.startswith("flags")), "")
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    flags = " ".join(f for f in wanted if f" {f}" in line)
+    model = next((x.split(":", 1)[1].strip() for x in info if "model name" in x), "")
+    keras = subprocess.run(
+        [str(KERAS_PYTHON), "-c", "import tensorflow as t; print(t.__version__)"],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    ).stdout.strip() if KERAS_PYTHON.exists() else "not installed"  # fmt: skip
+    return {
+        "cpu": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "cpu_flags": flags,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tensorflow": keras,
+        "scikit_learn": sklearn.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def run(quick: bool, only: list[str]) -> dict[str, Any]:
+    names = [n for n in PROGRAMS if not only or n in only]
+    if any(PROGRAMS[n][2] == "keras" for n in names) and not KERAS_PYTHON.exists():
+        raise DlpipeError(f"{KERAS_PYTHON}: missing; `make bench` creates it (TensorFlow)")
+    for dataset in ("mnist", "imdb"):
+        if not (ROOT / "data" / "raw" / dataset).is_dir():
+            raise DlpipeError(f"data/raw/{dataset}: missing; run `dvc repro fetch` first")
+    scratch = Path(tempfile.mkdtemp(prefix="dlpipe-bench-"))
+    try:
+        work = Workspace(scratch, quick)
+        prepare = {}
+        for dataset in sorted({PROGRAMS[n][0] for n in names}):
+            wall, rss = work.stage("prepare", dataset)
+            prepare[dataset] = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss)}
+        rows = {}
+        for name in names:
+            runner = PROGRAMS[name][2]
+            print(f"bench: {name}", flush=True)
+            record = (
+                work.dlpipe_program(name)
+                if runner == "dlpipe"
+                else other_program(name, runner, quick, scratch)
+            )
+            rows[name] = summarise(name, record)
+        add_ratios(rows)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "quick": quick,
+        "machine": machine(),
+        "programs": rows,
+        "prepare": prepare,
+        "noop_repro_s": None if quick else noop_repro_s(),
+    }
+
+
+def targets(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
+    """Each target whose programs ran in this bench: its wording with the measured figures."""
+    checks: list[tuple[str, bool]] = []
+    cnn, keras, loop = rows.get("cnn"), rows.get("keras-cnn"), rows.get("torch-cnn")
+    if cnn:
+        acc = cnn["test_accuracy"]
+        checks.append((f"cnn test accuracy {100 * acc:.2f} % >= 99.2 %", acc >= 0.992))
+    for name, base, limit in (("keras-cnn", keras, 0.5), ("torch-cnn", loop, 0.3)):
+        if cnn and base:
+            ratio = cnn["train_time_s"] / base["train_time_s"]
+            checks.append((f"cnn training time {ratio:.2f}x {name}'s <= {limit}x", ratio <= limit))
+    if cnn and loop:
+        ratio = cnn["samples_per_s"] / loop["samples_per_s"]
+        checks.append((f"cnn samples/s {ratio:.1f}x the tutorial loop's >= 3x", ratio >= 3))
+    for name, floor in (("rnn", 0.895), ("transformer", 0.90)):
+        if name in rows:
+            acc = rows[name]["test_accuracy"]
+            checks.append(
+                (f"{name} test accuracy {100 * acc:.2f} % >= {100 * floor:.1f} %", acc >= floor)
+            )
+            if "tfidf" in rows:
+                points = rows[name]["points_over_tfidf"]
+                checks.append((f"{name} beats TF-IDF ({points:+.2f} points)", points > 0))
+    return checks
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# dlpipe beside the programs people run instead"
+        + (" (--quick: slices)" if result["quick"] else ""),
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, flags {m['cpu_flags'] or '-'}; "
+        f"Python {m['python']}, PyTorch {m['torch']}, TensorFlow {m['tensorflow']}, "
+        f"scikit-learn {m['scikit_learn']}; {m['date']}. Written by `make bench` "
+        "(scripts/bench.py): one run, one program at a time; compare ratios, not seconds.",
+        "",
+        "| program | what | epochs | median epoch | samples/s | train time | to best | "
+        "test acc | vs TF-IDF | peak RSS | time vs yardstick |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["programs"].items():
+        points = r.get("points_over_tfidf")
+        lines.append(
+            f"| {name} | {r['program']} | {r['epochs']} | {r['median_epoch_s']:.1f} s | "
+            f"{r['samples_per_s']:,} | {r['train_time_s']:.1f} s | {r['time_to_best_s']:.1f} s "
+            f"({r['heldout']}) | {100 * r['test_accuracy']:.2f} % | "
+            f"{'' if points is None else f'{points:+.2f} pt'} | {r['peak_rss_mib']:,} MiB | "
+            f"{r['time_vs_yardstick']:.2f}x {r['yardstick']} |"
+        )
+    lines += ["", "Targets (issue #13), judged from the rows above:", ""]
+    lines += [f"- {'met' if ok else 'MISSED'}: {what}" for what, ok in targets(result["programs"])]
+    lines += ["", "Pipeline costs:", ""]
+    for dataset, cost in result["prepare"].items():
+        lines.append(
+            f"- prepare@{dataset}: {cost['wall_s']} s, peak RSS {cost['peak_rss_mib']:,} MiB"
+        )
+    noop = result["noop_repro_s"]
+    unmeasured = "not measured (quick, or the project is not up to date)"
+    lines.append(f"- no-op `dvc repro`: {unmeasured if noop is None else f'{noop} s'}")
+    for name, r in result["programs"].items():
+        if r.get("heldout") == "val":  # a dlpipe stage: all it does outside the epochs
+            overhead = r["stage_wall_s"] - r["train_time_s"]
+            lines.append(
+                f"- train@{name}: stage wall {r['stage_wall_s']} s, of which {overhead:.1f} s "
+                f"({100 * overhead / r['stage_wall_s']:.1f} %) outside the epochs (start-up, "
+                "data, MLflow, outputs)"
+            )
+    return "\n".join(lines) + "\n"
+
+
+@exit_on_user_error
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="slices, one epoch each (CI)")
+    parser.add_argument("--only", nargs="*", default=[], choices=sorted(PROGRAMS))
+    parser.add_argument("--out", type=Path, default=ROOT / "reports")
+    args = parser.parse_args()
+    result = run(args.quick, args.only)
+    stem = "bench-quick" if args.quick else "bench"
+    write_json_atomic(args.out / f"{stem}.json", result)
+    (args.out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
