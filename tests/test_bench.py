@@ -1,0 +1,117 @@
+"""scripts/bench.py's arithmetic: the figures, ratios and target verdicts it writes from the
+programs' records (the programs themselves run in `make bench`, not here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(times: list[float], heldout: list[float], test: float, samples: int) -> dict[str, Any]:
+    return {
+        "program": "p",
+        "train_samples": samples,
+        "epoch_times_s": times,
+        "heldout": "test",
+        "heldout_accuracy": heldout,
+        "test_accuracy": test,
+        "stage_wall_s": sum(times) + 5,
+        "peak_rss_mib": 100,
+    }
+
+
+def rows_of(bench: Any, **records: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rows = {name: bench.summarise(name, rec) for name, rec in records.items()}
+    bench.add_ratios(rows)
+    return rows
+
+
+def test_figures_of_one_program(bench: Any) -> None:
+    row = bench.summarise("keras-cnn", record([10.0, 30.0, 20.0], [0.90, 0.95, 0.93], 0.93, 600))
+    assert row["median_epoch_s"] == 20.0
+    assert row["train_time_s"] == 60.0
+    assert row["samples_per_s"] == 30  # 600 samples x 3 epochs / 60 s
+    assert row["time_to_best_s"] == 40.0  # best held-out accuracy after epoch 2
+    assert (row["dataset"], row["kind"], row["epochs"]) == ("mnist", "cnn", 3)
+
+
+def test_ratios_are_to_the_first_program_of_each_kind_and_points_to_tfidf(bench: Any) -> None:
+    rows = rows_of(
+        bench,
+        **{
+            "keras-cnn": record([40.0], [0.99], 0.99, 60000),
+            "cnn": record([10.0], [0.99], 0.993, 55000),
+            "tfidf": record([8.0], [0.87], 0.87, 25000),
+            "keras-bilstm": record([100.0], [0.85], 0.85, 25000),
+            "rnn": record([50.0], [0.89], 0.8925, 20000),
+        },
+    )
+    assert rows["cnn"]["time_vs_yardstick"] == 0.25 and rows["cnn"]["yardstick"] == "keras-cnn"
+    assert rows["rnn"]["time_vs_yardstick"] == 0.5 and rows["rnn"]["yardstick"] == "keras-bilstm"
+    assert rows["rnn"]["points_over_tfidf"] == 2.25
+    assert rows["keras-bilstm"]["points_over_tfidf"] == -2.0
+    assert "points_over_tfidf" not in rows["cnn"]  # another dataset
+
+
+@pytest.mark.parametrize(
+    ("cnn_acc", "cnn_time", "met"),
+    [(0.9921, 10.0, True), (0.9919, 10.0, False), (0.9921, 13.0, False)],
+)
+def test_cnn_targets_follow_the_numbers(
+    bench: Any, cnn_acc: float, cnn_time: float, met: bool
+) -> None:
+    rows = rows_of(
+        bench,
+        **{
+            "keras-cnn": record([25.0], [0.99], 0.99, 60000),
+            "torch-cnn": record([50.0], [0.99], 0.99, 60000),
+            "cnn": record([cnn_time], [0.99], cnn_acc, 55000),
+        },
+    )
+    verdicts = dict(bench.targets(rows))
+    assert len(verdicts) == 4
+    assert all(verdicts.values()) == met
+
+
+def test_text_targets_and_the_markdown(bench: Any) -> None:
+    rows = rows_of(
+        bench,
+        tfidf=record([8.0], [0.90], 0.9035, 25000),
+        rnn=record([50.0], [0.89], 0.8826, 20000),
+        transformer=record([40.0], [0.91], 0.9050, 20000),
+    )
+    verdicts = dict(bench.targets(rows))
+    assert verdicts == {
+        "rnn test accuracy 88.26 % >= 89.5 %": False,
+        "rnn beats TF-IDF (-2.09 points)": False,
+        "transformer test accuracy 90.50 % >= 90.0 %": True,
+        "transformer beats TF-IDF (+0.15 points)": True,
+    }
+    result = {
+        "quick": False,
+        "machine": {k: "x" for k in ("cpu", "cores", "cpu_flags", "python", "torch")}
+        | {"tensorflow": "x", "scikit_learn": "x", "date": "x"},
+        "programs": rows,
+        "prepare": {"imdb": {"wall_s": 30.0, "peak_rss_mib": 600}},
+        "noop_repro_s": 1.2,
+    }
+    text = bench.markdown(result)
+    assert "| rnn | p | 1 | 50.0 s | 400 | 50.0 s |" in text
+    assert "- MISSED: rnn beats TF-IDF (-2.09 points)" in text
+    assert "- no-op `dvc repro`: 1.2 s" in text
