@@ -52,11 +52,11 @@ exp-show: $(STAMP)  ## dvc exp show on one screen: the params that vary, headlin
 
 # TensorFlow lives in its own venv: the yardstick must not enter requirements.lock.
 KERAS_VENV := .venv-keras
-bench: $(STAMP)  ## dlpipe's defaults vs Keras, a tutorial PyTorch loop and TF-IDF, one run (~30 min); QUICK=1: slices
+bench: $(STAMP)  ## dlpipe vs Keras, a tutorial PyTorch loop, TF-IDF, one run (~45 min); QUICK=1 slices; REUSE="rnn transformer" takes those from the last make repro
 	test -d data/raw/mnist -a -d data/raw/imdb || $(BIN)/dvc repro fetch
 	test -x $(KERAS_VENV)/bin/python || $(PYTHON) -m venv $(KERAS_VENV)
 	$(KERAS_VENV)/bin/python -m pip install --quiet 'tensorflow-cpu==2.21.*' pandas pyarrow
-	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick)
+	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick) $(if $(REUSE),--reuse $(REUSE))
 
 lint: $(STAMP)  ## ruff (lint and format), and the GitHub workflows
 	$(BIN)/ruff check $(LINT_DIRS)

@@ -84,26 +84,10 @@ class Workspace:
 
     def dlpipe_program(self, name: str) -> dict[str, Any]:
         """train@name with the project's params; held-out = its validation split."""
-        import csv
-
         wall, rss = self.stage("train", name)
-        reports = self.folder / "reports" / "models" / name
-        trained = read_json(reports / "train.json")
-        with open(reports / "history.csv", newline="") as handle:
-            history = list(csv.DictReader(handle))
-        config = self.params["train"][name]
-        return {
-            "program": f"dlpipe train@{name}, {trained['precision']}, batch {config['batch_size']}",
-            "train_samples": read_json(self.folder / "reports/data" / f"{trained['dataset']}.json")[
-                "train"
-            ]["count"],
-            "epoch_times_s": [round(float(row["epoch_time_s"]), 2) for row in history],
-            "heldout": "val",
-            "heldout_accuracy": [round(float(row["val_accuracy"]), 4) for row in history],
-            "test_accuracy": round(self.test_accuracy(name), 4),
-            "stage_wall_s": round(wall, 1),
-            "peak_rss_mib": round(rss),
-        }
+        record = stage_record(self.folder, name, self.params)
+        return {**record, "test_accuracy": round(self.test_accuracy(name), 4),
+                "stage_wall_s": round(wall, 1), "peak_rss_mib": round(rss)}  # fmt: skip
 
     def test_accuracy(self, name: str) -> float:
         import torch
@@ -117,6 +101,41 @@ class Workspace:
         test = family.inputs.load_split(prepared, "test", torch.device("cpu"))
         logits = predict_logits(model, test, make_runtime("cpu", "fp32"), 512)
         return float((logits.argmax(1) == test.labels).float().mean())
+
+
+def stage_record(root: Path, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What a train stage recorded in `root`/reports: its epochs and validation accuracies."""
+    import csv
+
+    reports = root / "reports" / "models" / name
+    trained = read_json(reports / "train.json")
+    with open(reports / "history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    data = read_json(root / "reports" / "data" / f"{trained['dataset']}.json")
+    batch = params["train"][name]["batch_size"]
+    return {
+        "program": f"dlpipe train@{name}, {trained['precision']}, batch {batch}",
+        "train_samples": data["train"]["count"],
+        "epoch_times_s": [round(float(row["epoch_time_s"]), 2) for row in history],
+        "heldout": "val",
+        "heldout_accuracy": [round(float(row["val_accuracy"]), 4) for row in history],
+    }
+
+
+def reused_program(name: str) -> dict[str, Any]:
+    """train@name as the project's last `make repro` ran it on this machine (--reuse): its own
+    records, with the evaluate stage's test accuracy; no per-stage peak RSS is kept there."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    record = stage_record(ROOT, name, params)
+    trained = read_json(ROOT / "reports" / "models" / name / "train.json")
+    evaluated = read_json(ROOT / "reports" / "models" / name / "eval.json")
+    return {
+        **record,
+        "program": record["program"] + " (from the last make repro, not rerun)",
+        "test_accuracy": round(evaluated["test_accuracy"], 4),
+        "stage_wall_s": trained["wall_time_s"],
+        "peak_rss_mib": None,
+    }
 
 
 def other_program(name: str, runner: str, quick: bool, scratch: Path) -> dict[str, Any]:
@@ -201,7 +220,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(quick: bool, only: list[str]) -> dict[str, Any]:
+def run(quick: bool, only: list[str], reuse: list[str]) -> dict[str, Any]:
     names = [n for n in PROGRAMS if not only or n in only]
     if any(PROGRAMS[n][2] == "keras" for n in names) and not KERAS_PYTHON.exists():
         raise DlpipeError(f"{KERAS_PYTHON}: missing; `make bench` creates it (TensorFlow)")
@@ -212,18 +231,19 @@ def run(quick: bool, only: list[str]) -> dict[str, Any]:
     try:
         work = Workspace(scratch, quick)
         prepare = {}
-        for dataset in sorted({PROGRAMS[n][0] for n in names}):
+        for dataset in sorted({PROGRAMS[n][0] for n in names if n not in reuse}):
             wall, rss = work.stage("prepare", dataset)
             prepare[dataset] = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss)}
         rows = {}
         for name in names:
             runner = PROGRAMS[name][2]
             print(f"bench: {name}", flush=True)
-            record = (
-                work.dlpipe_program(name)
-                if runner == "dlpipe"
-                else other_program(name, runner, quick, scratch)
-            )
+            if name in reuse:
+                record = reused_program(name)
+            elif runner == "dlpipe":
+                record = work.dlpipe_program(name)
+            else:
+                record = other_program(name, runner, quick, scratch)
             rows[name] = summarise(name, record)
         add_ratios(rows)
     finally:
@@ -263,6 +283,10 @@ def targets(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
     return checks
 
 
+def rss(mib: int | None) -> str:
+    return "n/a" if mib is None else f"{mib:,} MiB"
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
@@ -284,7 +308,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {r['program']} | {r['epochs']} | {r['median_epoch_s']:.1f} s | "
             f"{r['samples_per_s']:,} | {r['train_time_s']:.1f} s | {r['time_to_best_s']:.1f} s "
             f"({r['heldout']}) | {100 * r['test_accuracy']:.2f} % | "
-            f"{'' if points is None else f'{points:+.2f} pt'} | {r['peak_rss_mib']:,} MiB | "
+            f"{'' if points is None else f'{points:+.2f} pt'} | {rss(r['peak_rss_mib'])} | "
             f"{r['time_vs_yardstick']:.2f}x {r['yardstick']} |"
         )
     lines += ["", "Targets (issue #13), judged from the rows above:", ""]
@@ -298,7 +322,7 @@ def markdown(result: dict[str, Any]) -> str:
     unmeasured = "not measured (quick, or the project is not up to date)"
     lines.append(f"- no-op `dvc repro`: {unmeasured if noop is None else f'{noop} s'}")
     for name, r in result["programs"].items():
-        if r.get("heldout") == "val":  # a dlpipe stage: all it does outside the epochs
+        if r["heldout"] == "val" and r["peak_rss_mib"] is not None:  # a dlpipe stage, run here
             overhead = r["stage_wall_s"] - r["train_time_s"]
             lines.append(
                 f"- train@{name}: stage wall {r['stage_wall_s']} s, of which {overhead:.1f} s "
@@ -314,8 +338,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="slices, one epoch each (CI)")
     parser.add_argument("--only", nargs="*", default=[], choices=sorted(PROGRAMS))
     parser.add_argument("--out", type=Path, default=ROOT / "reports")
+    dlpipe = sorted(n for n, (_, _, runner) in PROGRAMS.items() if runner == "dlpipe")
+    parser.add_argument(
+        "--reuse", nargs="*", default=[], choices=dlpipe,
+        help="take these dlpipe trainings from the project's last make repro (same machine) "
+        "instead of training them again",
+    )  # fmt: skip
     args = parser.parse_args()
-    result = run(args.quick, args.only)
+    if args.quick and args.reuse:
+        raise DlpipeError("--reuse takes full-data trainings: not with --quick")
+    result = run(args.quick, args.only, args.reuse)
     stem = "bench-quick" if args.quick else "bench"
     write_json_atomic(args.out / f"{stem}.json", result)
     (args.out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
