@@ -228,6 +228,7 @@ def run(quick: bool, only: list[str], reuse: list[str]) -> dict[str, Any]:
         if not (ROOT / "data" / "raw" / dataset).is_dir():
             raise DlpipeError(f"data/raw/{dataset}: missing; run `dvc repro fetch` first")
     scratch = Path(tempfile.mkdtemp(prefix="dlpipe-bench-"))
+    partial = ROOT / ".dlpipe" / "bench-partial.json"
     try:
         work = Workspace(scratch, quick)
         prepare = {}
@@ -245,6 +246,7 @@ def run(quick: bool, only: list[str], reuse: list[str]) -> dict[str, Any]:
             else:
                 record = other_program(name, runner, quick, scratch)
             rows[name] = summarise(name, record)
+            write_json_atomic(partial, rows)  # a later failure keeps what was measured
         add_ratios(rows)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -188,7 +188,7 @@ def imdb_sequences(imdb_raw: Path, quick: bool) -> tuple[Any, ...]:
     vectorize.adapt(texts, batch_size=1024)
 
     def encode(batch: list[str]) -> np.ndarray:
-        ids = [row.tolist() for row in vectorize(batch)]
+        ids = [row.numpy().tolist() for row in vectorize(batch)]
         return keras.utils.pad_sequences(ids, maxlen=200)  # pre-padding and -truncation, as there
 
     return encode(texts), y, encode(test_texts), y_test
