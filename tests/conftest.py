@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -363,6 +364,56 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def run_stage_here(stage: str, name: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """`python stages/<stage>.py <name>`, in this process (so that faults can be injected)."""
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py", name])
+    try:
+        runpy.run_path(str(REPO_ROOT / "stages" / f"{stage}.py"), run_name="__main__")
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def start_model_server(
+    model_uri: str, tracking_uri: str, log_path: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`mlflow models serve` of `model_uri` on a free 127.0.0.1 port, logging to `log_path`;
+    the process (its own session: stop it with stop_process_group) and its URL."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [
+        str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri,
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_for_ping(
+    process: subprocess.Popen[bytes], url: str, log_path: Path, started: float
+) -> None:
+    """Until the scoring server answers /ping; fails the test if it exits or takes over 120 s."""
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"server exited {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() - started > 120:
+            pytest.fail(f"no /ping within 120 s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def stop_process_group(process: subprocess.Popen[bytes]) -> None:

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import runpy
 import shutil
 import struct
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, RegistryStore, TinyProject, TrainedFolders, hook_after_epoch
+from conftest import (
+    RegistryStore,
+    TinyProject,
+    TrainedFolders,
+    hook_after_epoch,
+    run_stage_here,
+)
 
 from dlpipe.cli import main as cli_main
 from dlpipe.config import PrepareMnistConfig
@@ -176,7 +180,7 @@ def test_the_train_stage_stops_in_one_line_on_a_corrupted_split(
 ) -> None:
     tiny_project.write_params()
     flip_in_payload(tiny_project.root / "data/prepared/mnist/train.npz", "images.npy")
-    assert run_stage("train", "cnn", monkeypatch) == 2
+    assert run_stage_here("train", "cnn", monkeypatch) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [
         "error: data/prepared/mnist/train.npz: checksum mismatch (file corrupted or edited); "
@@ -186,16 +190,6 @@ def test_the_train_stage_stops_in_one_line_on_a_corrupted_split(
 
 
 # --- model files ---------------------------------------------------------------------------------
-
-
-def run_stage(stage: str, name: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """`python stages/<stage>.py <name>` in this process; its exit code."""
-    monkeypatch.setattr(sys, "argv", [f"{stage}.py", name])
-    try:
-        runpy.run_path(str(REPO_ROOT / "stages" / f"{stage}.py"), run_name="__main__")
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture
@@ -360,12 +354,12 @@ def test_training_after_a_corrupted_checkpoint_starts_over_and_seals_its_model(
 
     with monkeypatch.context() as patch:
         hook_after_epoch(patch, stop)
-        assert run_stage("train", "cnn", patch) == 130  # Ctrl-C
+        assert run_stage_here("train", "cnn", patch) == 130  # Ctrl-C
     [checkpoint] = (tiny_project.root / ".dlpipe/checkpoints").glob("cnn-*/last.pt")
     flip_in_payload(checkpoint, "/data/0")
     capsys.readouterr()
 
-    assert run_stage("train", "cnn", monkeypatch) == 0
+    assert run_stage_here("train", "cnn", monkeypatch) == 0
     out, err = capsys.readouterr()
     assert "resuming" not in out and "epoch 1/2" in out and "epoch 2/2" in out
     assert "is corrupted (checksum mismatch); moved to" in err
@@ -375,7 +369,7 @@ def test_training_after_a_corrupted_checkpoint_starts_over_and_seals_its_model(
     load_trained(folder)  # sealed as written
 
     flip_in_payload(folder / "model.pt", "/data/0")
-    assert run_stage("evaluate", "cnn", monkeypatch) == 2
+    assert run_stage_here("evaluate", "cnn", monkeypatch) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: data/models/cnn/model.pt: checksum mismatch (file corrupted or edited); "
         "rerun `dvc repro train@cnn`"

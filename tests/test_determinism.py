@@ -80,11 +80,23 @@ def determinism_tag(project: TinyProject, family: str) -> str:
     return str(run.data.tags["deterministic"])
 
 
-def assert_same_files(first: dict[str, bytes], second: dict[str, bytes]) -> None:
-    assert first.keys() == second.keys()
-    assert "model.pt" in first
-    different = [name for name in first if first[name] != second[name]]
+def take_outputs(project: TinyProject, family: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """A deterministic training's model files and metrics; its outputs removed for the next."""
+    taken = model_files(project.root, family), metrics(project.root, family)
+    assert determinism_tag(project, family) == "true"
+    remove_outputs(project.root, family)
+    return taken
+
+
+def assert_same_runs(
+    first: tuple[dict[str, bytes], dict[str, Any]], second: tuple[dict[str, bytes], dict[str, Any]]
+) -> None:
+    (first_files, first_metrics), (second_files, second_metrics) = first, second
+    assert first_files.keys() == second_files.keys()
+    assert "model.pt" in first_files
+    different = [name for name in first_files if first_files[name] != second_files[name]]
     assert not different, f"files differ between two deterministic runs: {different}"
+    assert first_metrics == second_metrics
 
 
 @pytest.mark.parametrize(
@@ -99,13 +111,9 @@ def test_two_deterministic_trainings_write_byte_identical_models(
     results = []
     for _ in range(2):
         run_module.train(family, params)
-        results.append((model_files(tiny_project.root, family), metrics(tiny_project.root, family)))
-        assert determinism_tag(tiny_project, family) == "true"
-        remove_outputs(tiny_project.root, family)
-    (first_files, first_metrics), (second_files, second_metrics) = results
-    assert_same_files(first_files, second_files)
-    assert first_metrics == second_metrics
-    assert len(first_metrics["history"]) == 2
+        results.append(take_outputs(tiny_project, family))
+    assert_same_runs(*results)
+    assert len(results[0][1]["history"]) == 2
 
 
 @pytest.mark.slow
@@ -134,12 +142,8 @@ def test_two_stage_processes_write_byte_identical_models(tiny_project: TinyProje
             timeout=300,
         )
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-        results.append((model_files(tiny_project.root, family), metrics(tiny_project.root, family)))
-        assert determinism_tag(tiny_project, family) == "true"
-        remove_outputs(tiny_project.root, family)
-    (first_files, first_metrics), (second_files, second_metrics) = results
-    assert_same_files(first_files, second_files)
-    assert first_metrics == second_metrics
+        results.append(take_outputs(tiny_project, family))
+    assert_same_runs(*results)
 
 
 # --- the `deterministic` tag ----------------------------------------------------------------------

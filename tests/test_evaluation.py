@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from conftest import (
     MlflowServer,
     TinyProject,
     hook_after_epoch,
+    run_stage_here,
     tiny_imdb_arrays,
     tiny_mnist_arrays,
 )
@@ -234,16 +234,6 @@ def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
 
 
 # --- MLflow failures in the evaluate stage ------------------------------------------------------
-
-
-def run_stage_here(stage: str, name: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """`python stages/<stage>.py <name>`, in this process (so that faults can be injected)."""
-    monkeypatch.setattr(sys, "argv", [f"{stage}.py", name])
-    try:
-        runpy.run_path(str(REPO_ROOT / "stages" / f"{stage}.py"), run_name="__main__")
-    except SystemExit as exit:
-        return int(exit.code or 0)
-    return 0
 
 
 def fail_logging_the_model(monkeypatch: pytest.MonkeyPatch) -> None:

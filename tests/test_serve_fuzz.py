@@ -12,18 +12,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from conftest import RegistryStore, free_port, stop_process_group
+from conftest import RegistryStore, start_model_server, stop_process_group, wait_for_ping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -41,39 +37,6 @@ SENT: dict[str, int] = {}  # family -> requests sent, for the summary line
 STATUSES: dict[str, Counter[int]] = {}  # family -> how the server answered them
 
 
-def start_server(model_uri: str, tracking_uri: str, log_path: Path) -> tuple[Any, str]:
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    command = [
-        str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri,
-        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(process: Any, url: str, log_path: Path, started: float) -> None:
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"server exited {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() - started > 120:
-            pytest.fail(f"no /ping within 120 s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def servers(
     registry_store: RegistryStore, tmp_path_factory: pytest.TempPathFactory
@@ -82,13 +45,16 @@ def servers(
     folder = tmp_path_factory.mktemp("serve-fuzz")
     started = time.monotonic()
     running = {
-        family: (*start_server(f"models:/dlpipe-{family}@champion", registry_store.uri, log), log)
+        family: (
+            *start_model_server(f"models:/dlpipe-{family}@champion", registry_store.uri, log),
+            log,
+        )
         for family in ("cnn", "transformer")
         for log in [folder / f"{family}.log"]
     }
     try:
         for process, url, log in running.values():
-            wait_ready(process, url, log, started)
+            wait_for_ping(process, url, log, started)
         print(f"\n2 scoring servers ready in {time.monotonic() - started:.1f}s")
         yield {family: url for family, (_, url, _) in running.items()}
     finally:

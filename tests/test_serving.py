@@ -18,7 +18,9 @@ from conftest import (
     RegistryStore,
     TrainedFolders,
     mlflow_tracking,
+    start_model_server,
     stop_process_group,
+    wait_for_ping,
 )
 from PIL import Image, ImageDraw
 
@@ -328,84 +330,50 @@ def test_mlflow_models_serve_answers_raw_text(
     registry_store: RegistryStore, tmp_path: Path
 ) -> None:
     """The registered champion behind a real scoring server: raw JSON text in, labels out."""
-    import os
-    import socket
-    import subprocess
-    import sys
     import time
 
     import requests
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": registry_store.uri,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    command = [
-        str(bin_dir / "mlflow"), "models", "serve",
-        "-m", "models:/dlpipe-transformer@champion",
-        "--env-manager", "local",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-    ]  # fmt: skip
     log_path = tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    server, url = start_model_server(
+        "models:/dlpipe-transformer@champion", registry_store.uri, log_path
+    )
+    try:
+        wait_for_ping(server, url, log_path, started)
+        ready_s = time.monotonic() - started
+
+        sent = time.monotonic()
+        answer = requests.post(
+            f"{url}/invocations",
+            json={"dataframe_records": [{"text": "awful, boring film"}]},
+            timeout=30,
         )
-        try:
-            while True:
-                if server.poll() is not None:
-                    pytest.fail(
-                        f"server exited {server.returncode}:\n{log_path.read_text()[-3000:]}"
-                    )
-                try:
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() - started > 90:
-                    pytest.fail(f"no /ping within 90 s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-            ready_s = time.monotonic() - started
+        answer_s = time.monotonic() - sent
+        assert answer.status_code == 200, answer.text
+        [prediction] = answer.json()["predictions"]
+        folders = registry_store.folders
+        local = Predictor.from_folder(folders.model_dir("transformer"))
+        [expected] = local.predict(["awful, boring film"])["probabilities"]
+        assert prediction["label"] == int(np.argmax(expected))
+        assert prediction["label_name"] == ["negative", "positive"][prediction["label"]]
+        assert prediction["probabilities"] == pytest.approx(expected, rel=1e-5)
 
-            sent = time.monotonic()
-            answer = requests.post(
-                f"{url}/invocations",
-                json={"dataframe_records": [{"text": "awful, boring film"}]},
-                timeout=30,
-            )
-            answer_s = time.monotonic() - sent
-            assert answer.status_code == 200, answer.text
-            [prediction] = answer.json()["predictions"]
-            folders = registry_store.folders
-            local = Predictor.from_folder(folders.model_dir("transformer"))
-            [expected] = local.predict(["awful, boring film"])["probabilities"]
-            assert prediction["label"] == int(np.argmax(expected))
-            assert prediction["label_name"] == ["negative", "positive"][prediction["label"]]
-            assert prediction["probabilities"] == pytest.approx(expected, rel=1e-5)
-
-            malformed = requests.post(
-                f"{url}/invocations",
-                data=b'{"dataframe_records": [{"text": ',
-                headers={"Content-Type": "application/json"},
-                timeout=30,
-            )
-            assert 400 <= malformed.status_code < 500, malformed.text
-            wrong_column = requests.post(
-                f"{url}/invocations", json={"dataframe_records": [{"image": "x"}]}, timeout=30
-            )
-            assert 400 <= wrong_column.status_code < 500, wrong_column.text
-            empty = requests.post(
-                f"{url}/invocations", json={"dataframe_records": [{"text": "  "}]}, timeout=30
-            )
-            assert 400 <= empty.status_code < 500 and "empty text" in empty.text, empty.text
-            print(f"\nmlflow models serve: /ping after {ready_s:.1f}s, answer in {answer_s:.3f}s")
-        finally:
-            stop_process_group(server)
+        malformed = requests.post(
+            f"{url}/invocations",
+            data=b'{"dataframe_records": [{"text": ',
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert 400 <= malformed.status_code < 500, malformed.text
+        wrong_column = requests.post(
+            f"{url}/invocations", json={"dataframe_records": [{"image": "x"}]}, timeout=30
+        )
+        assert 400 <= wrong_column.status_code < 500, wrong_column.text
+        empty = requests.post(
+            f"{url}/invocations", json={"dataframe_records": [{"text": "  "}]}, timeout=30
+        )
+        assert 400 <= empty.status_code < 500 and "empty text" in empty.text, empty.text
+        print(f"\nmlflow models serve: /ping after {ready_s:.1f}s, answer in {answer_s:.3f}s")
+    finally:
+        stop_process_group(server)
