@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from dlpipe.data.imdb import truncate
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, get_family
-from dlpipe.inputs.tokens import masked_mean, padding_mask
+from dlpipe.inputs.tokens import TokenEmbedding, masked_mean, padding_mask
 from dlpipe.models.cnn import CNNConfig
 from dlpipe.models.rnn import RNNClassifier, RNNConfig
 from dlpipe.models.transformer import TransformerConfig
@@ -152,12 +152,15 @@ RNN_VARIANTS = [
     for cell in ("lstm", "gru")
     for pooling in ("last", "mean", "max")
     for bidir in (True, False)
-] + [TINY_RNN.model_copy(update={"num_layers": 2, "dropout": 0.3, "cell": "lstm"})]
+] + [
+    TINY_RNN.model_copy(update={"num_layers": 2, "dropout": 0.3, "cell": "lstm"}),
+    TINY_RNN.model_copy(update={"bigram_buckets": 97}),
+]
 TRANSFORMER_VARIANTS = [
     TINY_TRANSFORMER.model_copy(update={"positional": positional, "pooling": pooling})
     for positional in ("sinusoidal", "learned")
     for pooling in ("mean", "cls")
-]
+] + [TINY_TRANSFORMER.model_copy(update={"bigram_buckets": 97})]
 TEXT_VARIANTS = [("rnn", c) for c in RNN_VARIANTS] + [
     ("transformer", c) for c in TRANSFORMER_VARIANTS
 ]
@@ -165,9 +168,19 @@ TEXT_VARIANTS = [("rnn", c) for c in RNN_VARIANTS] + [
 
 def variant_id(variant: tuple[str, RNNConfig | TransformerConfig]) -> str:
     name, c = variant
+    bigrams = f"-bigrams{c.bigram_buckets}" if c.bigram_buckets else ""
     if isinstance(c, RNNConfig):
-        return f"rnn-{c.cell}-{c.pooling}-{'bi' if c.bidirectional else 'uni'}-{c.num_layers}l"
-    return f"transformer-{c.positional}-{c.pooling}"
+        shape = f"{c.cell}-{c.pooling}-{'bi' if c.bidirectional else 'uni'}-{c.num_layers}l"
+        return f"rnn-{shape}{bigrams}"
+    return f"transformer-{c.positional}-{c.pooling}{bigrams}"
+
+
+def with_random_bigrams(model: nn.Module) -> nn.Module:
+    """The model with its bigram rows (zero when built) drawn at random, so they move logits."""
+    bigrams = model.embedding.bigrams
+    if bigrams is not None:
+        nn.init.normal_(bigrams.weight)
+    return model
 
 
 @pytest.mark.parametrize("variant", TEXT_VARIANTS, ids=variant_id)
@@ -182,7 +195,7 @@ def test_padding_never_changes_the_logits(
     variant: tuple[str, RNNConfig | TransformerConfig],
 ) -> None:
     torch.manual_seed(0)
-    model = build_model(*variant, TEXT).eval()
+    model = with_random_bigrams(build_model(*variant, TEXT)).eval()
     tokens, lengths = text_batch([9, 1, 12, 4], width=12)
     with torch.no_grad():
         expected = model(tokens, lengths)
@@ -224,6 +237,34 @@ def test_rnn_equals_torchs_packed_bidirectional_rnn(
             steps, _ = pad_packed_sequence(outputs, batch_first=True)
             pooled = masked_mean(steps, padding_mask(lengths, steps.size(1)))
         torch.testing.assert_close(model(tokens, lengths), model.head(pooled))
+
+
+def test_bigram_embedding_reads_each_token_and_the_one_before_it() -> None:
+    """A token's vector depends on itself and its predecessor only; fresh, it is the token's."""
+    torch.manual_seed(0)
+    embedding = TokenEmbedding(VOCAB, 8, bigram_buckets=101)
+    tokens, _ = text_batch([10], width=10)
+    torch.testing.assert_close(embedding(tokens), embedding.tokens(tokens))  # zero bigram rows
+    nn.init.normal_(embedding.bigrams.weight)
+    before = embedding(tokens)
+    edited = tokens.clone()
+    edited[0, 4] = 2 if tokens[0, 4] != 2 else 3
+    moved = (embedding(edited) - before).abs().amax(dim=-1)[0] > 0
+    assert moved.tolist() == [i in (4, 5) for i in range(10)]
+    assert TokenEmbedding(VOCAB, 8).bigrams is None
+
+
+def test_word_dropout_drops_whole_tokens_in_training_only() -> None:
+    torch.manual_seed(0)
+    embedding = TokenEmbedding(VOCAB, 8, word_dropout=0.5)
+    tokens, _ = text_batch([200, 200], width=200)
+    plain = embedding.tokens(tokens)
+    out = embedding(tokens)
+    dropped = out.abs().amax(dim=-1) == 0  # [B, T]: every element of a token, or none
+    kept = ~dropped
+    assert 0.4 < dropped.float().mean() < 0.6
+    torch.testing.assert_close(out[kept], plain[kept] * 2)  # survivors scaled by 1 / (1 - p)
+    torch.testing.assert_close(embedding.eval()(tokens), plain)
 
 
 def changed(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -70,6 +70,14 @@ def test_auto_precision_on_the_cpu(
     assert select_precision("auto", CPU) == expected
 
 
+def test_auto_precision_on_the_cpu_stays_fp32_for_families_without_bf16_gains(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runtime_module, "cpu_has_fast_bf16", lambda: True)
+    assert select_precision("auto", CPU, cpu_bf16=False) == "fp32"
+    assert select_precision("bf16", CPU, cpu_bf16=False) == "bf16"  # asked for, so given
+
+
 def test_fp16_needs_cuda() -> None:
     with pytest.raises(DlpipeError, match="precision fp16 needs CUDA; on cpu use bf16 or fp32"):
         select_precision("fp16", CPU)

@@ -68,6 +68,9 @@ class Family:
     # Checks of the model section against the rest of params.yaml (e.g. the prepared data), which
     # its schema alone cannot see; raises one DlpipeError line naming the keys.
     check: Callable[[Params, Any], None] | None = None
+    # precision auto on a CPU with native bf16: autocast to bf16 (True) or stay in fp32 (False,
+    # where measured slower: small matmuls, whose casts cost more than the bf16 kernels save).
+    cpu_bf16: bool = True
 
     def model_config(self, params: Params) -> BaseModel:
         """train.<name>.model from params.yaml, validated against this family's schema (and

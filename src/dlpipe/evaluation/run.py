@@ -139,7 +139,7 @@ def evaluate(name: str, params: Params) -> dict[str, Any]:
     model, info, family = load_trained(paths.MODELS_DIR / name)
     label_names = [str(label) for label in info["data"]["label_names"]]
     training = train_config(params, name)
-    runtime = make_runtime(training.device, training.precision)
+    runtime = make_runtime(training.device, training.precision, cpu_bf16=family.cpu_bf16)
     model = family.inputs.place(model, runtime.device)
     prepared = paths.PREPARED_DIR / family.dataset
     test = family.inputs.load_split(prepared, "test", runtime.device)

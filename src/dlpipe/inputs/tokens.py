@@ -54,6 +54,43 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
+class TokenEmbedding(torch.nn.Module):
+    """Token embeddings plus, when `bigram_buckets` > 0, an embedding of each token's pair with the
+    one before it, hashed into that many rows (fastText's trick): a phrase such as "not good" is
+    one lookup instead of something the layers above must learn. The bigram rows start at zero,
+    so training starts from the plain token model. `word_dropout` drops whole tokens in training
+    (their vectors zeroed, the rest scaled up): a regulariser that costs one draw per token, not
+    one per vector element."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        bigram_buckets: int = 0,
+        std: float = 1.0,
+        word_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.word_dropout = word_dropout
+        self.tokens = torch.nn.Embedding(vocab_size, dim)
+        torch.nn.init.normal_(self.tokens.weight, std=std)
+        self.bigrams = torch.nn.Embedding(bigram_buckets, dim) if bigram_buckets else None
+        if self.bigrams is not None:
+            torch.nn.init.zeros_(self.bigrams.weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: long [B, T] -> [B, T, dim]."""
+        x: torch.Tensor = self.tokens(tokens)
+        if self.bigrams is not None:
+            previous = torch.nn.functional.pad(tokens[:, :-1], (1, 0), value=-1) + 1  # 0: none
+            x = x + self.bigrams((previous * BIGRAM_HASH + tokens) % self.bigrams.num_embeddings)
+        # [B, T, D] read as T channels of length D: dropout1d zeroes whole positions.
+        return torch.nn.functional.dropout1d(x, self.word_dropout, self.training)
+
+
+BIGRAM_HASH = 2_654_435_761  # Knuth's multiplicative constant: spreads (previous, token) pairs
+
+
 class TokensOnly(torch.nn.Module):
     """A text model callable with one int64 [B, T] tensor, as MLflow's pyfunc calls it: without
     `lengths`, each row's length is one past its last non-pad token (rows are padded on the

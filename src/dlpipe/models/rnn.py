@@ -22,7 +22,7 @@ from torch import nn
 
 from dlpipe.config import PositiveInt, Probability, Strict
 from dlpipe.family import DataMeta, Family
-from dlpipe.inputs.tokens import TOKENS, check_vocab, masked_mean, padding_mask
+from dlpipe.inputs.tokens import TOKENS, TokenEmbedding, check_vocab, masked_mean, padding_mask
 
 
 class RNNConfig(Strict):
@@ -35,6 +35,8 @@ class RNNConfig(Strict):
     bidirectional: bool = True
     dropout: Probability = 0.2
     pooling: Literal["last", "mean", "max"] = "max"
+    bigram_buckets: Annotated[int, Field(ge=0, le=2**24)] = 0  # 0: tokens only (TokenEmbedding)
+    word_dropout: Probability = 0.0  # share of tokens dropped whole in training (TokenEmbedding)
 
 
 def recur(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +66,12 @@ class RNNClassifier(nn.Module):
         self.pooling = config.pooling
         self.hidden = config.hidden_size
         self.bidirectional = config.bidirectional
-        self.embedding = nn.Embedding(meta.vocab_size, config.embed_dim, padding_idx=meta.pad_id)
+        self.embedding = TokenEmbedding(
+            meta.vocab_size,
+            config.embed_dim,
+            config.bigram_buckets,
+            word_dropout=config.word_dropout,
+        )
         self.dropout = nn.Dropout(config.dropout)
         cell = nn.LSTM if config.cell == "lstm" else nn.GRU
         directions = 2 if config.bidirectional else 1
@@ -109,12 +116,13 @@ FAMILY = Family(
     name="rnn",
     dataset="imdb",
     inputs=TOKENS,
+    cpu_bf16=False,  # its d-64 matmuls train 1.4x faster in fp32 on an AMX CPU than under autocast
     config=RNNConfig,
     build=RNNClassifier,
     smoke={
         "epochs": 2,
         "batch_size": 64,
         "lr": 0.01,
-        "model": {"embed_dim": 64, "hidden_size": 32, "dropout": 0.1},
+        "model": {"embed_dim": 64, "hidden_size": 32, "dropout": 0.1, "bigram_buckets": 16384},
     },
 )

@@ -403,7 +403,9 @@ def train(name: str, params: Params) -> dict[str, Any] | None:
     model_config = family.model_config(params)  # a bad section fails before any work
     world = World.from_env()
     check_batch_size(config.batch_size, world.size, name)
-    runtime = make_runtime(config.device, config.precision, world.local_rank, config.deterministic)
+    runtime = make_runtime(
+        config.device, config.precision, world.local_rank, config.deterministic, family.cpu_bf16
+    )
     with process_group(world, runtime.device):
         data = load_data(family, runtime)
         store = checkpoints(family, params, data)

@@ -95,7 +95,8 @@ class Runtime:
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU computes bf16 natively (AMX tiles or AVX512-BF16), where bf16 autocast
-    trains 1.5-2.5x faster than fp32 at the same accuracy."""
+    trains convolutions 1.5-2.5x faster than fp32 at the same accuracy (but not every model: see
+    `Family.cpu_bf16`)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -155,16 +156,20 @@ def select_device(requested: str, local_rank: int = 0, warn: bool = True) -> tor
     return torch.device("cuda", local_rank)
 
 
-def select_precision(requested: PrecisionSetting, device: torch.device) -> Precision:
+def select_precision(
+    requested: PrecisionSetting, device: torch.device, cpu_bf16: bool = True
+) -> Precision:
     """auto: bf16 on GPUs that compute it natively (else fp16 with loss scaling), bf16 on CPUs
-    with AMX or AVX512-BF16, fp32 otherwise. A forced bf16 or fp16 the device cannot do well is
-    an error, not a silent emulation."""
+    with AMX or AVX512-BF16 for models that gain from it (`cpu_bf16`, a family's measured
+    property), fp32 otherwise. A forced bf16 or fp16 the device cannot do well is an error, not a
+    silent emulation."""
     cuda = device.type == "cuda"
     native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else False
     if requested == "auto":
         if cuda:
             return "bf16" if native_bf16 else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+        fast = cpu_bf16 and device.type == "cpu" and cpu_has_fast_bf16()
+        return "bf16" if fast else "fp32"
     if requested == "fp16" and not cuda:
         raise DlpipeError(f"precision fp16 needs CUDA; on {device.type} use bf16 or fp32")
     if requested == "bf16" and cuda and not native_bf16:
@@ -176,7 +181,11 @@ def select_precision(requested: PrecisionSetting, device: torch.device) -> Preci
 
 
 def make_runtime(
-    device: str, precision: PrecisionSetting, local_rank: int = 0, deterministic: bool = False
+    device: str,
+    precision: PrecisionSetting,
+    local_rank: int = 0,
+    deterministic: bool = False,
+    cpu_bf16: bool = True,
 ) -> Runtime:
     """Resolve `auto` settings; on CUDA make GPU `local_rank` current and turn on TF32 matmuls
     (autocast covers the rest). `deterministic`: first give cuBLAS its deterministic workspace
@@ -188,7 +197,7 @@ def make_runtime(
         torch.cuda.set_device(chosen)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(chosen, select_precision(precision, chosen))
+    return Runtime(chosen, select_precision(precision, chosen, cpu_bf16))
 
 
 class _DtypeProbe(TorchDispatchMode):
