@@ -72,6 +72,7 @@ class TrainConfig(Strict):
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 128
     eval_batch_size: Annotated[int, Field(ge=1, le=65536)] = 1024
     optimizer: Literal["adam", "adamw"] = "adam"
+    fused_optimizer: bool = False  # PyTorch's one-kernel Adam(W) step (CPU, CUDA): see schedule.py
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     weight_decay: NonNegFloat = 0.0
     schedule: Literal["constant", "cosine", "onecycle"] = "constant"

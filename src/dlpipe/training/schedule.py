@@ -11,10 +11,13 @@ from dlpipe.config import TrainConfig
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam(W) with PyTorch's fused kernel on CPUs and GPUs: one pass over all the parameters
-    instead of a loop of small ops (3.5x faster steps for a 4M-row embedding on a CPU)."""
+    """Adam(W); with `fused_optimizer`, PyTorch's fused kernel (CPUs and GPUs): one pass over all
+    the parameters instead of a loop of small ops, 3.5x faster steps for a 2^18-row embedding on a
+    CPU. The numbers differ in the last bits, so a recipe tuned with one may lose a little with
+    the other (the CNN: 99.21 % mean test accuracy over 3 seeds fused, 99.28 % not)."""
     kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    device = next(model.parameters()).device.type
+    fused = config.fused_optimizer and device in ("cpu", "cuda")
     return kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
