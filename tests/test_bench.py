@@ -115,3 +115,13 @@ def test_text_targets_and_the_markdown(bench: Any) -> None:
     assert "| rnn | p | 1 | 50.0 s | 400 | 50.0 s |" in text
     assert "- MISSED: rnn beats TF-IDF (-2.09 points)" in text
     assert "- no-op `dvc repro`: 1.2 s" in text
+    assert "- met: no-op `dvc repro` 1.2 s < 1.5 s" in text
+
+
+def test_mlflow_logging_share_target(bench: Any) -> None:
+    fast = record([20.0], [0.99], 0.993, 55000) | {"mlflow_logging_s": 0.5}
+    slow = record([100.0], [0.9], 0.9, 20000) | {"mlflow_logging_s": 0.5}
+    verdicts = dict(bench.targets(rows_of(bench, cnn=fast, rnn=slow), noop_repro_s=1.6))
+    assert verdicts["cnn: MLflow's closing logging 2.5 % of its training time < 2 %"] is False
+    assert verdicts["rnn: MLflow's closing logging 0.5 % of its training time < 2 %"] is True
+    assert verdicts["no-op `dvc repro` 1.6 s < 1.5 s"] is False
