@@ -155,6 +155,8 @@ RNN_VARIANTS = [
 ] + [
     TINY_RNN.model_copy(update={"num_layers": 2, "dropout": 0.3, "cell": "lstm"}),
     TINY_RNN.model_copy(update={"bigram_buckets": 97}),
+    TINY_RNN.model_copy(update={"bigram_buckets": 97, "embedding_shortcut": True}),
+    TINY_RNN.model_copy(update={"pooling": "last", "embedding_shortcut": True}),
 ]
 TRANSFORMER_VARIANTS = [
     TINY_TRANSFORMER.model_copy(update={"positional": positional, "pooling": pooling})
@@ -171,7 +173,8 @@ def variant_id(variant: tuple[str, RNNConfig | TransformerConfig]) -> str:
     bigrams = f"-bigrams{c.bigram_buckets}" if c.bigram_buckets else ""
     if isinstance(c, RNNConfig):
         shape = f"{c.cell}-{c.pooling}-{'bi' if c.bidirectional else 'uni'}-{c.num_layers}l"
-        return f"rnn-{shape}{bigrams}"
+        shortcut = "-shortcut" if c.embedding_shortcut else ""
+        return f"rnn-{shape}{bigrams}{shortcut}"
     return f"transformer-{c.positional}-{c.pooling}{bigrams}"
 
 
@@ -252,6 +255,21 @@ def test_bigram_embedding_reads_each_token_and_the_one_before_it() -> None:
     moved = (embedding(edited) - before).abs().amax(dim=-1)[0] > 0
     assert moved.tolist() == [i in (4, 5) for i in range(10)]
     assert TokenEmbedding(VOCAB, 8).bigrams is None
+
+
+def test_embedding_shortcut_gives_the_head_the_mean_of_the_real_tokens_embeddings() -> None:
+    torch.manual_seed(0)
+    config = TINY_RNN.model_copy(update={"embedding_shortcut": True, "bigram_buckets": 97})
+    model = with_random_bigrams(build_model("rnn", config, TEXT)).eval()
+    tokens, lengths = text_batch([9, 4, 1], width=9)
+    recurrent = model.head.in_features - config.embed_dim
+    with torch.no_grad():
+        model.head.weight[:, :recurrent] = 0  # only the shortcut reaches the logits
+        means = [
+            model.embedding(tokens[i : i + 1, :n])[0].mean(dim=0) for i, n in enumerate(lengths)
+        ]
+        expected = model.head.bias + torch.stack(means) @ model.head.weight[:, recurrent:].T
+        torch.testing.assert_close(model(tokens, lengths), expected)
 
 
 def test_word_dropout_drops_whole_tokens_in_training_only() -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from dlpipe.config import Probability, Strict
 from dlpipe.data.imdb import truncate
 from dlpipe.errors import DlpipeError
 from dlpipe.inputs import InputKind
@@ -54,6 +56,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
+BIGRAM_HASH = 2_654_435_761  # Knuth's multiplicative constant: spreads (previous, token) pairs
+
+
 class TokenEmbedding(torch.nn.Module):
     """Token embeddings plus, when `bigram_buckets` > 0, an embedding of each token's pair with the
     one before it, hashed into that many rows (fastText's trick): a phrase such as "not good" is
@@ -88,7 +93,14 @@ class TokenEmbedding(torch.nn.Module):
         return torch.nn.functional.dropout1d(x, self.word_dropout, self.training)
 
 
-BIGRAM_HASH = 2_654_435_761  # Knuth's multiplicative constant: spreads (previous, token) pairs
+class EmbeddingOptions(Strict):
+    """The TokenEmbedding knobs of every text family's model config (train.<name>.model)."""
+
+    bigram_buckets: Annotated[int, Field(ge=0, le=2**24)] = 0  # 0: tokens only
+    word_dropout: Probability = 0.0  # share of tokens dropped whole in training
+
+    def token_embedding(self, vocab_size: int, dim: int, std: float = 1.0) -> TokenEmbedding:
+        return TokenEmbedding(vocab_size, dim, self.bigram_buckets, std, self.word_dropout)
 
 
 class TokensOnly(torch.nn.Module):

@@ -1,4 +1,6 @@
-"""A recurrent text classifier: embedding -> (bi)LSTM/GRU -> pooling -> linear head.
+"""A recurrent text classifier: embedding -> (bi)LSTM/GRU -> pooling -> linear head; with
+`embedding_shortcut`, the head also reads the mean of the embeddings (the Transformer's residual
+stream carries them to its pooling the same way).
 
 Padding never changes the result: batches are padded on the right, so a forward direction reads
 each review's real tokens before any pad, and the backward direction reads every review reversed
@@ -20,12 +22,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from dlpipe.config import PositiveInt, Probability, Strict
+from dlpipe.config import PositiveInt, Probability
 from dlpipe.family import DataMeta, Family
-from dlpipe.inputs.tokens import TOKENS, TokenEmbedding, check_vocab, masked_mean, padding_mask
+from dlpipe.inputs.tokens import TOKENS, EmbeddingOptions, check_vocab, masked_mean, padding_mask
 
 
-class RNNConfig(Strict):
+class RNNConfig(EmbeddingOptions):
     """train.rnn.model in params.yaml."""
 
     cell: Literal["lstm", "gru"] = "gru"
@@ -35,8 +37,7 @@ class RNNConfig(Strict):
     bidirectional: bool = True
     dropout: Probability = 0.2
     pooling: Literal["last", "mean", "max"] = "max"
-    bigram_buckets: Annotated[int, Field(ge=0, le=2**24)] = 0  # 0: tokens only (TokenEmbedding)
-    word_dropout: Probability = 0.0  # share of tokens dropped whole in training (TokenEmbedding)
+    embedding_shortcut: bool = False  # the head also reads the mean of the input embeddings
 
 
 def recur(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,12 +67,7 @@ class RNNClassifier(nn.Module):
         self.pooling = config.pooling
         self.hidden = config.hidden_size
         self.bidirectional = config.bidirectional
-        self.embedding = TokenEmbedding(
-            meta.vocab_size,
-            config.embed_dim,
-            config.bigram_buckets,
-            word_dropout=config.word_dropout,
-        )
+        self.embedding = config.token_embedding(meta.vocab_size, config.embed_dim)
         self.dropout = nn.Dropout(config.dropout)
         cell = nn.LSTM if config.cell == "lstm" else nn.GRU
         directions = 2 if config.bidirectional else 1
@@ -84,12 +80,14 @@ class RNNClassifier(nn.Module):
         self.backward_layers = nn.ModuleList(
             layer(i) for i in range(config.num_layers if config.bidirectional else 0)
         )
-        self.head = nn.Linear(config.hidden_size * directions, meta.num_classes)
+        self.embedding_shortcut = config.embedding_shortcut
+        features = config.hidden_size * directions + config.embed_dim * config.embedding_shortcut
+        self.head = nn.Linear(features, meta.num_classes)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens: long [B, T] padded on the right; lengths: long [B] -> logits [B, classes]."""
         lengths = lengths.clamp(min=1, max=tokens.size(1)).to(tokens.device)
-        x = self.dropout(self.embedding(tokens))
+        x = embedded = self.dropout(self.embedding(tokens))
         for i, forward_layer in enumerate(self.forward_layers):
             if i > 0:
                 x = self.dropout(x)  # between layers, as nn.GRU(dropout=...) does
@@ -98,17 +96,18 @@ class RNNClassifier(nn.Module):
                 backward = recur(self.backward_layers[i], reverse_within_length(x, lengths))
                 outputs.append(reverse_within_length(backward, lengths))
             x = torch.cat(outputs, dim=-1)  # [B, T, H * directions]; pad steps hold junk
+        mask = padding_mask(lengths, x.size(1))
         if self.pooling == "last":
             # The forward direction ends at the last real token, the backward one at the first.
             pooled = x[torch.arange(x.size(0), device=x.device), lengths - 1]
             if self.bidirectional:
                 pooled = torch.cat([pooled[:, : self.hidden], x[:, 0, self.hidden :]], dim=-1)
+        elif self.pooling == "mean":
+            pooled = masked_mean(x, mask)
         else:
-            mask = padding_mask(lengths, x.size(1))
-            if self.pooling == "mean":
-                pooled = masked_mean(x, mask)
-            else:
-                pooled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+            pooled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+        if self.embedding_shortcut:  # a bag of (bi)grams beside the recurrence, as fastText reads
+            pooled = torch.cat([pooled, masked_mean(embedded, mask)], dim=-1)
         return self.head(self.dropout(pooled))
 
 

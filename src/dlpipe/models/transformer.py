@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from dlpipe.config import Params, PositiveInt, Probability, Strict
+from dlpipe.config import Params, PositiveInt, Probability
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, Family
-from dlpipe.inputs.tokens import TOKENS, TokenEmbedding, check_vocab, masked_mean, padding_mask
+from dlpipe.inputs.tokens import TOKENS, EmbeddingOptions, check_vocab, masked_mean, padding_mask
 
 
-class TransformerConfig(Strict):
+class TransformerConfig(EmbeddingOptions):
     """train.transformer.model in params.yaml."""
 
     d_model: PositiveInt = 128
@@ -32,8 +32,6 @@ class TransformerConfig(Strict):
     positional: Literal["sinusoidal", "learned"] = "sinusoidal"
     pooling: Literal["mean", "cls"] = "mean"
     max_len: Annotated[int, Field(ge=8, le=8192)] = 512
-    bigram_buckets: Annotated[int, Field(ge=0, le=2**24)] = 0  # 0: tokens only (TokenEmbedding)
-    word_dropout: Probability = 0.0  # share of tokens dropped whole in training (TokenEmbedding)
 
     @model_validator(mode="after")
     def _heads_divide_d_model(self) -> TransformerConfig:
@@ -116,9 +114,7 @@ class TransformerClassifier(nn.Module):
         d = config.d_model
         self.max_len, self.scale = config.max_len, math.sqrt(d)
         # Drawn with std 1/sqrt(d) and scaled by sqrt(d): tokens and positions start at unit scale.
-        self.embedding = TokenEmbedding(
-            meta.vocab_size, d, config.bigram_buckets, d**-0.5, config.word_dropout
-        )
+        self.embedding = config.token_embedding(meta.vocab_size, d, std=d**-0.5)
         self.positions: nn.Embedding | None = None
         if config.positional == "learned":
             self.positions = nn.Embedding(config.max_len, d)
