@@ -14,7 +14,8 @@ validation split), the held-out accuracy after each epoch and the final test acc
     embedding 128, 2x BiLSTM 64, batch 32, 2 epochs);
   - keras-transformer: the Keras "Text classification with Transformer" example (20k words, 200
     words, embedding 32, 2 heads, feed-forward 32, batch 32, 2 epochs);
-  - tfidf: the pipeline's own linear baseline (dlpipe.baseline), fit on the 25k training reviews.
+  - tfidf: the pipeline's own linear baseline (dlpipe.baseline), fit on the 25k training reviews;
+  - tfidf-20k: the same, fit on the 20k of them that dlpipe's models train on (prepare's split).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+ROOT = Path(__file__).resolve().parent.parent
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -240,17 +242,13 @@ def keras_transformer(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str,
     return result(recorder, len(x), f"Keras {keras.__version__} Transformer example, fp32")
 
 
-def tfidf(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str, Any]:
-    """dlpipe's baseline model, fit on the official training reviews (all 25k, as the others)."""
+def fit_tfidf(
+    texts: list[str], y: np.ndarray, test_texts: list[str], y_test: np.ndarray
+) -> dict[str, Any]:
     import sklearn
 
-    from dlpipe.config import BaselineConfig
-
-    limit = (8000, 2000) if quick else (0, 0)
-    (texts, y), (test_texts, y_test) = (
-        imdb(imdb_raw, s, n) for s, n in zip(("train", "test"), limit, strict=True)
-    )
     from dlpipe.baseline import make_model
+    from dlpipe.config import BaselineConfig
 
     model = make_model(BaselineConfig(), seed=0)
     recorder = EpochRecorder(lambda: float((model.predict(test_texts) == y_test).mean()))
@@ -258,6 +256,35 @@ def tfidf(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str, Any]:
     model.fit(texts, y)
     recorder.end()
     return result(recorder, len(texts), f"scikit-learn {sklearn.__version__} TF-IDF + LR")
+
+
+def tfidf(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str, Any]:
+    """dlpipe's baseline model, fit on the official training reviews (all 25k, as the others)."""
+    limit = (8000, 2000) if quick else (0, 0)
+    (texts, y), (test_texts, y_test) = (
+        imdb(imdb_raw, s, n) for s, n in zip(("train", "test"), limit, strict=True)
+    )
+    return fit_tfidf(texts, y, test_texts, y_test)
+
+
+def tfidf_20k(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str, Any]:
+    """The same, fit on the rows dlpipe's models train on: prepare's split of the training
+    reviews (params.yaml's val_size and seed), so the comparison holds the data fixed."""
+    import yaml
+
+    from dlpipe.config import parse_params
+    from dlpipe.data.splits import stratified_split, stratified_subset
+
+    params = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    limit = (8000, 2000) if quick else (0, 0)
+    (texts, y), (test_texts, y_test) = (
+        imdb(imdb_raw, s, n) for s, n in zip(("train", "test"), limit, strict=True)
+    )
+    config, seed = params.prepare.imdb, params.seed
+    rows = np.arange(len(y)) if quick else stratified_subset(y, config.max_train, seed)
+    val_size = len(rows) // 5 if quick else config.val_size
+    keep = rows[stratified_split(y[rows], val_size, seed)[0]]
+    return fit_tfidf([texts[i] for i in keep], y[keep], test_texts, y_test)
 
 
 def result(recorder: EpochRecorder, samples: int, program: str) -> dict[str, Any]:
@@ -277,6 +304,7 @@ PROGRAMS = {
     "keras-bilstm": keras_bilstm,
     "keras-transformer": keras_transformer,
     "tfidf": tfidf,
+    "tfidf-20k": tfidf_20k,
 }
 
 

@@ -30,6 +30,7 @@ import requests
 import yaml
 
 from dlpipe.config import Params, load_params, parse_params
+from dlpipe.data.imdb import WORD_VECTORS_FILE, word_vectors
 from dlpipe.integrity import seal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -303,12 +304,17 @@ def use_tiny_project(
         {"train": tiny_mnist_arrays(256, seed=1), "val": tiny_mnist_arrays(64, seed=2)},
     )
     tokenizer = tiny_tokenizer()
+    vocab_size = max(TINY_VOCAB, tokenizer.get_vocab_size())
+    text_train = tiny_imdb_arrays(256, seed=3)
     _write_prepared(
         prepared / "imdb",
-        {"num_classes": 2, "vocab_size": max(TINY_VOCAB, tokenizer.get_vocab_size()), "pad_id": 0},
-        {"train": tiny_imdb_arrays(256, seed=3), "val": tiny_imdb_arrays(64, seed=4)},
+        {"num_classes": 2, "vocab_size": vocab_size, "pad_id": 0},
+        {"train": text_train, "val": tiny_imdb_arrays(64, seed=4)},
     )
     tokenizer.save(str(prepared / "imdb" / "tokenizer.json"))  # trained models bundle it
+    reviews = [row[:n] for row, n in zip(text_train["tokens"], text_train["lengths"], strict=True)]
+    vectors = word_vectors(reviews, vocab_size, dim=16, window=5, seed=0)  # as prepare@imdb does
+    np.save(prepared / "imdb" / WORD_VECTORS_FILE, vectors)
     for dataset in ("mnist", "imdb"):
         seal(prepared / dataset)  # as prepare does: load_split checks the files against it
     db = folder / "mlflow.db"

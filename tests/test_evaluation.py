@@ -37,7 +37,7 @@ from dlpipe.evaluation.metrics import classification_report, expected_calibratio
 from dlpipe.evaluation.run import evaluate
 from dlpipe.family import load_trained
 from dlpipe.integrity import seal
-from dlpipe.report import write_report
+from dlpipe.report import _card_lines, write_report
 from dlpipe.training.run import train
 
 MODELS = ("cnn", "rnn", "transformer")
@@ -411,3 +411,14 @@ def test_the_evaluate_stage_first_delivers_what_a_dead_server_missed(
     assert "best_epoch" in run.data.metrics and "test_accuracy" in run.data.metrics
     assert run.info.status == "FINISHED"
     assert json.loads(Path("reports/models/cnn/registry.json").read_text())["registered"]
+
+
+def test_report_data_card_says_how_the_word_vectors_were_learned() -> None:
+    split = {"count": 4, "class_counts": [2, 2]}
+    card: dict[str, object] = {"train": split, "val": split, "test": split}
+    assert not any("word vectors" in line for line in _card_lines("imdb", card))
+    card["word_vectors"] = {"dim": 128, "window": 5, "reviews": 70000, "unlabeled": True}
+    assert _card_lines("imdb", card)[-1] == (
+        "- word vectors: 128-d PPMI-SVD, window 5, learned without labels from 70,000 reviews "
+        "(the training split and the unlabeled set)"
+    )

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from dlpipe.data.imdb import truncate
+from dlpipe.data.imdb import WORD_VECTORS_FILE, truncate
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, get_family
-from dlpipe.inputs.tokens import TokenEmbedding, masked_mean, padding_mask
+from dlpipe.inputs.tokens import TOKENS, TokenEmbedding, masked_mean, padding_mask
 from dlpipe.models.cnn import CNNConfig
 from dlpipe.models.rnn import RNNClassifier, RNNConfig
 from dlpipe.models.transformer import TransformerConfig
@@ -283,6 +285,44 @@ def test_word_dropout_drops_whole_tokens_in_training_only() -> None:
     assert 0.4 < dropped.float().mean() < 0.6
     torch.testing.assert_close(out[kept], plain[kept] * 2)  # survivors scaled by 1 / (1 - p)
     torch.testing.assert_close(embedding.eval()(tokens), plain)
+
+
+@pytest.mark.parametrize(("name", "config"), [("rnn", TINY_RNN), ("transformer", TINY_TRANSFORMER)])
+def test_pretrained_models_start_from_the_prepared_word_vectors(
+    tmp_path: Path, name: str, config: RNNConfig | TransformerConfig
+) -> None:
+    """Each text family's token vectors start from the first columns of word_vectors.npy, at its
+    embedding's own scale; a model not set `pretrained` keeps its random start."""
+    vectors = np.random.default_rng(0).standard_normal((VOCAB, 40)).astype(np.float32)
+    np.save(tmp_path / WORD_VECTORS_FILE, vectors)
+    model = build_model(name, config.model_copy(update={"pretrained": True}), TEXT)
+    TOKENS.initialize(model, tmp_path)
+    embedding = model.embedding
+    dim = embedding.tokens.embedding_dim
+    expected = torch.from_numpy(vectors[:, :dim]) * embedding.std
+    torch.testing.assert_close(embedding.tokens.weight, expected)
+
+    plain = build_model(name, config, TEXT)
+    before = plain.embedding.tokens.weight.clone()
+    TOKENS.initialize(plain, tmp_path)
+    torch.testing.assert_close(plain.embedding.tokens.weight, before)
+
+
+def test_pretrained_embedding_keeps_random_columns_past_the_vectors_and_checks_the_vocabulary(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    embedding = TokenEmbedding(VOCAB, 8, pretrained=True)
+    before = embedding.tokens.weight.clone()
+    embedding.load_vectors(np.ones((VOCAB, 3), dtype=np.float32))
+    assert (embedding.tokens.weight[:, :3] == 1).all()
+    torch.testing.assert_close(embedding.tokens.weight[:, 3:], before[:, 3:])
+    with pytest.raises(DlpipeError, match="do not fit a 50-token vocabulary"):
+        embedding.load_vectors(np.ones((VOCAB + 1, 8), dtype=np.float32))
+
+    model = nn.Sequential(embedding)
+    with pytest.raises(DlpipeError, match="word_vectors_dim above 0"):
+        TOKENS.initialize(model, tmp_path)  # no word_vectors.npy there
 
 
 def changed(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -189,6 +189,7 @@ def assert_outputs_exist(repo: DvcRepo) -> None:
         "tokenizer.json",
         "train.npz",
         "val.npz",
+        "word_vectors.npy",
     ]
     lock = yaml.safe_load((repo.root / "dvc.lock").read_text(encoding="utf-8"))
     assert set(lock["stages"]) == set(DATA_STAGES)

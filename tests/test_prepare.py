@@ -542,7 +542,7 @@ def test_train_on_unsup_adds_the_unlabeled_reviews_to_the_vocabulary(
 def test_prepare_imdb_is_byte_for_byte_reproducible(raw_imdb: RawImdb, tmp_path: Path) -> None:
     outputs = []
     for run in ("a", "b"):
-        run_prepare_imdb(raw_imdb, tmp_path / run)
+        run_prepare_imdb(raw_imdb, tmp_path / run, word_vectors_dim=8)
         outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())})
     assert outputs[0] == outputs[1]
     assert set(outputs[0]) == {
@@ -553,7 +553,60 @@ def test_prepare_imdb_is_byte_for_byte_reproducible(raw_imdb: RawImdb, tmp_path:
         "tokenizer.json",
         "train.npz",
         "val.npz",
+        "word_vectors.npy",
     }
+
+
+def test_cooccurrence_counts_pairs_within_a_window_and_a_review() -> None:
+    counts = imdb.cooccurrence([np.array([2, 3, 4]), np.array([5, 6])], vocab_size=7, window=2)
+    dense = counts.toarray()
+    np.testing.assert_array_equal(dense, dense.T)
+    assert dense[2, 3] == dense[3, 4] == dense[5, 6] == 1.0
+    assert dense[2, 4] == 0.5  # two apart: weighted 1/2
+    assert dense[4, 5] == dense[3, 5] == 0.0  # the end of one review and the start of the next
+    assert dense.sum() == 2 * (1 + 1 + 0.5 + 1)
+
+
+def test_word_vectors_place_tokens_used_alike_together() -> None:
+    """Reviews drawn from two disjoint sets of tokens: tokens of one set get vectors close to each
+    other and far from the other set's; tokens never seen (pad, unk) get zeros."""
+    rng = np.random.default_rng(0)
+    groups = [np.arange(2, 8), np.arange(8, 14)]
+    docs = [rng.choice(groups[i % 2], size=40) for i in range(300)]
+    vectors = imdb.word_vectors(docs, vocab_size=14, dim=2, window=3, seed=0)
+    assert vectors.shape == (14, 2) and vectors.dtype == np.float32
+    assert not vectors[:2].any()
+    unit = vectors[2:] / np.linalg.norm(vectors[2:], axis=1, keepdims=True)
+    cosine = unit @ unit.T
+    same = np.kron(np.eye(2), np.ones((6, 6))).astype(bool)
+    assert cosine[same].min() > 0.8 > 0.2 > cosine[~same].max()
+    again = imdb.word_vectors(docs, vocab_size=14, dim=2, window=3, seed=0)
+    assert again.tobytes() == vectors.tobytes()
+
+
+def test_word_vectors_past_the_vocabularys_rank_are_zero() -> None:
+    vectors = imdb.word_vectors([np.array([2, 3, 2, 3])], vocab_size=4, dim=16, window=1, seed=0)
+    assert vectors.shape == (4, 16)
+    assert not vectors[:, 3:].any()  # a 4-token vocabulary has at most 3 directions here
+
+
+def test_prepare_imdb_writes_word_vectors_of_the_tokenizers_reviews(
+    raw_imdb: RawImdb, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    card = run_prepare_imdb(raw_imdb, out, train_on_unsup=True, word_vectors_dim=8)
+    vectors = np.load(out / imdb.WORD_VECTORS_FILE)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert vectors.shape == (tokenizer.get_vocab_size(), 8)
+    assert vectors[tokenizer.token_to_id(UNSUP_WORD)].any()  # learned from the unlabelled reviews
+    assert not vectors[imdb.PAD_ID].any()
+    assert card["word_vectors"] == {
+        "dim": 8,
+        "window": 5,
+        "reviews": len(raw_imdb.keep) + len(TINY_IMDB[("train", "unsup")]) * 20,
+        "unlabeled": True,
+    }
+    assert imdb.WORD_VECTORS_FILE in (out / "SHA256SUMS").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(

@@ -220,7 +220,9 @@ def test_the_training_data_is_logged_as_an_input(trained: Trained) -> None:
     [item] = dataset_inputs(trained.runs["transformer"])
     assert item.dataset.name == "imdb-train"
     prepared = trained.project.root / "data/prepared/imdb"
-    assert item.dataset.digest == file_digest([prepared / "train.npz", prepared / "val.npz"])[:12]
+    # The word vectors a text model starts from are part of what it was trained on.
+    files = [prepared / "train.npz", prepared / "val.npz", prepared / "word_vectors.npy"]
+    assert item.dataset.digest == file_digest(files)[:12]
     assert {t.key: t.value for t in item.tags}["mlflow.data.context"] == "training"
 
 
@@ -667,3 +669,22 @@ def test_a_failure_after_the_run_started_ends_it_failed(
         run_module.train("cnn", tiny_project.params)
     [run] = family_runs(tiny_project)
     assert run.info.status == "FAILED"
+
+
+def test_requirement_check_skips_the_module_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """skip_module_scan spares MLflow's scan of every installed file, and a pin this environment
+    does not satisfy is still reported (the check reads the installed version, not the scan)."""
+    import importlib_metadata
+    from mlflow.utils import requirements_utils
+
+    from dlpipe.tracking import skip_module_scan
+
+    def scan() -> None:
+        raise AssertionError("packages_distributions() ran")
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(importlib_metadata, "packages_distributions", scan)
+    skip_module_scan()
+    assert requirements_utils._check_requirement_satisfied(f"numpy=={np.__version__}") is None
+    mismatch = requirements_utils._check_requirement_satisfied("numpy==0.0.1")
+    assert mismatch is not None and mismatch.installed_version == np.__version__

@@ -55,6 +55,8 @@ class PrepareImdbConfig(Strict):
     train_on_unsup: bool = False
     max_len: Annotated[int, Field(ge=8, le=4096)] = 512
     truncation: Literal["head", "tail", "head+tail"] = "head+tail"
+    word_vectors_dim: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: none (PPMI-SVD, data/imdb.py)
+    word_vectors_window: Annotated[int, Field(ge=1, le=20)] = 5  # tokens either side that count
 
 
 class PrepareConfig(Strict):

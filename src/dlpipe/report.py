@@ -114,6 +114,12 @@ def _card_lines(dataset: str, card: dict[str, Any]) -> list[str]:
                 f"{info['truncation_rate']:.1%}, unk rate {info['unk_rate']:.2e}"
             )
         lines.append(f"- {split}: {info['count']:,} rows, per class {info['class_counts']}{extra}")
+    if vectors := card.get("word_vectors"):
+        lines.append(
+            f"- word vectors: {vectors['dim']}-d PPMI-SVD, window {vectors['window']}, learned "
+            f"without labels from {vectors['reviews']:,} reviews (the training split"
+            + (" and the unlabeled set)" if vectors["unlabeled"] else ")")
+        )
     return lines
 
 

@@ -161,6 +161,8 @@ def log_raw_input_model(model_dir: Path) -> str:
     from mlflow.types import ColSpec, DataType, Schema, TensorSpec
     from mlflow.types.schema import Array
 
+    from dlpipe.tracking import skip_module_scan  # not at the top: it sets MLflow client settings
+
     if mlflow.active_run() is None:
         raise DlpipeError("log_raw_input_model needs an active MLflow run")
     predictor = Predictor.from_folder(model_dir)
@@ -188,6 +190,7 @@ def log_raw_input_model(model_dir: Path) -> str:
         write_manifest(
             folder, {name: source.get(name) or file_sha256(model_dir / name) for name in names}
         )
+        skip_module_scan()
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT_NAME,
             python_model=RawInputModel(),

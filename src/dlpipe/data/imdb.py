@@ -1,4 +1,5 @@
-"""IMDB: normalise, learn a subword vocabulary on the training split, encode to int32 token ids.
+"""IMDB: normalise, learn a subword vocabulary on the training split, encode to int32 token ids,
+and learn token vectors from co-occurrences in the same reviews (no labels).
 
 The normaliser lives inside `tokenizer.json`, so any text given to the saved tokenizer later (the
 CLI, a served model) is cleaned exactly as the training data was.
@@ -6,9 +7,9 @@ CLI, a served model) is cleaned exactly as the training data was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,10 +21,14 @@ from dlpipe.errors import DlpipeError
 from dlpipe.integrity import remove_manifest, write_manifest_of
 from dlpipe.io import atomic_path, write_json_atomic, write_npz_atomic
 
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
 PAD, UNK = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
 NUM_CLASSES = 2
 LABEL_NAMES = ("negative", "positive")
+WORD_VECTORS_FILE = "word_vectors.npy"
 
 
 def new_tokenizer(config: PrepareImdbConfig) -> tuple[Tokenizer, trainers.Trainer]:
@@ -117,6 +122,63 @@ def encode(
     return {"tokens": tokens, "lengths": lengths, "full_lengths": full_lengths}
 
 
+def cooccurrence(docs: Sequence[np.ndarray], vocab_size: int, window: int) -> sp.csr_matrix:
+    """Symmetric counts of the token pairs at most `window` apart within a document, each weighted
+    1/distance (as GloVe does): float32 [vocab, vocab]."""
+    import scipy.sparse as sp
+
+    lengths = np.fromiter((len(doc) for doc in docs), dtype=np.int64, count=len(docs))
+    tokens = np.concatenate([np.zeros(0, np.int64), *(np.asarray(doc, np.int64) for doc in docs)])
+    doc_of = np.repeat(np.arange(len(docs)), lengths)
+    counts = sp.csr_matrix((vocab_size, vocab_size), dtype=np.float32)
+    for distance in range(1, window + 1):
+        same_doc = doc_of[:-distance] == doc_of[distance:]
+        left, right = tokens[:-distance][same_doc], tokens[distance:][same_doc]
+        weights = np.full(left.size, 1.0 / distance, dtype=np.float32)
+        pairs = sp.csr_matrix((weights, (left, right)), shape=(vocab_size, vocab_size))
+        counts = counts + pairs + pairs.T
+    return counts
+
+
+def ppmi(counts: sp.csr_matrix, context_power: float = 0.75) -> sp.csr_matrix:
+    """max(0, log p(w, c) / (p(w) p(c)^a)): positive pointwise mutual information, the context
+    counts raised to `context_power` (else rare contexts get inflated scores)."""
+    import scipy.sparse as sp
+
+    coo = counts.tocoo()
+    total = float(coo.data.sum())
+    words = np.asarray(counts.sum(axis=1)).ravel()
+    contexts = words**context_power
+    contexts /= contexts.sum()
+    scores = np.log(coo.data / total) - np.log(words[coo.row] / total) - np.log(contexts[coo.col])
+    keep = scores > 0
+    values = scores[keep].astype(np.float32)
+    return sp.csr_matrix((values, (coo.row[keep], coo.col[keep])), shape=counts.shape)
+
+
+def word_vectors(
+    docs: Sequence[np.ndarray], vocab_size: int, dim: int, window: int, seed: int
+) -> np.ndarray:
+    """Float32 [vocab_size, dim]: the PPMI matrix's top `dim` singular directions (Levy, Goldberg
+    and Dagan 2015 found them on par with word2vec's skip-gram; here they take seconds, not a
+    training). Columns come in order of importance, so a family's first d columns are the best
+    d-dimensional vectors; each has unit standard deviation. A token never seen, and columns
+    past the vocabulary's rank, are zero."""
+    from sklearn.utils.extmath import randomized_svd
+
+    scores = ppmi(cooccurrence(docs, vocab_size, window))
+    vectors = np.zeros((vocab_size, dim), dtype=np.float32)
+    rank = min(dim, vocab_size - 1, scores.nnz)
+    if rank < 1:
+        return vectors
+    left, singular, _ = randomized_svd(scores, rank, n_iter=5, random_state=seed)
+    found = left * np.sqrt(singular)
+    std = found.std(axis=0)
+    vectors[:, :rank] = (found - found.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    vectors[np.asarray(scores.sum(axis=1)).ravel() == 0] = 0.0
+    return vectors
+
+
 def _split_card(encoded: dict[str, np.ndarray], labels: np.ndarray, max_len: int) -> dict[str, Any]:
     full = encoded["full_lengths"]
     tokens, lengths = encoded["tokens"], encoded["lengths"]
@@ -165,6 +227,16 @@ def prepare(
     if config.train_on_unsup:
         corpus += list(read_raw(raw_dir, "unsup")["text"])
     tokenizer = train_tokenizer(corpus, config)
+    vectors = None
+    if config.word_vectors_dim:  # from the tokenizer's texts: the training split (+ unlabelled)
+        docs = [np.asarray(e.ids) for e in tokenizer.encode_batch(corpus, add_special_tokens=False)]
+        vectors = word_vectors(
+            docs,
+            tokenizer.get_vocab_size(),
+            config.word_vectors_dim,
+            config.word_vectors_window,
+            seed,
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_manifest(out_dir)  # until the new one is written, the folder is incomplete
@@ -188,6 +260,18 @@ def prepare(
         card[name] = _split_card(encoded, labels, config.max_len)
     with atomic_path(out_dir / "tokenizer.json") as tmp:
         tokenizer.save(str(tmp))
+    written = [*(f"{name}.npz" for name in frames), "tokenizer.json", "meta.json"]
+    (out_dir / WORD_VECTORS_FILE).unlink(missing_ok=True)
+    if vectors is not None:
+        with atomic_path(out_dir / WORD_VECTORS_FILE) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, vectors)
+        written.append(WORD_VECTORS_FILE)
+        card["word_vectors"] = {
+            "dim": config.word_vectors_dim,
+            "window": config.word_vectors_window,
+            "reviews": len(corpus),
+            "unlabeled": config.train_on_unsup,
+        }
     meta = {
         "num_classes": NUM_CLASSES,
         "label_names": list(LABEL_NAMES),
@@ -197,6 +281,6 @@ def prepare(
         "truncation": config.truncation,
     }
     write_json_atomic(out_dir / "meta.json", meta)
-    write_manifest_of(out_dir, [*(f"{name}.npz" for name in frames), "tokenizer.json", "meta.json"])
+    write_manifest_of(out_dir, written)
     write_json_atomic(card_path, card)
     return card

@@ -34,6 +34,8 @@ class InputKind(ABC):
     # Arrays of a prepared split that say which rows it holds, whatever their encoding: with
     # `labels`, the identity of the test split a model is scored on (the registry's comparisons).
     row_ids: ClassVar[tuple[str, ...]]
+    # Prepared files `initialize` may read: with the train and val splits, the training's data.
+    start_files: ClassVar[tuple[str, ...]] = ()
 
     # --- training ---
 
@@ -55,6 +57,11 @@ class InputKind(ABC):
         if self.channels_last(device):
             model = model.to(memory_format=torch.channels_last)
         return model
+
+    def initialize(self, model: nn.Module, prepared_dir: Path) -> None:
+        """Start a freshly built model from what the prepare stage learned without labels (the
+        text kind's word vectors); nothing for most kinds."""
+        return None
 
     def pytorch_model(self, model: nn.Module, pad_id: int) -> nn.Module:
         """What MLflow's pytorch flavor logs: a module taking the first batch tensor alone."""

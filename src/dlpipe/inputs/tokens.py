@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from dlpipe.config import Probability, Strict
-from dlpipe.data.imdb import truncate
+from dlpipe.data.imdb import WORD_VECTORS_FILE, truncate
 from dlpipe.errors import DlpipeError
 from dlpipe.inputs import InputKind
 from dlpipe.io import read_user_file
@@ -65,7 +65,8 @@ class TokenEmbedding(torch.nn.Module):
     one lookup instead of something the layers above must learn. The bigram rows start at zero,
     so training starts from the plain token model. `word_dropout` drops whole tokens in training
     (their vectors zeroed, the rest scaled up): a regulariser that costs one draw per token, not
-    one per vector element."""
+    one per vector element. With `pretrained`, training starts the token vectors from the
+    prepare stage's word vectors (`load_vectors`) instead of noise."""
 
     def __init__(
         self,
@@ -74,14 +75,28 @@ class TokenEmbedding(torch.nn.Module):
         bigram_buckets: int = 0,
         std: float = 1.0,
         word_dropout: float = 0.0,
+        pretrained: bool = False,
     ) -> None:
         super().__init__()
-        self.word_dropout = word_dropout
+        self.word_dropout, self.std, self.pretrained = word_dropout, std, pretrained
         self.tokens = torch.nn.Embedding(vocab_size, dim)
         torch.nn.init.normal_(self.tokens.weight, std=std)
         self.bigrams = torch.nn.Embedding(bigram_buckets, dim) if bigram_buckets else None
         if self.bigrams is not None:
             torch.nn.init.zeros_(self.bigrams.weight)
+
+    @torch.no_grad()
+    def load_vectors(self, vectors: np.ndarray) -> None:
+        """Start each token's vector from its first `dim` columns of `vectors` [vocab, >= 1],
+        at this embedding's scale; columns beyond those given keep their random start."""
+        rows, dim = self.tokens.weight.shape
+        if vectors.ndim != 2 or vectors.shape[0] != rows:
+            raise DlpipeError(
+                f"word vectors of shape {vectors.shape} do not fit a {rows}-token vocabulary; "
+                "rerun the prepare stage (dvc repro)"
+            )
+        given = min(dim, vectors.shape[1])
+        self.tokens.weight[:, :given] = torch.from_numpy(vectors[:, :given]) * self.std
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: long [B, T] -> [B, T, dim]."""
@@ -98,9 +113,12 @@ class EmbeddingOptions(Strict):
 
     bigram_buckets: Annotated[int, Field(ge=0, le=2**24)] = 0  # 0: tokens only
     word_dropout: Probability = 0.0  # share of tokens dropped whole in training
+    pretrained: bool = False  # start token vectors from the prepared word vectors
 
     def token_embedding(self, vocab_size: int, dim: int, std: float = 1.0) -> TokenEmbedding:
-        return TokenEmbedding(vocab_size, dim, self.bigram_buckets, std, self.word_dropout)
+        return TokenEmbedding(
+            vocab_size, dim, self.bigram_buckets, std, self.word_dropout, self.pretrained
+        )
 
 
 class TokensOnly(torch.nn.Module):
@@ -158,6 +176,22 @@ class TokenInputs(InputKind):
     mistakes_file = "mistakes.md"
     bundled = (TOKENIZER_FILE,)
     row_ids = ("review_id",)  # not the tokens: another vocabulary encodes the same reviews
+    start_files = (WORD_VECTORS_FILE,)
+
+    def initialize(self, model: nn.Module, prepared_dir: Path) -> None:
+        """Load the prepared word vectors into every embedding built `pretrained`."""
+        wanted = [m for m in model.modules() if isinstance(m, TokenEmbedding) and m.pretrained]
+        if not wanted:
+            return
+        path = prepared_dir / WORD_VECTORS_FILE
+        if not path.is_file():
+            raise DlpipeError(
+                f"{path}: missing, and the model is set `pretrained: true`; set the prepare "
+                "stage's word_vectors_dim above 0 (then dvc repro), or pretrained: false"
+            )
+        vectors = np.load(path)
+        for embedding in wanted:
+            embedding.load_vectors(vectors)
 
     def pytorch_model(self, model: nn.Module, pad_id: int) -> nn.Module:
         return TokensOnly(model, pad_id)

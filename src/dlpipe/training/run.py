@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -35,7 +36,7 @@ from dlpipe.family import DataMeta, Family, get_family
 from dlpipe.integrity import seal
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.plots import plot_history
-from dlpipe.tracking import TrainingRun, flatten, git_state, tracking_uri
+from dlpipe.tracking import TrainingRun, flatten, git_state, skip_module_scan, tracking_uri
 from dlpipe.training.checkpoint import CheckpointStore, code_digest, file_digest, training_key
 from dlpipe.training.distributed import (
     World,
@@ -67,6 +68,7 @@ class TrainingData:
     val: Split
     info: dict[str, Any]  # the prepared meta.json
     digest: str  # sha256 of the train and val files: the data's identity in checkpoints
+    folder: Path  # the prepared data's folder
 
     @property
     def meta(self) -> DataMeta:
@@ -77,8 +79,11 @@ def load_data(family: Family, runtime: Runtime) -> TrainingData:
     prepared = paths.PREPARED_DIR / family.dataset
     train = family.inputs.load_split(prepared, "train", runtime.device)
     val = family.inputs.load_split(prepared, "val", runtime.device)
-    digest = file_digest([prepared / "train.npz", prepared / "val.npz"])
-    return TrainingData(train, val, read_json(prepared / "meta.json"), digest)
+    starts = [prepared / name for name in family.inputs.start_files]
+    digest = file_digest(
+        [prepared / "train.npz", prepared / "val.npz", *filter(Path.exists, starts)]
+    )
+    return TrainingData(train, val, read_json(prepared / "meta.json"), digest, prepared)
 
 
 @dataclass(frozen=True)
@@ -326,6 +331,7 @@ def log_pytorch_model(family: Family, model: torch.nn.Module, data: TrainingData
     schema = family.inputs.tensor_schema()
     if schema is not None:
         signature.inputs = schema
+    skip_module_scan()
     mlflow.pytorch.log_model(
         module,
         name="model",
@@ -391,7 +397,9 @@ def build_model(
 ) -> torch.nn.Module:
     """The family's network, seeded, on the training device (the same on every process)."""
     seed_everything(seed, config.deterministic)
-    return family.inputs.place(family.build(model_config, data.meta), runtime.device)
+    model = family.build(model_config, data.meta)
+    family.inputs.initialize(model, data.folder)
+    return family.inputs.place(model, runtime.device)
 
 
 def train(name: str, params: Params) -> dict[str, Any] | None:
