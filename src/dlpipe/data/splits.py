@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from dlpipe.errors import DlpipeError
 
@@ -12,6 +11,10 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     """Indices (sorted) of the kept training rows and of the validation rows."""
     if not 0 < val_size < len(labels):
         raise DlpipeError(f"val_size {val_size} must be between 1 and {len(labels) - 1}")
+    # Imported here, not at the top: only prepare splits, and scikit-learn's model_selection
+    # costs every train stage, which imports this module, 1 s of start-up.
+    from sklearn.model_selection import train_test_split
+
     index = np.arange(len(labels))
     try:
         train_idx, val_idx = train_test_split(
