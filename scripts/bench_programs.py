@@ -14,7 +14,8 @@ validation split), the held-out accuracy after each epoch and the final test acc
     embedding 128, 2x BiLSTM 64, batch 32, 2 epochs);
   - keras-transformer: the Keras "Text classification with Transformer" example (20k words, 200
     words, embedding 32, 2 heads, feed-forward 32, batch 32, 2 epochs);
-  - tfidf: the pipeline's own linear baseline (dlpipe.baseline), fit on the 25k training reviews;
+  - tfidf: the pipeline's own linear baseline (dlpipe.baselines.tokens), fit on the 25k training
+    reviews;
   - tfidf-20k: the same, fit on the 20k of them that dlpipe's models train on (prepare's split).
 """
 
@@ -62,9 +63,11 @@ def imdb(raw: Path, split: str, limit: int) -> tuple[list[str], np.ndarray]:
 
 
 def without_markup(texts: list[str]) -> list[str]:
-    """The reviews as the baseline stage reads them (dlpipe.baseline.split_texts): line breaks
-    ("<br />") as spaces, not the word "br"."""
-    return [text.replace("<br />", " ") for text in texts]
+    """The reviews as the baseline stage reads them (dlpipe.baselines.tokens.split_texts): line
+    breaks ("<br />") as spaces, not the word "br"."""
+    from dlpipe.inputs.tokens import clean_markup
+
+    return [clean_markup(text) for text in texts]
 
 
 class EpochRecorder:
@@ -253,10 +256,10 @@ def fit_tfidf(
 ) -> dict[str, Any]:
     import sklearn
 
-    from dlpipe.baseline import make_model
-    from dlpipe.config import BaselineConfig
+    from dlpipe.baselines.tokens import make_model
+    from dlpipe.config import TextBaselineConfig
 
-    model = make_model(BaselineConfig(), seed=0)
+    model = make_model(TextBaselineConfig(), seed=0)
     texts, test_texts = without_markup(texts), without_markup(test_texts)
     recorder = EpochRecorder(lambda: float((model.predict(test_texts) == y_test).mean()))
     recorder.begin()
@@ -287,9 +290,10 @@ def tfidf_20k(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str, Any]:
     (texts, y), (test_texts, y_test) = (
         imdb(imdb_raw, s, n) for s, n in zip(("train", "test"), limit, strict=True)
     )
-    config, seed = params.prepare.imdb, params.seed
-    rows = np.arange(len(y)) if quick else stratified_subset(y, config.max_train, seed)
-    val_size = len(rows) // 5 if quick else config.val_size
+    config, seed = params.datasets["imdb"], params.seed
+    max_train, val_size = config.model_dump()["max_train"], config.model_dump()["val_size"]
+    rows = np.arange(len(y)) if quick else stratified_subset(y, max_train, seed)
+    val_size = len(rows) // 5 if quick else val_size
     keep = rows[stratified_split(y[rows], val_size, seed)[0]]
     return fit_tfidf([texts[i] for i in keep], y[keep], test_texts, y_test)
 

@@ -68,7 +68,7 @@ def full_run_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     """Merged over the smoke settings, the project's own params (full data, its epochs and
     models), with every family on the GPU."""
     return {
-        "prepare": raw.get("prepare", {}),
+        "datasets": raw.get("datasets", {}),
         "evaluate": raw.get("evaluate", {}),
         "train": {name: {**section, "device": "cuda"} for name, section in raw["train"].items()},
     }

@@ -30,11 +30,12 @@ import requests
 import yaml
 
 from dlpipe.config import Params, load_params, parse_params
-from dlpipe.data.imdb import WORD_VECTORS_FILE, word_vectors
+from dlpipe.data.text import word_vectors
+from dlpipe.inputs.tokens import WORD_VECTORS_FILE
 from dlpipe.integrity import seal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = load_params(REPO_ROOT / "params.yaml").families
+MODELS = load_params(REPO_ROOT / "params.yaml").models
 
 
 @dataclass
@@ -177,14 +178,15 @@ SIGNAL_TOKEN = 2  # its presence makes a tiny-IMDB review positive
 
 
 def tiny_mnist_arrays(n: int, seed: int) -> dict[str, np.ndarray]:
-    """MNIST-shaped uint8 images: dim noise plus a bright 6x6 patch whose place is the label."""
+    """MNIST-shaped uint8 images [n, 1, 28, 28]: dim noise plus a bright 6x6 patch whose place
+    is the label."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 10
     rng.shuffle(labels)
-    images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+    images = rng.integers(0, 40, size=(n, 1, 28, 28), dtype=np.uint8)
     for i, label in enumerate(labels):
         row, col = 2 + 14 * (label // 5), 1 + 5 * (label % 5)
-        images[i, row : row + 6, col : col + 6] = 255
+        images[i, 0, row : row + 6, col : col + 6] = 255
     return {"images": images, "labels": labels.astype(np.int64)}
 
 
@@ -205,7 +207,31 @@ def tiny_imdb_arrays(n: int, seed: int) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "lengths": lengths, "labels": labels.astype(np.int64)}
 
 
-def _write_prepared(folder: Path, meta: dict[str, int], splits: dict[str, dict[str, Any]]) -> None:
+MNIST_META: dict[str, Any] = {
+    "inputs": "images",
+    "dataset": "mnist",
+    "num_classes": 10,
+    "label_names": [str(d) for d in range(10)],
+    "image": {"channels": 1, "height": 28, "width": 28, "mean": [0.1307], "std": [0.3081],
+              "raw": "digit"},
+}  # fmt: skip
+
+
+def imdb_meta(vocab_size: int, max_len: int) -> dict[str, Any]:
+    """A prepared text dataset's meta.json, as prepare@imdb writes it."""
+    return {
+        "inputs": "tokens",
+        "dataset": "imdb",
+        "num_classes": 2,
+        "label_names": ["negative", "positive"],
+        "vocab_size": vocab_size,
+        "pad_id": 0,
+        "max_len": max_len,
+        "truncation": "head+tail",
+    }
+
+
+def _write_prepared(folder: Path, meta: dict[str, Any], splits: dict[str, dict[str, Any]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split, arrays in splits.items():
         np.savez(folder / f"{split}.npz", **arrays)
@@ -215,7 +241,7 @@ def _write_prepared(folder: Path, meta: dict[str, int], splits: dict[str, dict[s
 def tiny_params_dict() -> dict[str, Any]:
     """The real params.yaml, shrunk to seconds of CPU training per model."""
     raw = load_params(REPO_ROOT / "params.yaml").model_dump()
-    for name in FAMILIES:
+    for name in MODELS:
         raw["train"][name].update(
             epochs=2,
             batch_size=32,
@@ -231,17 +257,17 @@ def tiny_params_dict() -> dict[str, Any]:
         d_model=16, heads=2, layers=1, ff_dim=32, max_len=64
     )
     raw["train"]["transformer"]["lr"] = 0.003
-    raw["prepare"]["imdb"]["max_len"] = 64  # no more than the Transformer keeps
+    raw["datasets"]["imdb"]["max_len"] = 64  # no more than the Transformer keeps
     raw["mlflow"]["system_metrics_interval_s"] = 1.0
     return raw
 
 
 def tiny_tokenizer() -> Any:
     """A tokenizer learned from a few sentences: its ids fit the tiny models' embeddings."""
-    from dlpipe.config import PrepareImdbConfig
-    from dlpipe.data.imdb import train_tokenizer
+    from dlpipe.data.text import TextSettings, train_tokenizer
 
-    return train_tokenizer(SERVING_REVIEWS, PrepareImdbConfig(vocab_size=120, min_frequency=1))
+    settings = TextSettings(format="table", path="-", vocab_size=120, min_frequency=1)
+    return train_tokenizer(SERVING_REVIEWS, settings)
 
 
 @dataclass
@@ -300,7 +326,7 @@ def use_tiny_project(
     prepared = root / "data" / "prepared"
     _write_prepared(
         prepared / "mnist",
-        {"num_classes": 10},
+        MNIST_META,
         {"train": tiny_mnist_arrays(256, seed=1), "val": tiny_mnist_arrays(64, seed=2)},
     )
     tokenizer = tiny_tokenizer()
@@ -308,7 +334,7 @@ def use_tiny_project(
     text_train = tiny_imdb_arrays(256, seed=3)
     _write_prepared(
         prepared / "imdb",
-        {"num_classes": 2, "vocab_size": vocab_size, "pad_id": 0},
+        imdb_meta(vocab_size, TINY_MAX_TOKENS),
         {"train": text_train, "val": tiny_imdb_arrays(64, seed=4)},
     )
     tokenizer.save(str(prepared / "imdb" / "tokenizer.json"))  # trained models bundle it
@@ -559,7 +585,6 @@ def build_trained_folders(root: Path) -> TrainedFolders:
     sentences; random weights: these tests check plumbing, not accuracy."""
     import torch
 
-    from dlpipe.data.imdb import LABEL_NAMES, PAD_ID
     from dlpipe.family import DataMeta, get_family
     from dlpipe.models.cnn import CNNConfig
     from dlpipe.models.rnn import RNNConfig
@@ -569,21 +594,13 @@ def build_trained_folders(root: Path) -> TrainedFolders:
     folders.tokenizer.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer()
     tokenizer.save(str(folders.tokenizer))
-    imdb_meta = {
-        "num_classes": 2,
-        "label_names": list(LABEL_NAMES),
-        "vocab_size": tokenizer.get_vocab_size(),
-        "pad_id": PAD_ID,
-        "max_len": SERVING_DATA_MAX_LEN,
-        "truncation": "head+tail",
-    }
-    mnist_meta = {"num_classes": 10, "label_names": [str(d) for d in range(10)]}
+    text_meta = imdb_meta(tokenizer.get_vocab_size(), SERVING_DATA_MAX_LEN)
     configs: dict[str, tuple[Any, dict[str, Any]]] = {
-        "cnn": (CNNConfig(), mnist_meta),
-        "rnn": (RNNConfig(embed_dim=8, hidden_size=8, dropout=0.0), imdb_meta),
+        "cnn": (CNNConfig(), MNIST_META),
+        "rnn": (RNNConfig(embed_dim=8, hidden_size=8, dropout=0.0), text_meta),
         "transformer": (
             TransformerConfig(d_model=16, heads=2, layers=1, ff_dim=32, dropout=0.0, max_len=64),
-            imdb_meta,
+            text_meta,
         ),
     }
     torch.manual_seed(0)
@@ -596,7 +613,8 @@ def build_trained_folders(root: Path) -> TrainedFolders:
             shutil.copyfile(folders.tokenizer.parent / name, folder / name)
         info = {
             "model": family,
-            "dataset": "mnist" if family == "cnn" else "imdb",
+            "family": family,
+            "dataset": meta["dataset"],
             "model_config": config.model_dump(),
             "data": meta,
         }
@@ -699,14 +717,13 @@ def data_mirror() -> str:
 
 
 def dataset_of(name: str) -> str:
-    from dlpipe.family import get_family
-
-    return get_family(name).dataset
+    """The dataset model `name` trains on (params.yaml's train.<name>.dataset)."""
+    return load_params(REPO_ROOT / "params.yaml").train[name].dataset
 
 
 def family_model(name: str, params: Params, meta: Any) -> Any:
-    """A fresh model of family `name`, built from `params`' train.<name>.model."""
-    from dlpipe.family import get_family
+    """A fresh network of model `name`, built from `params`' train.<name>."""
+    from dlpipe.family import model_family
 
-    family = get_family(name)
-    return family.build(family.model_config(params), meta)
+    family = model_family(params, name)
+    return family.build(family.model_config(params, name), meta)

@@ -1,9 +1,10 @@
-"""Adding a model family takes one module, one params.yaml section and one dvc.yaml entry.
+"""Adding a model family takes one module and one params.yaml section: dvc.yaml's stages come
+from params.yaml (`train.<model>` names the family and the dataset), so it is not edited.
 
 In a copy of the project, add examples/mlp.py as a fourth family the way the README says (those
-three places, nothing else), run the real smoke pipeline on it, and check the new family end to
-end: trained, evaluated, in MLflow and the registry, in the report, and predictable through
-`dlpipe predict` and the pyfunc model.
+two places, nothing else), check that DVC then has its stages, run the real smoke pipeline on it
+(slow), and check the new family end to end: trained, evaluated, in MLflow and the registry, in
+the report, and predictable through `dlpipe predict` and the pyfunc model.
 """
 
 from __future__ import annotations
@@ -22,26 +23,22 @@ from PIL import Image, ImageDraw
 from dlpipe.smoke.workspace import workspace_files
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY = "mlp: {dataset: mnist, inputs: images}"
 
 
 def add_mlp_family(project: Path) -> list[str]:
-    """The three edits of README's "How to add a model"; the files touched."""
+    """The two edits of README's "How to add a model"; the files touched."""
     shutil.copyfile(ROOT / "examples" / "mlp.py", project / "src/dlpipe/models/mlp.py")
     params = project / "params.yaml"
     raw = yaml.safe_load(params.read_text(encoding="utf-8"))
     raw["train"]["mlp"] = {
-        **raw["train"]["cnn"],
+        **raw["train"]["cnn"],  # the shared training keys
+        "family": "mlp",
+        "dataset": "mnist",
         "batch_size": 128,
         "model": {"hidden": 256, "dropout": 0.1},
     }
     params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    dvc_yaml = project / "dvc.yaml"
-    text = dvc_yaml.read_text(encoding="utf-8")
-    anchor = "      cnn: {dataset: mnist, inputs: images}\n"
-    assert text.count(anchor) == 2, "the train and evaluate foreach lists"
-    dvc_yaml.write_text(text.replace(anchor, anchor + f"      {ENTRY}\n"), encoding="utf-8")
-    return ["src/dlpipe/models/mlp.py", "params.yaml", "dvc.yaml"]
+    return ["src/dlpipe/models/mlp.py", "params.yaml"]
 
 
 def copy_project(dest: Path) -> Path:
@@ -61,15 +58,56 @@ def digit_png(path: Path) -> Path:
     return path
 
 
+def test_the_new_family_s_stages_come_from_its_params_section(tmp_path: Path) -> None:
+    """After the two edits, DVC has train@mlp and evaluate@mlp (on the mlp module and the MNIST
+    data), the copy's params.yaml validates with the new family, and dvc.yaml is unchanged."""
+    from dvc.repo import Repo
+
+    project = copy_project(tmp_path / "project")
+    add_mlp_family(project)
+    assert (project / "dvc.yaml").read_bytes() == (ROOT / "dvc.yaml").read_bytes()
+    with Repo(str(project)) as repo:
+        stages = {stage.name: stage for stage in repo.index.stages}
+    for name in ("train@mlp", "evaluate@mlp"):
+        deps = {str(dep.def_path) for dep in stages[name].deps}
+        assert {"src/dlpipe/models/mlp.py", "data/prepared/mnist"} <= deps, (name, deps)
+        assert not any(d.startswith("src/dlpipe/models/") and "mlp" not in d for d in deps)
+    assert [str(out.def_path) for out in stages["train@mlp"].outs][0] == "data/models/mlp"
+
+    # The copy's own src (with mlp.py): the model section validates against the mlp schema.
+    check = (
+        "from dlpipe.config import load_params\n"
+        "from dlpipe.family import model_family, validate_models\n"
+        "from dlpipe.smoke.checks import expected_stages\n"
+        "params = load_params()\n"
+        "print(sorted(validate_models(params)), model_family(params, 'mlp').name)\n"
+        "print(' '.join(expected_stages(params)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": str(project / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    models, stage_names = done.stdout.splitlines()
+    assert models == "['cnn', 'mlp', 'rnn', 'transformer'] mlp"
+    assert {"train@mlp", "evaluate@mlp", "baseline@mnist"} <= set(stage_names.split())
+    assert set(stage_names.split()) <= set(stages)  # every stage the smoke run expects exists
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_fourth_family_needs_only_its_module_a_params_section_and_a_dvc_entry(
+def test_a_fourth_family_needs_only_its_module_and_a_params_section(
     tmp_path: Path, data_mirror: str
 ) -> None:
     mirror = data_mirror
     project = copy_project(tmp_path / "project")
     touched = add_mlp_family(project)
-    assert touched == ["src/dlpipe/models/mlp.py", "params.yaml", "dvc.yaml"]
+    assert touched == ["src/dlpipe/models/mlp.py", "params.yaml"]
+    assert (project / "dvc.yaml").read_bytes() == (ROOT / "dvc.yaml").read_bytes()
 
     # The real smoke run: dvc repro of all stages, outputs, MLflow runs, registry, dvc status.
     # The copy's own src (with mlp.py) is what runs, in this process's interpreter.

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_IMDB
 
-from dlpipe.data.archive import frame, read_aclimdb_archive, read_imdb_csv
+from dlpipe.datasets.imdb import frame, read_aclimdb_archive, read_imdb_csv
 from dlpipe.errors import DlpipeError
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RegistryStore, TrainedFolders
+from conftest import REPO_ROOT, RegistryStore, TrainedFolders
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
@@ -67,11 +67,22 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     return run
 
 
+def write_project_params(folder: Path) -> Path:
+    """The project's params.yaml in `folder`: `dlpipe predict` finds a model's family there."""
+    return Path(shutil.copyfile(REPO_ROOT / "params.yaml", folder / "params.yaml"))
+
+
 @pytest.fixture
-def project(trained_folders: TrainedFolders, monkeypatch: pytest.MonkeyPatch) -> TrainedFolders:
-    """cwd = a project holding trained outputs (data/models, data/prepared/imdb)."""
-    monkeypatch.chdir(trained_folders.root)
-    return trained_folders
+def project(
+    trained_folders: TrainedFolders, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> TrainedFolders:
+    """cwd = a copy of a project holding trained outputs (data/models, data/prepared/imdb) and
+    the project's params.yaml."""
+    root = tmp_path / "project"
+    shutil.copytree(trained_folders.root, root)
+    write_project_params(root)
+    monkeypatch.chdir(root)
+    return TrainedFolders(root)
 
 
 def digit_png(path: Path, ink: str = "black", paper: str = "white") -> Path:
@@ -164,6 +175,26 @@ def test_predict_through_a_registered_model_matches_the_local_outputs(
     assert result.code == 0 and result.out.startswith(f"{image}\t"), result.err
 
 
+def test_predict_finds_a_model_s_family_in_params(
+    project: TrainedFolders, cli: Cli, tmp_path: Path
+) -> None:
+    """A model is a family on a dataset: `digits`, a cnn model, is served from
+    data/models/digits with the cnn family's input kind (images), read from --params."""
+    shutil.copytree(project.model_dir("cnn"), project.model_dir("digits"))
+    raw = yaml.safe_load((project.root / "params.yaml").read_text(encoding="utf-8"))
+    raw["train"]["digits"] = {**raw["train"]["cnn"], "family": "cnn"}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    image = digit_png(tmp_path / "seven.png")
+
+    result = cli("predict", "digits", "--params", str(tmp_path / "mine.yaml"), str(image))
+    assert result.code == 0, result.err
+    [(path, label, _)] = [line.split("\t") for line in result.out.splitlines()]
+    expected = Predictor.from_folder(project.model_dir("cnn")).predict([image.read_bytes()])
+    assert (path, label) == (str(image), expected["label_name"][0])
+    # params.yaml (the default) trains no `digits`
+    assert_one_error_line(cli("predict", "digits", str(image)), "unknown model 'digits'")
+
+
 def test_the_console_script_runs_in_a_fresh_process(project: TrainedFolders) -> None:
     script = VENV_BIN / "dlpipe"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "dlpipe.cli"]
@@ -225,13 +256,16 @@ def test_review_file_errors(project: TrainedFolders, cli: Cli, tmp_path: Path) -
     assert_one_error_line(cli("predict", "rnn", "--file", str(latin1)), "not UTF-8")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n", encoding="utf-8")
-    assert_one_error_line(cli("predict", "rnn", "--file", str(blank)), "no reviews")
+    assert_one_error_line(cli("predict", "rnn", "--file", str(blank)), "no texts")
     assert_one_error_line(cli("predict", "rnn", "--file", str(tmp_path / "x")), "no such file")
-    assert_one_error_line(cli("predict", "rnn"), "at least one review")
+    assert_one_error_line(cli("predict", "rnn"), "at least one text")
 
 
 def test_usage_errors_are_one_line(project: TrainedFolders, cli: Cli) -> None:
-    assert_one_error_line(cli("predict", "gpt", "hello"), "unknown model family 'gpt'")
+    assert_one_error_line(
+        cli("predict", "gpt", "hello"), "unknown model 'gpt'; params.yaml trains: cnn, rnn"
+    )
+    assert_one_error_line(cli("predict", "rnn", "--params", "nope.yaml", "hi"), "nope.yaml")
     assert_one_error_line(cli(), "required")
     assert_one_error_line(cli("train"), "invalid choice")
     assert_one_error_line(cli("predict", "rnn", "--bogus", "x"), "unrecognized arguments")
@@ -241,6 +275,7 @@ def test_missing_trained_outputs_name_the_stage_to_run(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trained_folders: TrainedFolders
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    write_project_params(tmp_path)
     image = digit_png(tmp_path / "digit.png")
     assert_one_error_line(cli("predict", "cnn", str(image)), "dvc repro train@cnn")
     assert_one_error_line(cli("predict", "transformer", "hi"), "dvc repro train@transformer")
@@ -288,17 +323,23 @@ def runs_store(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     params = Params().model_dump()
-    params["train"] = {name: {} for name in ("cnn", "rnn", "transformer")}
+    params["datasets"] = {
+        "mnist": {"format": "mnist", "path": "data/raw/mnist"},
+        "imdb": {"format": "imdb", "path": "data/raw/imdb"},
+    }
+    datasets = {"cnn": "mnist", "rnn": "imdb", "transformer": "imdb"}
+    params["train"] = {name: {"family": name, "dataset": ds} for name, ds in datasets.items()}
     params["mlflow"]["experiment"] = "cmp"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
     client = MlflowClient(uri)
     experiment = client.create_experiment("cmp", (tmp_path / "art").as_uri())
 
-    def run(family: str, start: int, status: str, metrics: dict[str, float]) -> str:
-        run_id = client.create_run(
-            experiment, start_time=start, tags={"model_family": family, "device": "cpu"}
-        ).info.run_id
+    def run(
+        model: str, start: int, status: str, metrics: dict[str, float], family: str = ""
+    ) -> str:
+        tags = {"model": model, "model_family": family or model, "device": "cpu"}
+        run_id = client.create_run(experiment, start_time=start, tags=tags).info.run_id
         for epoch, (acc, seconds, speed) in enumerate(
             [(0.90, 10.0, 1000.0), (0.95, 12.0, 1200.0), (0.93, 14.0, 1400.0)], 1
         ):
@@ -323,27 +364,36 @@ def runs_store(
         "cnn": run("cnn", 2_000, "FINISHED", tested),
         "cnn_failed": run("cnn", 3_000, "FAILED", {"test_accuracy": 0.1}),
         "transformer": run("transformer", 2_500, "FINISHED", {"parameters": 1_500_000}),
+        # a baseline run is found by its model tag, baseline@<dataset>, not by its family
+        "baseline_imdb": run(
+            "baseline@imdb", 2_600, "FINISHED", {"test_accuracy": 0.9035}, family="tfidf_logreg"
+        ),
+        # another model of the cnn family: not one of params.yaml's, never a cnn row
+        "cnn_other": run("wide", 5_000, "FINISHED", {"test_accuracy": 0.2}, family="cnn"),
     }
     ids["cnn_running"] = client.create_run(
-        experiment, start_time=4_000, tags={"model_family": "cnn"}
+        experiment, start_time=4_000, tags={"model": "cnn", "model_family": "cnn"}
     ).info.run_id
     return ids
 
 
-def test_compare_shows_the_latest_finished_run_of_each_family(
+def test_compare_shows_the_latest_finished_run_of_each_model(
     runs_store: dict[str, str], cli: Cli
 ) -> None:
     result = cli("compare", "--json")
     assert result.code == 0, result.err
     rows = {row["model"]: row for row in json.loads(result.out)}
-    assert list(rows) == ["cnn", "rnn", "transformer", "tfidf_logreg"]  # the baseline last
+    # the models, then each dataset's baseline
+    assert list(rows) == ["cnn", "rnn", "transformer", "baseline@mnist", "baseline@imdb"]
     cnn = rows["cnn"]
     assert cnn["run_id"] == runs_store["cnn"]
     assert cnn["epochs"] == 3 and cnn["val_accuracy"] == 0.95  # the best epoch's value
     assert cnn["train_time_s"] == 36.0 and cnn["samples_per_s"] == 1200.0
     assert (cnn["test_accuracy"], cnn["latency_b1_ms"], cnn["device"]) == (0.9876, 1.234, "cpu")
     assert set(rows["rnn"].values()) == {"rnn", None}
-    assert set(rows["tfidf_logreg"].values()) == {"tfidf_logreg", None}  # no run logged
+    assert set(rows["baseline@mnist"].values()) == {"baseline@mnist", None}  # no run logged
+    assert rows["baseline@imdb"]["run_id"] == runs_store["baseline_imdb"]
+    assert rows["baseline@imdb"]["test_accuracy"] == 0.9035
     assert rows["transformer"]["test_accuracy"] is None
     assert rows["transformer"]["val_accuracy"] == 0.93  # no best_epoch: the last value
 

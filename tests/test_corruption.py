@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    REPO_ROOT,
     RegistryStore,
     TinyProject,
     TrainedFolders,
@@ -26,9 +27,10 @@ from conftest import (
 )
 
 from dlpipe.cli import main as cli_main
-from dlpipe.config import PrepareMnistConfig
-from dlpipe.data import mnist
+from dlpipe.data import pictures
 from dlpipe.data.tensors import load_split
+from dlpipe.datasets import mnist
+from dlpipe.datasets.mnist import MnistSettings
 from dlpipe.errors import DlpipeError
 from dlpipe.family import load_trained
 from dlpipe.integrity import MANIFEST, read_manifest, seal
@@ -79,6 +81,10 @@ def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
 
 
+def mnist_settings(raw: Path, val_size: int) -> MnistSettings:
+    return MnistSettings(format="mnist", path=str(raw), val_size=val_size)
+
+
 @pytest.fixture
 def prepared_mnist(tmp_path: Path) -> Path:
     """data/prepared/mnist written by the real prepare from tiny IDX files."""
@@ -91,7 +97,7 @@ def prepared_mnist(tmp_path: Path) -> Path:
         write_idx(raw / images_file, images, mnist.IMAGES_MAGIC)
         write_idx(raw / labels_file, np.arange(count) % 10, mnist.LABELS_MAGIC)
     out = tmp_path / "data" / "prepared" / "mnist"
-    mnist.prepare(raw, out, tmp_path / "card.json", PrepareMnistConfig(val_size=20), seed=1)
+    mnist.prepare(mnist_settings(raw, 20), raw, out, seed=1)
     return out
 
 
@@ -148,9 +154,10 @@ def test_an_interrupted_prepare_is_never_taken_as_done(
         with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
 
-    monkeypatch.setattr(mnist, "write_npz_atomic", fail_on_the_second)
+    # Every image format writes its splits through prepare_images.
+    monkeypatch.setattr(pictures, "write_npz_atomic", fail_on_the_second)
     with pytest.raises(KeyboardInterrupt):
-        mnist.prepare(raw, prepared_mnist, raw / "card.json", PrepareMnistConfig(val_size=30), 2)
+        mnist.prepare(mnist_settings(raw, 30), raw, prepared_mnist, 2)
     assert not (prepared_mnist / MANIFEST).exists()
     assert not [p for p in prepared_mnist.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(DlpipeError) as err:
@@ -236,6 +243,8 @@ def test_dlpipe_predict_on_a_corrupted_model_is_exit_2_and_one_line(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
+    # The project's params.yaml beside its data/: predict finds model cnn's family there.
+    shutil.copyfile(REPO_ROOT / "params.yaml", model_copy / "params.yaml")
     monkeypatch.chdir(model_copy)
     weights = model_copy / "data/models/cnn/model.pt"
     flip_in_payload(weights, "/data/0")

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from dlpipe.config import train_config
 from dlpipe.data.tensors import Batch, Split, load_split
 from dlpipe.errors import DlpipeError
-from dlpipe.family import DataMeta, get_family
+from dlpipe.family import DataMeta
 from dlpipe.training import run as run_module
 from dlpipe.training.checkpoint import CheckpointStore
 from dlpipe.training.distributed import World, check_batch_size
@@ -125,13 +125,11 @@ def test_the_global_batch_must_divide_among_the_processes() -> None:
 def test_the_number_of_processes_is_not_part_of_the_checkpoint_key(
     tiny_project: TinyProject,
 ) -> None:
-    family = get_family("cnn")
-    data = run_module.load_data(family, make_runtime("cpu", "fp32"))
+    model = run_module.Model.from_params(tiny_project.params, "cnn")
+    data = run_module.load_data(model, make_runtime("cpu", "fp32"))
 
     def folder(**updates: Any) -> Path:
-        return run_module.checkpoints(
-            family, tiny_project.with_train("cnn", **updates), data
-        ).folder
+        return run_module.checkpoints(model, tiny_project.with_train("cnn", **updates), data).folder
 
     assert folder(nproc=1) == folder(nproc=2)  # the same recipe: a rerun resumes
     assert folder(batch_size=64) != folder()
@@ -146,7 +144,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(
     config = train_config(params, "cnn")
     prepared = Path("data/prepared/mnist")
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
-    meta = DataMeta(num_classes=10)
+    meta = DataMeta.from_json(json.loads((prepared / "meta.json").read_text()))
     store = CheckpointStore(tmp_path / "ck")
 
     def stop(row: dict[str, float]) -> None:

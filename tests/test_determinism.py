@@ -2,7 +2,7 @@
 the CPU, and the MLflow run says how deterministic it was: `deterministic` is `false`, `true`,
 or `best-effort (<kernels>)` when a kernel without a deterministic variant ran (#10).
 
-The byte comparison covers every file of data/models/<family> but mlflow_run.json (the run id),
+The byte comparison covers every file of data/models/<model> but mlflow_run.json (the run id),
 and train.json and history.csv without their timing keys.
 """
 
@@ -39,8 +39,8 @@ def _deterministic_mode_restored() -> Iterator[None]:
     torch.use_deterministic_algorithms(False)
 
 
-def model_files(root: Path, family: str) -> dict[str, bytes]:
-    folder = root / "data" / "models" / family
+def model_files(root: Path, model: str) -> dict[str, bytes]:
+    folder = root / "data" / "models" / model
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in NOT_COMPARED}
     # the checksums, all but that of the run-naming file
     sums = files["SHA256SUMS"].decode().splitlines(keepends=True)
@@ -50,8 +50,8 @@ def model_files(root: Path, family: str) -> dict[str, bytes]:
     return files
 
 
-def metrics(root: Path, family: str) -> dict[str, Any]:
-    reports = root / "reports" / "models" / family
+def metrics(root: Path, model: str) -> dict[str, Any]:
+    reports = root / "reports" / "models" / model
     summary = json.loads((reports / "train.json").read_text())
     with open(reports / "history.csv", newline="") as handle:
         history = [
@@ -63,28 +63,26 @@ def metrics(root: Path, family: str) -> dict[str, Any]:
     }
 
 
-def run_id(root: Path, family: str) -> str:
-    return str(
-        json.loads((root / "data/models" / family / "mlflow_run.json").read_text())["run_id"]
-    )
+def run_id(root: Path, model: str) -> str:
+    return str(json.loads((root / "data/models" / model / "mlflow_run.json").read_text())["run_id"])
 
 
-def remove_outputs(root: Path, family: str) -> None:
+def remove_outputs(root: Path, model: str) -> None:
     """As `dvc repro` does before it reruns the stage."""
-    shutil.rmtree(root / "data" / "models" / family)
-    shutil.rmtree(root / "reports" / "models" / family)
+    shutil.rmtree(root / "data" / "models" / model)
+    shutil.rmtree(root / "reports" / "models" / model)
 
 
-def determinism_tag(project: TinyProject, family: str) -> str:
-    run = MlflowClient(project.tracking_uri).get_run(run_id(project.root, family))
+def determinism_tag(project: TinyProject, model: str) -> str:
+    run = MlflowClient(project.tracking_uri).get_run(run_id(project.root, model))
     return str(run.data.tags["deterministic"])
 
 
-def take_outputs(project: TinyProject, family: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+def take_outputs(project: TinyProject, model: str) -> tuple[dict[str, bytes], dict[str, Any]]:
     """A deterministic training's model files and metrics; its outputs removed for the next."""
-    taken = model_files(project.root, family), metrics(project.root, family)
-    assert determinism_tag(project, family) == "true"
-    remove_outputs(project.root, family)
+    taken = model_files(project.root, model), metrics(project.root, model)
+    assert determinism_tag(project, model) == "true"
+    remove_outputs(project.root, model)
     return taken
 
 
@@ -100,18 +98,18 @@ def assert_same_runs(
 
 
 @pytest.mark.parametrize(
-    ("family", "updates"),
+    ("model", "updates"),
     [("cnn", {}), ("transformer", {"model": {"dropout": 0.3}})],
     ids=["cnn", "transformer-dropout"],
 )
 def test_two_deterministic_trainings_write_byte_identical_models(
-    tiny_project: TinyProject, family: str, updates: dict[str, Any]
+    tiny_project: TinyProject, model: str, updates: dict[str, Any]
 ) -> None:
-    params = tiny_project.with_train(family, epochs=2, deterministic=True, **updates)
+    params = tiny_project.with_train(model, epochs=2, deterministic=True, **updates)
     results = []
     for _ in range(2):
-        run_module.train(family, params)
-        results.append(take_outputs(tiny_project, family))
+        run_module.train(model, params)
+        results.append(take_outputs(tiny_project, model))
     assert_same_runs(*results)
     assert len(results[0][1]["history"]) == 2
 
@@ -120,9 +118,9 @@ def test_two_deterministic_trainings_write_byte_identical_models(
 def test_two_stage_processes_write_byte_identical_models(tiny_project: TinyProject) -> None:
     """The same through `python stages/train.py`, in two processes with other hash seeds (set
     and dict orders differ between them, unlike between two trainings in one process)."""
-    family = "transformer"
+    model = "transformer"
     tiny_project.write_params(
-        tiny_project.with_train(family, epochs=2, deterministic=True, model={"dropout": 0.3})
+        tiny_project.with_train(model, epochs=2, deterministic=True, model={"dropout": 0.3})
     )
     results = []
     for hash_seed in ("1", "2"):
@@ -134,7 +132,7 @@ def test_two_stage_processes_write_byte_identical_models(tiny_project: TinyProje
             "MKL_NUM_THREADS": "1",
         }
         done = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "stages" / "train.py"), family],
+            [sys.executable, str(REPO_ROOT / "stages" / "train.py"), model],
             cwd=tiny_project.root,
             env=env,
             capture_output=True,
@@ -142,7 +140,7 @@ def test_two_stage_processes_write_byte_identical_models(tiny_project: TinyProje
             timeout=300,
         )
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-        results.append(take_outputs(tiny_project, family))
+        results.append(take_outputs(tiny_project, model))
     assert_same_runs(*results)
 
 

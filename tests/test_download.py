@@ -18,10 +18,10 @@ from dlpipe.config import FetchConfig
 from dlpipe.data.download import (
     MIRROR_HINT,
     ChecksumError,
+    RemoteFile,
     SourcesExhaustedError,
     fetch_file,
 )
-from dlpipe.data.sources import RemoteFile
 
 if TYPE_CHECKING:
     from conftest import Server

@@ -17,9 +17,6 @@ import pytest
 import torch
 from conftest import (
     REPO_ROOT,
-    SERVING_REVIEWS,
-    TINY_MAX_TOKENS,
-    TINY_VOCAB,
     MlflowServer,
     TinyProject,
     hook_after_epoch,
@@ -31,11 +28,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dlpipe import serving
-from dlpipe.config import PrepareImdbConfig
-from dlpipe.data.imdb import train_tokenizer
 from dlpipe.evaluation.metrics import classification_report, expected_calibration_error
 from dlpipe.evaluation.run import evaluate
 from dlpipe.family import load_trained
+from dlpipe.inputs.tokens import TEXTS_FILE
 from dlpipe.integrity import seal
 from dlpipe.report import _card_lines, write_report
 from dlpipe.training.run import train
@@ -135,38 +131,29 @@ def test_expected_calibration_error_depends_on_the_bins_by_hand() -> None:
 
 
 def _add_test_splits(project: TinyProject) -> None:
-    """What prepare writes beyond the training fixture: test splits, label names, raw reviews."""
+    """What prepare writes beyond the training fixture: test splits, the texts by row id
+    (texts.parquet, which the mistakes table reads), and the data cards."""
     prepared = project.root / "data" / "prepared"
     mnist = tiny_mnist_arrays(80, seed=5)
     np.savez(prepared / "mnist" / "test.npz", **mnist)
     imdb = tiny_imdb_arrays(80, seed=6)
-    review_ids = np.array([f"test/x/{i}" for i in range(80)])
-    np.savez(prepared / "imdb" / "test.npz", **imdb, review_id=review_ids)
-    # the raw-input model bundles a tokenizer; its ids must fit the (tiny) embedding
-    tokenizer = train_tokenizer(SERVING_REVIEWS, PrepareImdbConfig(vocab_size=120, min_frequency=1))
-    tokenizer.save(str(prepared / "imdb" / "tokenizer.json"))
-    extra = {
-        "mnist": {"label_names": [str(d) for d in range(10)]},
-        "imdb": {
-            "label_names": ["neg", "pos"],
-            "vocab_size": max(TINY_VOCAB, tokenizer.get_vocab_size()),
-            "max_len": TINY_MAX_TOKENS,
-            "truncation": "head+tail",
-        },
-    }
-    for dataset, fields in extra.items():
-        meta_path = prepared / dataset / "meta.json"
-        meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **fields}))
-        seal(prepared / dataset)
-    raw = project.root / "data" / "raw" / "imdb"
-    raw.mkdir(parents=True)
-    texts = [f"review number {i} | with a pipe" for i in range(80)]
-    frame = pd.DataFrame({"review_id": review_ids, "label": imdb["labels"], "text": texts})
-    frame.to_parquet(raw / "test.parquet")
+    row_ids = np.array([f"test/x/{i}" for i in range(80)])
+    np.savez(prepared / "imdb" / "test.npz", **imdb, row_id=row_ids)
+    texts = pd.DataFrame(
+        {
+            "split": "test",
+            "row_id": row_ids,
+            "text": [f"review number {i} | with a pipe" for i in range(80)],
+        }
+    )
+    texts.to_parquet(prepared / "imdb" / TEXTS_FILE, index=False)
+    for dataset in ("mnist", "imdb"):
+        seal(prepared / dataset)  # as prepare does: what evaluate reads is checked against it
     reports_data = project.root / "reports" / "data"
     reports_data.mkdir(parents=True)
-    for dataset in ("mnist", "imdb"):
-        card = {split: {"count": 1, "class_counts": [1]} for split in ("train", "val", "test")}
+    for dataset, arrays in (("mnist", mnist), ("imdb", imdb)):
+        counts = np.bincount(arrays["labels"]).tolist()
+        card = {split: {"count": 80, "class_counts": counts} for split in ("train", "val", "test")}
         (reports_data / f"{dataset}.json").write_text(json.dumps(card))
 
 
@@ -174,11 +161,11 @@ def _accuracy_from_saved_files(name: str) -> tuple[float, int]:
     """Test accuracy and parameter count recomputed from model.pt and test.npz by plain torch,
     apart from the evaluate stage's code, so its scalars are checked and not just bounded."""
     folder = Path("data/models") / name
-    model, _, family = load_trained(folder)
-    split = np.load(Path("data/prepared") / family.dataset / "test.npz")
+    model, info, _ = load_trained(folder)
+    split = np.load(Path("data/prepared") / info["dataset"] / "test.npz")
     with torch.no_grad():
         if name == "cnn":
-            logits = model(torch.from_numpy(split["images"]).float().unsqueeze(1) / 255.0)
+            logits = model(torch.from_numpy(split["images"]).float() / 255.0)  # [N, 1, 28, 28]
         else:
             tokens, lengths = torch.from_numpy(split["tokens"]), torch.from_numpy(split["lengths"])
             logits = model(tokens.long(), lengths.long())
@@ -417,8 +404,13 @@ def test_report_data_card_says_how_the_word_vectors_were_learned() -> None:
     split = {"count": 4, "class_counts": [2, 2]}
     card: dict[str, object] = {"train": split, "val": split, "test": split}
     assert not any("word vectors" in line for line in _card_lines("imdb", card))
-    card["word_vectors"] = {"dim": 128, "window": 5, "reviews": 70000, "unlabeled": True}
+    card["word_vectors"] = {"dim": 128, "window": 5, "texts": 70000, "unlabeled": 50000}
     assert _card_lines("imdb", card)[-1] == (
-        "- word vectors: 128-d PPMI-SVD, window 5, learned without labels from 70,000 reviews "
-        "(the training split and the unlabeled set)"
+        "- word vectors: 128-d PPMI-SVD, window 5, learned without labels from 70,000 texts "
+        "(the training split and 50,000 unlabeled)"
+    )
+    card["word_vectors"] = {"dim": 64, "window": 3, "texts": 900, "unlabeled": 0}
+    assert _card_lines("tickets", card)[-1] == (
+        "- word vectors: 64-d PPMI-SVD, window 3, learned without labels from 900 texts "
+        "(the training split)"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -18,11 +19,12 @@ import pooch.core
 import pytest
 from conftest import TINY_IMDB
 
-from dlpipe.config import FetchConfig
-from dlpipe.data.archive import read_aclimdb_archive
-from dlpipe.data.download import MIRROR_HINT, ChecksumError, SourcesExhaustedError
-from dlpipe.data.fetch import fetch_all, summary_lines
-from dlpipe.data.sources import DEFAULT_SOURCES, RemoteFile, Sources
+from dlpipe.config import FetchConfig, load_params, parse_params
+from dlpipe.data.download import MIRROR_HINT, ChecksumError, RemoteFile, SourcesExhaustedError
+from dlpipe.data.fetch import fetch_all, fetched_datasets, summary_lines
+from dlpipe.datasets import DatasetFormat, imdb, mnist
+from dlpipe.datasets.imdb import ImdbSources, read_aclimdb_archive
+from dlpipe.datasets.mnist import MNIST_FILES, MnistSources
 from dlpipe.errors import DlpipeError
 
 if TYPE_CHECKING:
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = FetchConfig(connect_timeout_s=1.0, read_timeout_s=1.0, retries=1)
+# The built-in datasets the fetch stage downloads, in params.yaml's order.
+DATASETS: dict[str, DatasetFormat] = {"mnist": mnist.FORMAT, "imdb": imdb.FORMAT}
+# Substitute sources, by format name (FetchContext.sources).
+Sources = dict[str, MnistSources | ImdbSources]
 
 
 def idx_gz(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
@@ -73,13 +79,17 @@ def mirror(
     csvs = make_csv_export(folder / "imdb")
     archive = make_acl_archive(tmp_path / "aclImdb_v1.tar.gz")
     dead = f"http://127.0.0.1:{closed_port}"
-    sources = Sources(
-        mnist_files=tuple(pinned(folder / "mnist" / name) for name in TINY_MNIST),
-        mnist_url_bases=(f"{dead}/mnist/",),
-        imdb_csv_files=tuple(pinned(csvs[split]) for split in ("train", "test", "unsup")),
-        imdb_archive=pinned(archive),
-        imdb_archive_urls=(f"{dead}/aclImdb_v1.tar.gz",),
-    )
+    sources: Sources = {
+        "mnist": MnistSources(
+            files=tuple(pinned(folder / "mnist" / name) for name in TINY_MNIST),
+            url_bases=(f"{dead}/mnist/",),
+        ),
+        "imdb": ImdbSources(
+            csv_files=tuple(pinned(csvs[split]) for split in ("train", "test", "unsup")),
+            archive=pinned(archive),
+            archive_urls=(f"{dead}/aclImdb_v1.tar.gz",),
+        ),
+    }
     return folder, sources
 
 
@@ -92,7 +102,9 @@ def read_raw_imdb(out_dir: Path) -> dict[str, pd.DataFrame]:
 def test_fetch_from_csv_mirror(mirror: tuple[Path, Sources], tmp_path: Path) -> None:
     folder, sources = mirror
     out_dir = tmp_path / "data" / "raw"
-    summary = fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    summary = fetch_all(
+        out_dir, CFG, str(folder), DATASETS, sources=sources, cache_dir=tmp_path / "cache"
+    )
     for name, data in TINY_MNIST.items():
         assert (out_dir / "mnist" / name).read_bytes() == data
     raw = read_raw_imdb(out_dir)
@@ -112,7 +124,11 @@ def test_fetch_from_csv_mirror(mirror: tuple[Path, Sources], tmp_path: Path) -> 
     assert summary["imdb"]["sources"]["train.csv.gz"] == str(folder / "imdb" / "train.csv.gz")
     assert len(summary_lines(summary)) == 2
     assert sorted(p.name for p in out_dir.parent.iterdir()) == ["raw"]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["imdb", "mnist"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["fetched.json", "imdb", "mnist"]
+    assert sorted(json.loads((out_dir / "fetched.json").read_text())["datasets"]) == [
+        "imdb",
+        "mnist",
+    ]
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert cached == sorted([*TINY_MNIST, "test.csv.gz", "train.csv.gz", "unsup.csv.gz"])
 
@@ -125,7 +141,7 @@ def test_second_fetch_uses_the_download_cache(
         http_server.serve(f"/m/mnist/{name}", data)
     for csv_file in (folder / "imdb").iterdir():
         http_server.serve(f"/m/imdb/{csv_file.name}", csv_file.read_bytes())
-    args = (CFG, http_server.url("/m"))
+    args = (CFG, http_server.url("/m"), DATASETS)
     first = fetch_all(tmp_path / "a", *args, sources=sources, cache_dir=tmp_path / "cache")
     assert first["mnist"]["origin"] == f"mirror {http_server.url('/m')}"
     hits = sum(http_server.hits.values())
@@ -142,7 +158,7 @@ def test_second_fetch_uses_the_download_cache(
 def test_archive_mirror_gives_the_same_output(mirror: tuple[Path, Sources], tmp_path: Path) -> None:
     folder, sources = mirror
     from_csv = tmp_path / "from_csv"
-    fetch_all(from_csv, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+    fetch_all(from_csv, CFG, str(folder), DATASETS, sources=sources, cache_dir=tmp_path / "cache")
     for csv_file in (folder / "imdb").iterdir():
         csv_file.unlink()
     (folder / "imdb" / "aclImdb_v1.tar.gz").write_bytes(
@@ -151,7 +167,7 @@ def test_archive_mirror_gives_the_same_output(mirror: tuple[Path, Sources], tmp_
     from_archive = tmp_path / "from_archive"
     # A fresh cache: the first one holds the CSVs, which a fetch would take from it.
     summary = fetch_all(
-        from_archive, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache2"
+        from_archive, CFG, str(folder), DATASETS, sources=sources, cache_dir=tmp_path / "cache2"
     )
     assert summary["imdb"]["sources"] == {
         "aclImdb_v1.tar.gz": str(folder / "imdb" / "aclImdb_v1.tar.gz")
@@ -171,7 +187,12 @@ def test_url_mirror_without_csv_export_uses_its_archive(
     http_server.serve("/m/imdb/aclImdb_v1.tar.gz", (tmp_path / "aclImdb_v1.tar.gz").read_bytes())
     out_dir = tmp_path / "raw"
     summary = fetch_all(
-        out_dir, CFG, http_server.url("/m/"), sources=sources, cache_dir=tmp_path / "cache"
+        out_dir,
+        CFG,
+        http_server.url("/m/"),
+        DATASETS,
+        sources=sources,
+        cache_dir=tmp_path / "cache",
     )
     assert http_server.hits["/m/imdb/train.csv.gz"] == 1  # 404: no export, not retried
     assert summary["imdb"]["origin"] == f"mirror {http_server.url('/m')}"
@@ -192,7 +213,9 @@ def test_corrupt_mirror_file_leaves_out_dir_alone(
         (out_dir / "mnist").mkdir(parents=True)
         (out_dir / "mnist" / "old.txt").write_text("previous run")
     with pytest.raises(ChecksumError) as err:
-        fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+        fetch_all(
+            out_dir, CFG, str(folder), DATASETS, sources=sources, cache_dir=tmp_path / "cache"
+        )
     message = str(err.value)
     assert message.startswith(f"checksum mismatch for {bad.name} from {bad}: expected sha256 ")
     assert "\n" not in message
@@ -207,7 +230,7 @@ def test_no_mirror_and_no_network_says_how_to_fix_it(
     _, sources = mirror
     out_dir = tmp_path / "data" / "raw"
     with pytest.raises(SourcesExhaustedError, match="set DLPIPE_DATA_MIRROR"):
-        fetch_all(out_dir, CFG, None, sources=sources, cache_dir=tmp_path / "cache")
+        fetch_all(out_dir, CFG, None, DATASETS, sources=sources, cache_dir=tmp_path / "cache")
     assert list(out_dir.parent.iterdir()) == []
 
 
@@ -216,13 +239,15 @@ def test_relative_mirror_is_resolved_from_the_project_root(
 ) -> None:
     _, sources = mirror
     monkeypatch.chdir(tmp_path)
-    summary = fetch_all(Path("raw"), CFG, "mirror", sources=sources, cache_dir=tmp_path / "c")
+    summary = fetch_all(
+        Path("raw"), CFG, "mirror", DATASETS, sources=sources, cache_dir=tmp_path / "c"
+    )
     assert summary["mnist"]["origin"] == f"mirror {tmp_path / 'mirror'}"
 
 
 def test_missing_mirror_folder_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(DlpipeError, match="no such folder"):
-        fetch_all(tmp_path / "raw", CFG, str(tmp_path / "nope"))
+        fetch_all(tmp_path / "raw", CFG, str(tmp_path / "nope"), DATASETS)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -245,8 +270,14 @@ def test_fetch_replaces_only_its_own_folders(mirror: tuple[Path, Sources], tmp_p
     (out_dir / "notes.txt").write_text("the user's own file")
     (out_dir / "extra").mkdir()
     (out_dir / "extra" / "scores.csv").write_text("a,b\n")
-    fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
-    assert sorted(p.name for p in out_dir.iterdir()) == ["extra", "imdb", "mnist", "notes.txt"]
+    fetch_all(out_dir, CFG, str(folder), DATASETS, sources=sources, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "extra",
+        "fetched.json",
+        "imdb",
+        "mnist",
+        "notes.txt",
+    ]
     assert (out_dir / "notes.txt").read_text() == "the user's own file"
     assert (out_dir / "extra" / "scores.csv").read_text() == "a,b\n"
     assert sorted(p.name for p in (out_dir / "mnist").iterdir()) == sorted(TINY_MNIST)
@@ -268,7 +299,9 @@ def test_failed_swap_puts_the_old_output_back(
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
-        fetch_all(out_dir, CFG, str(folder), sources=sources, cache_dir=tmp_path / "cache")
+        fetch_all(
+            out_dir, CFG, str(folder), DATASETS, sources=sources, cache_dir=tmp_path / "cache"
+        )
     assert [p.name for p in (out_dir / "imdb").iterdir()] == ["train.parquet"]
     assert (out_dir / "imdb" / "train.parquet").read_bytes() == b"previous run"
     # Each output is swapped on its own: mnist/ (first) is already the new one; no temp folder.
@@ -288,9 +321,11 @@ def test_dropped_connection_is_retried_then_fails_in_one_line(
     out_dir = tmp_path / "raw"
     cfg = FetchConfig(connect_timeout_s=1.0, read_timeout_s=1.0, retries=2)
     with pytest.raises(DlpipeError) as err:
-        fetch_all(out_dir, cfg, http_server.url("/m"), sources=sources, cache_dir=tmp_path / "c")
+        fetch_all(
+            out_dir, cfg, http_server.url("/m"), DATASETS, sources=sources, cache_dir=tmp_path / "c"
+        )
     assert http_server.hits[f"/m/mnist/{name}"] == 3
-    canonical = f"{sources.mnist_url_bases[0]}{name}"  # a closed port
+    canonical = f"{sources['mnist'].url_bases[0]}{name}"  # a closed port
     assert str(err.value) == (
         f"could not fetch {name}: tried {short} "
         f"(connection dropped mid-download: truncated body, 3 attempts); "
@@ -321,7 +356,22 @@ def test_stage_script_reports_a_corrupt_mirror_in_one_line(tmp_path: Path) -> No
     assert result.stderr.splitlines()[-1] == (
         "error: checksum mismatch for train-images-idx3-ubyte.gz from "
         f"{mirror / 'mnist' / 'train-images-idx3-ubyte.gz'}: "
-        f"expected sha256 {DEFAULT_SOURCES.mnist_files[0].sha256}, got {got}"
+        f"expected sha256 {MNIST_FILES[0].sha256}, got {got}"
     )
     assert list((project / "data").iterdir()) == [], "no data/raw, no temp folder"
     assert list((project / ".dlpipe" / "downloads").iterdir()) == []
+
+
+def test_fetch_takes_the_datasets_whose_format_downloads(tmp_path: Path) -> None:
+    raw = load_params(ROOT / "params.yaml").model_dump()
+    raw["datasets"]["tickets"] = {"format": "table", "path": "data/own/tickets.csv"}
+    params = parse_params(raw, "params.yaml")
+    found = fetched_datasets(params, Path("data/raw"))
+    assert found == DATASETS, "the user's own table is read where it is, not fetched"
+    raw["datasets"]["imdb"]["path"] = "data/elsewhere/imdb"
+    with pytest.raises(DlpipeError) as err:
+        fetched_datasets(parse_params(raw, "params.yaml"), Path("data/raw"))
+    assert str(err.value) == (
+        "params.yaml: datasets.imdb.path: the fetch stage writes imdb to data/raw/imdb; "
+        "set path: data/raw/imdb"
+    )

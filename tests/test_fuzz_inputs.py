@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TrainedFolders
+from conftest import REPO_ROOT, TrainedFolders
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -168,8 +169,14 @@ def test_the_pyfunc_takes_any_frame(
 
 
 @pytest.fixture
-def in_project(trained_folders: TrainedFolders, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.chdir(trained_folders.root)
+def in_project(
+    trained_folders: TrainedFolders, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """cwd = a project: the repo's params.yaml (where `dlpipe predict` finds each model's family)
+    beside the trained folders' data/ (read-only, so linked)."""
+    shutil.copyfile(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "data").symlink_to(trained_folders.root / "data", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
     level = logging.getLogger("mlflow").level
     yield
     logging.getLogger("mlflow").setLevel(level)
@@ -195,6 +202,22 @@ def assert_prints_or_one_error(code: int, out: str, err: str, count: int | None)
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and errors[0] == err.rstrip("\n"), err
         assert out == "", out
+
+
+def test_dlpipe_predict_answers_valid_inputs(
+    in_project: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The fuzzed cases below may all fail cleanly; valid ones must be answered."""
+    picture = tmp_path / "digit.png"
+    Image.new("L", (40, 30), 255).save(picture, format="PNG")
+    for family, inputs in (
+        ("rnn", ["a fine film", "dull"]),
+        ("transformer", ["a fine film", "dull"]),
+        ("cnn", [str(picture)]),
+    ):
+        code, out, err = run_cli(["predict", family, *inputs], capsys)
+        assert code == 0, err
+        assert_prints_or_one_error(code, out, err, len(inputs))
 
 
 CLI_TEXTS = st.one_of(

@@ -14,11 +14,19 @@ import yaml
 
 from dlpipe.config import GatesConfig, load_params, parse_params
 from dlpipe.errors import DlpipeError
-from dlpipe.gates import Check, collect_checks, format_checks, main, run_check
+from dlpipe.gates import (
+    CHANCE_MARGIN,
+    Check,
+    collect_checks,
+    format_checks,
+    largest_class_share,
+    main,
+    run_check,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"cnn": 0.991, "rnn": 0.88, "transformer": 0.87}
-FAMILIES = tuple(GOOD)
+MODELS = tuple(GOOD)
 
 
 def write_reports(folder: Path, accuracy: dict[str, float], **extra: Any) -> Path:
@@ -31,10 +39,30 @@ def write_reports(folder: Path, accuracy: dict[str, float], **extra: Any) -> Pat
     return reports
 
 
-def write_params(folder: Path, gates: dict[str, Any] | None = None) -> Path:
+# The test splits' class counts, as prepare writes them in the data cards (MNIST's real ones).
+TEST_CLASS_COUNTS = {
+    "mnist": [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009],
+    "imdb": [12500, 12500],
+}
+
+
+def write_cards(folder: Path, counts: dict[str, list[int]] = TEST_CLASS_COUNTS) -> None:
+    """reports/data/<dataset>.json beside reports/models (only the keys gates read)."""
+    cards = folder / "reports" / "data"
+    cards.mkdir(parents=True, exist_ok=True)
+    for dataset, classes in counts.items():
+        card = {"test": {"count": sum(classes), "class_counts": classes}}
+        (cards / f"{dataset}.json").write_text(json.dumps(card), encoding="utf-8")
+
+
+def write_params(
+    folder: Path, gates: dict[str, Any] | None = None, train: dict[str, Any] | None = None
+) -> Path:
+    """params.yaml: the project's, with these gates keys and these extra `train` models."""
     raw = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text())).model_dump()
     if gates is not None:
         raw["gates"] = {**raw["gates"], **gates}
+    raw["train"].update(train or {})
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
@@ -42,10 +70,11 @@ def write_params(folder: Path, gates: dict[str, Any] | None = None) -> Path:
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """cwd = a folder with params.yaml (default gates) and passing reports."""
+    """cwd = a folder with params.yaml (default gates), passing reports and the data cards."""
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path)
     write_reports(tmp_path, GOOD)
+    write_cards(tmp_path)
     return tmp_path
 
 
@@ -137,14 +166,76 @@ def test_several_metrics_per_model(project: Path, capsys: pytest.CaptureFixture[
     write_params(project, {"floors": {"cnn": {"test_accuracy": 0.98, "test_macro_f1": 0.985}}})
     assert run_check() == 1  # macro-F1 is 0.981
     out = capsys.readouterr().out
-    assert "cnn    test_macro_f1  0.9810" in out
-    assert "rnn" not in out  # only models with floors are checked
+    assert ["cnn", "test_macro_f1", "0.9810", "floor", "0.9850", "-0.0040", "FAIL"] in [
+        line.split() for line in out.splitlines()
+    ]
+    # the models left without floors are gated against chance (their largest class)
+    rows = [line.split() for line in out.splitlines() if line.startswith(("rnn ", "transformer "))]
+    assert [row[:5] for row in rows] == [
+        ["rnn", "test_accuracy", "0.8800", "chance", "0.5100"],
+        ["transformer", "test_accuracy", "0.8700", "chance", "0.5100"],
+    ]
 
 
 def test_only_chosen_models(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_reports(project, {"rnn": 0.5})
     assert main(["--model", "cnn", "--model", "transformer"]) == 0
     assert "rnn" not in capsys.readouterr().out
+
+
+# --- chance: a model without floors --------------------------------------------------------------
+
+MLP = {"family": "mlp", "dataset": "mnist", "model": {"hidden": 64}}  # a user's model, no floors
+
+
+def test_a_model_without_a_floor_is_gated_against_chance(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its test accuracy must beat always answering its test split's largest class (MNIST: the
+    1s, 1135 of 10000) by CHANCE_MARGIN; the models with floors keep them."""
+    write_params(project, train={"mlp": MLP})
+    write_reports(project, {"mlp": 0.97})
+    assert run_check() == 0
+    out = capsys.readouterr().out
+    assert "gates: all 4 checks passed" in out
+    [row] = [line for line in out.splitlines() if line.startswith("mlp ")]
+    limit = 1135 / 10000 + CHANCE_MARGIN
+    assert row.split() == [
+        "mlp", "test_accuracy", "0.9700", "chance", f"{limit:.4f}", f"{0.97 - limit:+.4f}",
+        "PASS", "largest", "class", "0.1135", "+", "0.01",
+    ]  # fmt: skip
+
+    write_reports(project, {"mlp": 0.12})  # a model that stopped learning: near chance
+    assert run_check() == 1
+    out = capsys.readouterr().out
+    assert f"gates: FAILED 1 of 4 checks: mlp test_accuracy 0.1200 < {limit:.4f} (chance)" in out
+    assert run_check(smoke=True) == 1  # no smoke floor either: chance again
+    assert main(["--model", "cnn"]) == 0  # not chosen, not checked
+    assert "mlp" not in capsys.readouterr().out.split("gates: all")[-1]
+
+
+def test_chance_is_the_largest_test_class_share(project: Path) -> None:
+    write_cards(project, {"pets": [30, 50, 20]})
+    assert largest_class_share(project / "reports" / "models", "pets") == 0.5
+    assert largest_class_share(project / "reports" / "models", "imdb") == 0.5
+    write_reports(project, {"pets_cnn": 0.6})
+    checks = collect_checks(
+        GatesConfig(floors={}), ("pets_cnn",), project / "reports" / "models",
+        chance={"pets_cnn": 0.5},
+    )  # fmt: skip
+    assert [(c.against, c.limit) for c in checks] == [("chance", 0.5 + CHANCE_MARGIN)]
+
+
+def test_a_missing_data_card_for_a_model_without_floors_is_one_line(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_params(project, train={"mlp": MLP})
+    write_reports(project, {"mlp": 0.97})
+    (project / "reports" / "data" / "mnist.json").unlink()
+    assert run_check() == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("error: reports/data/mnist.json: missing"), err
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -229,9 +320,7 @@ def test_an_unknown_revision_is_one_line(history: Path, capsys: pytest.CaptureFi
 def test_collect_checks_reads_the_baseline_values(history: Path) -> None:
     write_reports(history, {"cnn": 0.995})
     gates = GatesConfig(floors={"cnn": {"test_accuracy": 0.985}}, max_drop=0.0)
-    checks = collect_checks(
-        gates, FAMILIES, Path("reports/models"), baseline="base", models=["cnn"]
-    )
+    checks = collect_checks(gates, MODELS, Path("reports/models"), baseline="base", models=["cnn"])
     assert [(c.against.split()[0], c.limit, c.passed) for c in checks] == [
         ("floor", 0.985, True),
         ("baseline", GOOD["cnn"], True),
@@ -283,7 +372,7 @@ def test_smoke_floor_missing_for_a_model(project: Path) -> None:
     write_params(project, {"smoke_floors": {"cnn": {"test_accuracy": 0.5}}})
     with pytest.raises(DlpipeError, match="gates.smoke_floors in params.yaml has no floor for rnn"):
         collect_checks(
-            load_params().gates, FAMILIES, Path("reports/models"), smoke=True, models=["cnn", "rnn"]
+            load_params().gates, MODELS, Path("reports/models"), smoke=True, models=["cnn", "rnn"]
         )
 
 

@@ -16,7 +16,7 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import FAMILIES, TinyProject, dataset_of, family_model, hook_after_epoch
+from conftest import MODELS, TinyProject, dataset_of, family_model, hook_after_epoch
 from mlflow.tracking import MlflowClient
 from test_ddp import finish, stage
 
@@ -56,7 +56,7 @@ def tiny(project: TinyProject, family: str, split: str = "val") -> tuple[Split, 
     return load_split(prepared, split), meta
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_the_kernels_compute_in_bf16_but_the_rnn_recurrence_in_fp32(
     tiny_project: TinyProject, family: str
 ) -> None:
@@ -96,14 +96,14 @@ def one_epoch_loss(project: TinyProject, family: str, device: str, precision: st
     return result.history[0]["train_loss"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_one_epoch_loss_on_cuda_matches_the_cpu(tiny_project: TinyProject, family: str) -> None:
     cpu = one_epoch_loss(tiny_project, family, "cpu", "fp32")
     assert one_epoch_loss(tiny_project, family, "cuda", "fp32") == pytest.approx(cpu, rel=0.02)
     assert one_epoch_loss(tiny_project, family, "cuda", "bf16") == pytest.approx(cpu, rel=0.1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_one_bf16_epoch_on_cuda_is_tracked_with_gpu_metrics(
     tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:

@@ -48,7 +48,7 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path: Path) -> Non
 def test_the_pipeline_runs_the_projects_own_params_on_the_gpu() -> None:
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
     params = smoke_params(raw, gpu_check().full_run_overrides(raw))
-    assert params["prepare"] == raw["prepare"]  # full data, not the smoke slices
+    assert params["datasets"] == raw["datasets"]  # full data, not the smoke slices
     assert params["evaluate"] == raw["evaluate"]
     for name, section in raw["train"].items():
         assert params["train"][name] == {**section, "device": "cuda"}

@@ -1,6 +1,6 @@
 """A real signal kills the real train stage mid-epoch; the rerun resumes bit-exactly (#10).
 
-Each test runs `python stages/train.py <family>` three times in the tiny project, as `dvc repro`
+Each test runs `python stages/train.py <model>` three times in the tiny project, as `dvc repro`
 would: once uninterrupted (the reference), once with a signal delivered at a random batch of
 epoch 2, and once more to resume. The kill run goes through a wrapper script (written to the
 test's tmp folder, library code untouched) that, when the training fetches batch k of epoch 2,
@@ -93,7 +93,7 @@ def _sigint_as_from_a_terminal() -> None:
 
 
 def start_stage(
-    project: TinyProject, family: str, kill_at: tuple[int, Path] | None = None
+    project: TinyProject, model: str, kill_at: tuple[int, Path] | None = None
 ) -> subprocess.Popen[str]:
     env = {
         **os.environ,
@@ -113,7 +113,7 @@ def start_stage(
             "KILL_STAGE": str(STAGE),
         }
     return subprocess.Popen(
-        [sys.executable, str(script), family],
+        [sys.executable, str(script), model],
         cwd=project.root,
         env=env,
         stdout=subprocess.PIPE,
@@ -153,11 +153,11 @@ def kill_at_batch(
     return finish(process, timeout=60)
 
 
-def outputs(project: TinyProject, family: str) -> dict[str, Any]:
+def outputs(project: TinyProject, model: str) -> dict[str, Any]:
     """What the stage left: weights, per-epoch metrics and train.json, timing keys dropped."""
     models, reports = (
-        project.root / "data/models" / family,
-        project.root / "reports/models" / family,
+        project.root / "data/models" / model,
+        project.root / "reports/models" / model,
     )
     with open(reports / "history.csv", newline="") as handle:
         history = [
@@ -173,10 +173,10 @@ def outputs(project: TinyProject, family: str) -> dict[str, Any]:
     }
 
 
-def remove_outputs(project: TinyProject, family: str) -> None:
+def remove_outputs(project: TinyProject, model: str) -> None:
     """What `dvc repro` does before it reruns a stage: its outputs go."""
-    shutil.rmtree(project.root / "data/models" / family)
-    shutil.rmtree(project.root / "reports/models" / family)
+    shutil.rmtree(project.root / "data/models" / model)
+    shutil.rmtree(project.root / "reports/models" / model)
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -188,7 +188,7 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("sig", "family", "updates"),
+    ("sig", "model", "updates"),
     [
         # dropout > 0 and warm-up + cosine: the RNG and scheduler state must resume too
         (signal.SIGKILL, "transformer", {"model": {"dropout": 0.3}, "warmup_epochs": 0.5}),
@@ -201,27 +201,27 @@ def test_a_signal_at_a_random_batch_of_epoch_2_resumes_to_the_uninterrupted_resu
     tiny_project: TinyProject,
     tmp_path: Path,
     sig: signal.Signals,
-    family: str,
+    model: str,
     updates: dict[str, Any],
 ) -> None:
-    params = tiny_project.with_train(family, epochs=2, batch_size=BATCH_SIZE, **updates)
+    params = tiny_project.with_train(model, epochs=2, batch_size=BATCH_SIZE, **updates)
     tiny_project.write_params(params)
-    prepared = tiny_project.root / "data/prepared" / dataset_of(family)
+    prepared = tiny_project.root / "data/prepared" / dataset_of(model)
     steps_per_epoch = load_split(prepared, "train").steps(BATCH_SIZE, 1)
-    batch = random.Random(f"{sig.name}-{family}").randrange(1, steps_per_epoch)
-    where = f"{sig.name} at batch {batch}/{steps_per_epoch} of epoch {KILL_EPOCH} ({family})"
+    batch = random.Random(f"{sig.name}-{model}").randrange(1, steps_per_epoch)
+    where = f"{sig.name} at batch {batch}/{steps_per_epoch} of epoch {KILL_EPOCH} ({model})"
     client = MlflowClient(tiny_project.tracking_uri)
     checkpoints = tiny_project.root / ".dlpipe" / "checkpoints"
 
-    code, output = finish(start_stage(tiny_project, family))
+    code, output = finish(start_stage(tiny_project, model))
     assert code == 0, output[-3000:]
-    expected = outputs(tiny_project, family)
+    expected = outputs(tiny_project, model)
     assert [row["epoch"] for row in expected["history"]] == [1, 2]
-    remove_outputs(tiny_project, family)
+    remove_outputs(tiny_project, model)
 
     marker = tmp_path / "kill-point"
     code, output = kill_at_batch(
-        start_stage(tiny_project, family, (batch, marker)), marker, sig, where
+        start_stage(tiny_project, model, (batch, marker)), marker, sig, where
     )
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL, f"{where}: exit {code}\n{output[-3000:]}"
@@ -231,10 +231,10 @@ def test_a_signal_at_a_random_batch_of_epoch_2_resumes_to_the_uninterrupted_resu
     assert "epoch 1/2" in output and "epoch 2/2" not in output, f"{where}\n{output[-3000:]}"
 
     # no DVC output half-written: the training had not reached them, so none exists
-    for out in (f"data/models/{family}", f"reports/models/{family}"):
+    for out in (f"data/models/{model}", f"reports/models/{model}"):
         assert not (tiny_project.root / out).exists(), f"{where}: {out} left behind"
     assert temp_files(tiny_project.root) == [], where
-    [folder] = checkpoints.glob(f"{family}-*")
+    [folder] = checkpoints.glob(f"{model}-*")
     state = CheckpointStore(folder).load()
     assert state is not None and state["epoch"] == 1, where
     run_id = state["extra"]["mlflow_run_id"]
@@ -244,10 +244,10 @@ def test_a_signal_at_a_random_batch_of_epoch_2_resumes_to_the_uninterrupted_resu
     assert interrupted.info.status == status, where
     assert steps(client, run_id, "val_accuracy") == [1], where
 
-    code, output = finish(start_stage(tiny_project, family))
+    code, output = finish(start_stage(tiny_project, model))
     assert code == 0, f"{where}: rerun exit {code}\n{output[-3000:]}"
     assert f"resuming from epoch 1 ({folder / 'last.pt'})" in output, f"{where}\n{output[-3000:]}"
-    resumed = outputs(tiny_project, family)
+    resumed = outputs(tiny_project, model)
     different = [
         k
         for k in expected["weights"]
@@ -270,5 +270,5 @@ def test_a_signal_at_a_random_batch_of_epoch_2_resumes_to_the_uninterrupted_resu
         assert logged == straight, (where, key)
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     assert len(client.search_runs([experiment.experiment_id])) == 2, where  # no third run
-    assert not any(checkpoints.glob(f"{family}-*")), where  # cleared after success
+    assert not any(checkpoints.glob(f"{model}-*")), where  # cleared after success
     assert temp_files(tiny_project.root) == [], where

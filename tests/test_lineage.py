@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
-from conftest import TinyProject
+from conftest import TinyProject, tiny_mnist_arrays
 from mlflow.tracking import MlflowClient
-from test_evaluation import _add_test_splits
 
 from dlpipe import lineage
 from dlpipe.evaluation.run import evaluate
+from dlpipe.integrity import seal
 from dlpipe.io import read_json
 from dlpipe.tracking import TrainingRun, git_state
 from dlpipe.training.run import train
@@ -82,6 +83,13 @@ def write_lock(folder: Path, stages: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+def add_mnist_test_split(project: TinyProject) -> None:
+    """What prepare@mnist writes beyond the training fixture: the test split (80 images)."""
+    prepared = project.root / "data" / "prepared" / "mnist"
+    np.savez(prepared / "test.npz", **tiny_mnist_arrays(80, seed=5))
+    seal(prepared)
+
+
 def test_dvc_lock_hashes_of_the_data_and_the_train_stage(tmp_path: Path) -> None:
     lock = write_lock(tmp_path, STAGES)
     assert lineage.data_tags("mnist", lock) == {"dvc_data_md5": "d41d8cd9.dir"}
@@ -129,7 +137,7 @@ def test_a_trial_run_carries_its_lineage_and_its_training_s_duration(
     params = tiny_project.with_mlflow(sweep_parent=parent)
     write_lock(tiny_project.root, {"prepare@mnist": STAGES["prepare@mnist"]})
     monkeypatch.setenv("DVC_EXP_NAME", "cnn-abc123-1")
-    _add_test_splits(tiny_project)
+    add_mnist_test_split(tiny_project)
 
     train("cnn", params)
     run_id = read_json(Path("data/models/cnn/mlflow_run.json"))["run_id"]

@@ -1,9 +1,11 @@
-"""The three models: shapes for every option, padding invariance, and that each one can learn."""
+"""The three families: shapes for every option and data, padding invariance, and that each one can
+learn."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +13,37 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MNIST_META
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from dlpipe.data.imdb import WORD_VECTORS_FILE, truncate
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, get_family
-from dlpipe.inputs.tokens import TOKENS, TokenEmbedding, masked_mean, padding_mask
+from dlpipe.inputs.tokens import (
+    TOKENS,
+    WORD_VECTORS_FILE,
+    TokenEmbedding,
+    masked_mean,
+    padding_mask,
+    truncate,
+)
 from dlpipe.models.cnn import CNNConfig
 from dlpipe.models.rnn import RNNClassifier, RNNConfig
 from dlpipe.models.transformer import TransformerConfig
 
 VOCAB, PAD = 50, 1  # a non-zero pad id catches code that assumes 0
 TEXT = DataMeta(num_classes=3, vocab_size=VOCAB, pad_id=PAD)
-MNIST = DataMeta(num_classes=10)
+MNIST = DataMeta.from_json(MNIST_META)  # 1x28x28
+# Colour pictures of another size, with their own per-channel statistics.
+RGB = DataMeta(
+    num_classes=4,
+    dataset="pets",
+    channels=3,
+    height=32,
+    width=32,
+    mean=(0.5, 0.4, 0.3),
+    std=(0.25, 0.2, 0.15),
+)
 
 TINY_RNN = RNNConfig(embed_dim=16, hidden_size=24, dropout=0.0)
 TINY_TRANSFORMER = TransformerConfig(
@@ -68,7 +87,8 @@ def test_build_model_imports_only_the_model_it_builds() -> None:
         "import sys\n"
         "from dlpipe.family import DataMeta, get_family\n"
         "cnn = get_family('cnn')\n"
-        "cnn.build(cnn.config(), DataMeta(10))\n"
+        "cnn.build(cnn.config(), DataMeta(10, channels=1, height=28, width=28, mean=(0.1,),"
+        " std=(0.3,)))\n"
         "others = ['dlpipe.models.rnn', 'dlpipe.models.transformer', 'dlpipe.inputs.tokens']\n"
         "assert not set(others) & set(sys.modules), sorted(set(others) & set(sys.modules))\n"
     )
@@ -119,16 +139,44 @@ def test_cnn_default_is_the_keras_mnist_convnet() -> None:
     ]  # fmt: skip
 
 
+def test_cnn_on_colour_pictures_of_another_size() -> None:
+    """Any channels and size: the same layers, the dense one sized to what the convolutions
+    leave (32 -> 30 -> 15 -> 13 -> 6 -> 4)."""
+    model = build_model("cnn", CNNConfig(), RGB)
+    assert model(torch.rand(5, 3, 32, 32)).shape == (5, 4)
+    signature = layer_signature(model)
+    assert signature[0] == "Conv2d(3,32,(3, 3))"
+    assert "Linear(1024,64)" in signature and signature[-1] == "Linear(64,4)"
+    wide = replace(RGB, height=18, width=40)  # the smallest height
+    assert build_model("cnn", CNNConfig(), wide)(torch.rand(2, 3, 18, 40)).shape == (2, 4)
+
+
+@pytest.mark.parametrize(("height", "width"), [(16, 16), (17, 64), (64, 10)])
+def test_cnn_refuses_pictures_too_small_for_its_layers(height: int, width: int) -> None:
+    small = replace(RGB, height=height, width=width)
+    with pytest.raises(DlpipeError) as caught:
+        build_model("cnn", CNNConfig(), small)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"datasets.pets: {height}x{width} images are too small"), message
+    assert "the smallest that works is 18x18" in message
+
+
+@pytest.mark.parametrize("meta", [MNIST, RGB], ids=["mnist", "rgb"])
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_cnn_pools_before_relu_yet_computes_kerass_conv_relu_pool(batch_norm: bool) -> None:
-    """The same function as Keras's order, written out with the model's own weights."""
+def test_cnn_pools_before_relu_yet_computes_kerass_conv_relu_pool(
+    batch_norm: bool, meta: DataMeta
+) -> None:
+    """The same function as Keras's order, written out with the model's own weights, on pixels
+    normalised by the dataset's per-channel mean and std."""
     torch.manual_seed(0)
-    model = build_model("cnn", CNNConfig(batch_norm=batch_norm), MNIST)
+    model = build_model("cnn", CNNConfig(batch_norm=batch_norm), meta)
     model.train()  # batch statistics: the order must not matter there either
-    images = torch.rand(8, 1, 28, 28)
+    images = torch.rand(8, meta.channels, meta.height, meta.width)
     convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
     norms = [m for m in model.features if isinstance(m, nn.BatchNorm2d)] or [nn.Identity()] * 3
-    x = (images - 0.1307) / 0.3081
+    mean, std = torch.tensor(meta.mean)[:, None, None], torch.tensor(meta.std)[:, None, None]
+    x = (images - mean) / std
     for i, (conv, norm) in enumerate(zip(convs, norms, strict=True)):
         x = F.relu(norm(conv(x)))
         x = F.max_pool2d(x, 2) if i < 2 else x
@@ -206,6 +254,15 @@ def test_text_model_shapes(variant: tuple[str, RNNConfig | TransformerConfig]) -
     model = build_model(*variant, TEXT)
     tokens, lengths = text_batch([7, 1, 12, 3], width=12)
     assert model(tokens, lengths).shape == (4, 3)
+
+
+@pytest.mark.parametrize("name", ["rnn", "transformer"])
+def test_text_families_take_any_number_of_classes(name: str) -> None:
+    config = TINY_RNN if name == "rnn" else TINY_TRANSFORMER
+    five = DataMeta(num_classes=5, dataset="tickets", vocab_size=VOCAB, pad_id=PAD, max_len=64)
+    model = build_model(name, config, five)
+    tokens, lengths = text_batch([7, 1, 12], width=12)
+    assert model(tokens, lengths).shape == (3, 5)
 
 
 @pytest.mark.parametrize("variant", TEXT_VARIANTS, ids=variant_id)
@@ -397,8 +454,24 @@ def test_a_long_review_keeps_its_opening_and_its_verdict() -> None:
 
 
 def test_heads_must_divide_d_model() -> None:
-    with pytest.raises(ValueError, match="heads: 5 does not divide d_model 16"):
+    with pytest.raises(ValueError, match="heads 5 does not divide d_model 16"):
         TransformerConfig(d_model=16, heads=5)
+
+
+def test_the_transformer_refuses_data_longer_than_it_keeps() -> None:
+    """prepare kept the head and the tail of each text: a model keeping fewer tokens would cut
+    the tail (often the verdict) off again, silently; built for such data it is one line naming
+    the dataset's max_len instead."""
+    keep = TINY_TRANSFORMER.max_len
+    longer = DataMeta(num_classes=2, dataset="imdb", vocab_size=VOCAB, pad_id=PAD, max_len=keep + 1)
+    with pytest.raises(DlpipeError) as caught:
+        build_model("transformer", TINY_TRANSFORMER, longer)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"datasets.imdb.max_len {keep + 1} is above the transformer's ")
+    assert f"model.max_len {keep}" in message
+    fits = DataMeta(num_classes=2, dataset="imdb", vocab_size=VOCAB, pad_id=PAD, max_len=keep)
+    build_model("transformer", TINY_TRANSFORMER, fits)  # as long as it keeps: fine
 
 
 # --- all three ----------------------------------------------------------------------------------

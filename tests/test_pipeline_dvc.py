@@ -5,9 +5,10 @@ Each test builds a throwaway git + DVC repo holding a copy of the project's dvc.
 stages/ and src/, and runs `python -m dvc` in it; the stage scripts import the copied src.
 
 * The fast tests cannot run `fetch` for real: it verifies the checksums pinned for the real files,
-  which no tiny file passes. So they write tiny raw data where fetch would, record it with
+  which no tiny file passes. So they write tiny raw data where fetch would (its one output,
+  data/raw, holding data/raw/<dataset> for each built-in dataset), record it with
   `dvc commit fetch` (DVC's own way to accept outputs made outside `repro`), and run the real
-  prepare stages on it.
+  prepare@<dataset> stages on it.
 * The slow test runs the whole `dvc repro prepare@mnist prepare@imdb` honestly, fetch included,
   from the real files in the shared datasets mirror (about 30 s: IMDB has 50k reviews to encode).
 """
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dlpipe.data.archive import frame
+from dlpipe.datasets.imdb import frame
 from dlpipe.smoke.workspace import isolated_env
 
 pytestmark = pytest.mark.integration
@@ -145,8 +146,8 @@ def write_tiny_raw_data(raw: Path) -> None:
 
 
 def set_small_data_params(raw: dict[str, Any]) -> None:
-    raw["prepare"]["mnist"]["val_size"] = 20
-    raw["prepare"]["imdb"].update(val_size=10, vocab_size=150, max_len=32)
+    raw["datasets"]["mnist"]["val_size"] = 20
+    raw["datasets"]["imdb"].update(val_size=10, vocab_size=150, max_len=32)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,7 @@ def assert_outputs_exist(repo: DvcRepo) -> None:
         "SHA256SUMS",
         "meta.json",
         "test.npz",
+        "texts.parquet",
         "tokenizer.json",
         "train.npz",
         "val.npz",
@@ -195,7 +197,14 @@ def assert_outputs_exist(repo: DvcRepo) -> None:
     assert set(lock["stages"]) == set(DATA_STAGES)
     params = yaml.safe_load((repo.root / "params.yaml").read_text(encoding="utf-8"))
     locked = lock["stages"]["prepare@imdb"]["params"]["params.yaml"]
-    assert locked == {"seed": params["seed"], "prepare.imdb": params["prepare"]["imdb"]}
+    assert locked == {"seed": params["seed"], "datasets.imdb": params["datasets"]["imdb"]}
+    # prepare@<dataset> reads its raw files where datasets.<dataset>.path says: inside fetch's
+    # one output, data/raw.
+    assert [out["path"] for out in lock["stages"]["fetch"]["outs"]] == ["data/raw"]
+    for dataset in ("mnist", "imdb"):
+        deps = [dep["path"] for dep in lock["stages"][f"prepare@{dataset}"]["deps"]]
+        assert params["datasets"][dataset]["path"] == f"data/raw/{dataset}"
+        assert f"data/raw/{dataset}" in deps and f"src/dlpipe/datasets/{dataset}.py" in deps
 
 
 def assert_up_to_date_and_second_repro_skips(repo: DvcRepo) -> None:
@@ -210,15 +219,18 @@ def assert_up_to_date_and_second_repro_skips(repo: DvcRepo) -> None:
 
 
 def assert_vocab_size_change_marks_only_prepare_imdb(repo: DvcRepo) -> None:
+    """Of the prepare stages, only prepare@imdb; fetch too, as it reads the whole `datasets`
+    section (each dataset's format and path)."""
     params = repo.root / "params.yaml"
     before = params.read_text(encoding="utf-8")
     try:
-        repo.edit_params(lambda raw: raw["prepare"]["imdb"].update(vocab_size=123))
+        repo.edit_params(lambda raw: raw["datasets"]["imdb"].update(vocab_size=123))
         changed = repo.changed_stages()
-        assert set(changed) == {"prepare@imdb"}, changed
+        assert set(changed) == {"fetch", "prepare@imdb"}, changed
         assert changed["prepare@imdb"] == [
-            {"changed deps": {"params.yaml": {"prepare.imdb": "modified"}}}
+            {"changed deps": {"params.yaml": {"datasets.imdb": "modified"}}}
         ]
+        assert changed["fetch"] == [{"changed deps": {"params.yaml": {"datasets": "modified"}}}]
     finally:
         params.write_text(before, encoding="utf-8")
     assert repo.changed_stages() == {}
@@ -265,7 +277,7 @@ def set_param(dotted: str, value: object) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize(
     ("dotted", "value", "expected"),
     [
-        ("prepare.mnist.val_size", 30, {"prepare@mnist"}),
+        ("datasets.mnist.val_size", 30, {"fetch", "prepare@mnist"}),
         ("seed", 7, {"prepare@mnist", "prepare@imdb"}),
         ("fetch.retries", 5, {"fetch"}),
         ("train.rnn.epochs", 9, set()),
@@ -287,10 +299,13 @@ def test_a_param_change_marks_only_the_stages_that_read_it(
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        ("src/dlpipe/data/imdb.py", {"prepare@imdb"}),
-        ("src/dlpipe/data/mnist.py", {"prepare@mnist"}),
-        ("src/dlpipe/data/splits.py", {"prepare@mnist", "prepare@imdb"}),
-        ("src/dlpipe/data/sources.py", {"fetch"}),
+        # A format's module: its own prepare stage, and fetch (which holds the folder
+        # src/dlpipe/datasets: the built-ins' fetch code and pinned checksums live there).
+        ("src/dlpipe/datasets/imdb.py", {"fetch", "prepare@imdb"}),
+        ("src/dlpipe/datasets/mnist.py", {"fetch", "prepare@mnist"}),
+        ("src/dlpipe/datasets/table.py", {"fetch"}),  # no dataset of the format: no prepare
+        ("src/dlpipe/data/splits.py", set(DATA_STAGES)),
+        ("src/dlpipe/data/fetch.py", {"fetch"}),
         ("src/dlpipe/config.py", set(DATA_STAGES)),
         ("src/dlpipe/models/transformer.py", set()),
     ],
@@ -308,6 +323,42 @@ def test_a_code_change_marks_only_the_stages_that_run_it(
         source.write_bytes(before)
 
 
+def test_a_declared_dataset_is_a_prepare_stage_with_no_dvc_yaml_edit(
+    tiny_repo: tuple[DvcRepo, str],
+) -> None:
+    """A user's own table, declared in params.yaml only: `prepare@tickets` exists and runs on its
+    file; the built-in datasets' stages do not run."""
+    repo = tiny_repo[0]
+    saved = {name: (repo.root / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    table = repo.root / "data" / "own" / "tickets.csv"
+    table.parent.mkdir(parents=True)
+    words = {"billing": ["invoice", "refund", "charge"], "bug": ["crash", "error", "freeze"]}
+    lines = ["body,category"]
+    lines += [f"my {words[c][i % 3]} again {i},{c}" for c in words for i in range(30)]
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tickets = {"format": "table", "path": "data/own/tickets.csv", "text": "body"}
+    tickets.update(label="category", val_size=10, vocab_size=100, min_frequency=1)
+    try:
+        repo.edit_params(lambda raw: raw["datasets"].update(tickets=tickets))
+        output = repo.dvc("repro", "prepare@tickets")
+        assert output.count("Running stage") == 1, output
+        assert "Running stage 'prepare@tickets'" in output, output
+        assert "prepare@tickets: train 38, val 10, test 12 in" in output, output
+        card = load_card(repo, "tickets")
+        assert card["label_names"] == ["billing", "bug"]
+        assert card["test"]["class_counts"] == [6, 6]
+        meta = json.loads((repo.root / "data/prepared/tickets/meta.json").read_text("utf-8"))
+        assert (meta["inputs"], meta["dataset"]) == ("tokens", "tickets")
+        assert UP_TO_DATE in repo.dvc("status", "prepare@tickets")
+    finally:
+        for name, data in saved.items():
+            (repo.root / name).write_bytes(data)
+        shutil.rmtree(repo.root / "data" / "own", ignore_errors=True)
+        shutil.rmtree(repo.root / "data" / "prepared" / "tickets", ignore_errors=True)
+        (repo.root / "reports" / "data" / "tickets.json").unlink(missing_ok=True)
+    assert repo.changed_stages() == {}
+
+
 # --- slow: fetch too, from the real files ---------------------------------------------------------
 
 
@@ -316,8 +367,8 @@ def test_full_data_pipeline_from_the_real_files(tmp_path: Path, data_mirror: str
     repo = make_repo(tmp_path, data_mirror)
 
     def smaller(raw: dict[str, Any]) -> None:
-        raw["prepare"]["mnist"]["val_size"] = 1000
-        raw["prepare"]["imdb"].update(val_size=1000, vocab_size=2000)
+        raw["datasets"]["mnist"]["val_size"] = 1000
+        raw["datasets"]["imdb"].update(val_size=1000, vocab_size=2000)
 
     repo.edit_params(smaller)
     try:

@@ -11,14 +11,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_IMDB
+import yaml
+from conftest import MNIST_META, REPO_ROOT, TINY_IMDB, run_stage_here
 from tokenizers import Tokenizer
 
-from dlpipe.config import PrepareImdbConfig, PrepareMnistConfig
-from dlpipe.data import imdb, mnist
-from dlpipe.data.archive import frame
+from dlpipe.data import text
 from dlpipe.data.splits import class_counts, stratified_split
+from dlpipe.data.text import TextSettings
+from dlpipe.datasets import imdb, mnist
+from dlpipe.datasets.imdb import ImdbSettings, frame
+from dlpipe.datasets.mnist import MnistSettings
 from dlpipe.errors import DlpipeError
+from dlpipe.inputs.tokens import PAD_ID, TEXTS_FILE, UNK_ID, WORD_VECTORS_FILE, truncate
 
 # --- IDX files ---------------------------------------------------------------------------------
 
@@ -153,15 +157,37 @@ def test_split_rows_are_pinned_across_versions() -> None:
     assert val.tolist() == [7, 14, 28, 38, 42, 51, 66, 67, 71, 94]
 
 
+def test_split_size_may_be_a_share_of_the_rows() -> None:
+    keep, val = stratified_split(IMBALANCED, 0.1, seed=3)
+    assert class_counts(IMBALANCED[val], 3) == [60, 30, 10]
+    assert len(keep) == 900
+    np.testing.assert_array_equal(val, stratified_split(IMBALANCED, 100, seed=3)[1])
+
+
 @pytest.mark.parametrize("val_size", [0, 1000, 1500])
 def test_split_rejects_val_size_out_of_range(val_size: int) -> None:
-    with pytest.raises(DlpipeError, match=rf"val_size {val_size} must be between 1 and 999"):
+    message = rf"^val_size {val_size} must leave rows on both sides of 1000 rows$"
+    with pytest.raises(DlpipeError, match=message):
         stratified_split(IMBALANCED, val_size, seed=0)
 
 
-def test_split_rejects_a_class_too_small_to_stratify() -> None:
-    with pytest.raises(DlpipeError, match=r"cannot split 11 rows stratified"):
-        stratified_split(np.array([0] * 10 + [1]), 3, seed=0)
+@pytest.mark.parametrize(
+    ("label_names", "shown"), [(None, "'1'"), (["negative", "positive"], "'positive'")]
+)
+def test_split_rejects_a_class_too_small_to_stratify(
+    label_names: list[str] | None, shown: str
+) -> None:
+    with pytest.raises(DlpipeError) as err:
+        stratified_split(np.array([0] * 10 + [1]), 3, seed=0, label_names=label_names)
+    assert str(err.value) == (
+        f"cannot split 11 rows by val_size 3: class {shown} has 1 example(s), and each side "
+        "needs one of every class (2 classes)"
+    )
+
+
+def test_split_rejects_a_single_class() -> None:
+    with pytest.raises(DlpipeError, match=r"^cannot split 5 rows by val_size: they hold one class"):
+        stratified_split(np.zeros(5, np.int64), 2, seed=0)
 
 
 # --- MNIST prepare -----------------------------------------------------------------------------
@@ -177,7 +203,8 @@ class RawMnist:
 
 
 def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Random images whose first three pixels spell the row index (2 bytes) and the label."""
+    """Random images [N, 28, 28] (as the IDX files hold them) whose first three pixels spell the
+    row index (2 bytes) and the label."""
     images = np.random.default_rng(seed).integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
     rows = np.arange(len(labels))
     images[:, 0, 0], images[:, 0, 1], images[:, 0, 2] = rows % 256, rows // 256, labels
@@ -185,7 +212,8 @@ def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def row_ids(images: np.ndarray) -> np.ndarray:
-    return images[:, 0, 0].astype(np.int64) + 256 * images[:, 0, 1].astype(np.int64)
+    """The row index spelled by prepared images [N, 1, 28, 28]."""
+    return images[:, 0, 0, 0].astype(np.int64) + 256 * images[:, 0, 0, 1].astype(np.int64)
 
 
 @pytest.fixture
@@ -211,43 +239,48 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
+def mnist_settings(raw: RawMnist, **overrides: object) -> MnistSettings:
+    return MnistSettings.model_validate(
+        {"format": "mnist", "path": str(raw.folder), "val_size": 20, **overrides}
+    )
+
+
 def test_prepare_mnist(raw_mnist: RawMnist, tmp_path: Path) -> None:
-    out, card_path = tmp_path / "prepared", tmp_path / "reports" / "mnist.json"
-    card = mnist.prepare(raw_mnist.folder, out, card_path, PrepareMnistConfig(val_size=20), 42)
+    out = tmp_path / "prepared" / "mnist"
+    card = mnist.prepare(mnist_settings(raw_mnist), raw_mnist.folder, out, 42)
 
     arrays = {split: load_npz(out / f"{split}.npz") for split in ("train", "val", "test")}
     for split, count in (("train", 180), ("val", 20), ("test", 50)):
-        assert arrays[split]["images"].shape == (count, 28, 28)
+        assert arrays[split]["images"].shape == (count, 1, 28, 28)
         assert arrays[split]["images"].dtype == np.uint8
         assert arrays[split]["labels"].shape == (count,)
-        assert arrays[split]["labels"].dtype == np.uint8
+        assert arrays[split]["labels"].dtype == np.int64
         # Each image is still paired with its own label.
-        np.testing.assert_array_equal(arrays[split]["images"][:, 0, 2], arrays[split]["labels"])
+        np.testing.assert_array_equal(arrays[split]["images"][:, 0, 0, 2], arrays[split]["labels"])
 
     # train + val are exactly the 200 training images, unchanged; test is the test file as is.
     train_ids, val_ids = row_ids(arrays["train"]["images"]), row_ids(arrays["val"]["images"])
     np.testing.assert_array_equal(np.sort(np.concatenate([train_ids, val_ids])), np.arange(200))
-    np.testing.assert_array_equal(arrays["val"]["images"], raw_mnist.train_images[val_ids])
-    np.testing.assert_array_equal(arrays["test"]["images"], raw_mnist.test_images)
+    np.testing.assert_array_equal(arrays["val"]["images"][:, 0], raw_mnist.train_images[val_ids])
+    np.testing.assert_array_equal(arrays["test"]["images"][:, 0], raw_mnist.test_images)
     np.testing.assert_array_equal(arrays["test"]["labels"], raw_mnist.test_labels)
 
     _, expected_val = stratified_split(raw_mnist.train_labels, 20, 42)
     np.testing.assert_array_equal(val_ids, expected_val)
 
-    assert json.loads(card_path.read_text(encoding="utf-8")) == card
     assert card["num_classes"] == 10
-    assert card["image_shape"] == [28, 28]
+    assert card["label_names"] == [str(digit) for digit in range(10)]
+    assert card["image_shape"] == [1, 28, 28]
     assert card["train"]["count"] == 180
     assert card["train"]["class_counts"] == [18] * 10
     assert card["val"]["class_counts"] == [2] * 10
     assert card["test"]["class_counts"] == [5] * 10
     expected_mean = round(float(raw_mnist.test_images.mean(dtype=np.float64)) / 255.0, 4)
-    assert card["test"]["pixel_mean"] == expected_mean
-    assert 0.0 < card["test"]["pixel_std"] < 1.0
-    assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == {
-        "num_classes": 10,
-        "label_names": [str(digit) for digit in range(10)],
-    }
+    assert card["test"]["pixel_mean"] == [expected_mean]
+    [std] = card["test"]["pixel_std"]
+    assert 0.0 < std < 1.0
+    # The models normalise with MNIST's canonical statistics; served pictures use the digit rule.
+    assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == MNIST_META
     assert sorted(p.name for p in out.iterdir()) == [
         "SHA256SUMS",
         "meta.json",
@@ -257,11 +290,12 @@ def test_prepare_mnist(raw_mnist: RawMnist, tmp_path: Path) -> None:
 
 def test_prepare_mnist_is_byte_for_byte_reproducible(raw_mnist: RawMnist, tmp_path: Path) -> None:
     """Same seed, same bytes: DVC sees an unchanged output and reruns nothing downstream."""
-    config = PrepareMnistConfig(val_size=20)
+    settings = mnist_settings(raw_mnist)
     outputs = {}
     for run, seed in (("a", 42), ("b", 42), ("c", 7)):
-        mnist.prepare(raw_mnist.folder, tmp_path / run, tmp_path / f"{run}.json", config, seed)
-        outputs[run] = {p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())}
+        out = tmp_path / run / "mnist"
+        mnist.prepare(settings, raw_mnist.folder, out, seed)
+        outputs[run] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert outputs["a"] == outputs["b"]
     assert outputs["a"]["val.npz"] != outputs["c"]["val.npz"]
     assert outputs["a"]["test.npz"] == outputs["c"]["test.npz"]
@@ -270,10 +304,34 @@ def test_prepare_mnist_is_byte_for_byte_reproducible(raw_mnist: RawMnist, tmp_pa
 def test_prepare_mnist_rejects_a_val_size_larger_than_train(
     raw_mnist: RawMnist, tmp_path: Path
 ) -> None:
-    with pytest.raises(DlpipeError, match=r"val_size 200 must be between 1 and 199"):
-        config = PrepareMnistConfig(val_size=200)
-        mnist.prepare(raw_mnist.folder, tmp_path / "o", tmp_path / "c.json", config, 0)
-    assert not (tmp_path / "c.json").exists()
+    settings = mnist_settings(raw_mnist, val_size=200)
+    with pytest.raises(DlpipeError, match=r"val_size 200 must leave rows on both sides of 200"):
+        mnist.prepare(settings, raw_mnist.folder, tmp_path / "o", 0)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_stage_writes_the_data_card(
+    raw_mnist: RawMnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stages/prepare.py mnist` prepares datasets.mnist into data/prepared/mnist and writes the
+    card the format returns to reports/data/mnist.json."""
+    project = tmp_path / "project"
+    project.mkdir()
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["datasets"]["mnist"].update(path=str(raw_mnist.folder), val_size=20)
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    monkeypatch.chdir(project)
+    assert run_stage_here("prepare", "mnist", monkeypatch) == 0
+    card = json.loads((project / "reports" / "data" / "mnist.json").read_text(encoding="utf-8"))
+    expected = mnist.prepare(mnist_settings(raw_mnist), raw_mnist.folder, tmp_path / "mnist", 42)
+    assert card == expected
+    prepared = project / "data" / "prepared" / "mnist"
+    assert sorted(p.name for p in prepared.iterdir()) == [
+        "SHA256SUMS",
+        "meta.json",
+        *(f"{s}.npz" for s in SPLITS),
+    ]
+    assert sorted(p.name for p in project.iterdir()) == ["data", "params.yaml", "reports"]
 
 
 # --- IMDB: truncation, normaliser, tokenizer ---------------------------------------------------
@@ -295,13 +353,18 @@ def test_prepare_mnist_rejects_a_val_size_larger_than_train(
 )
 def test_truncate(policy: str, max_len: int, expected: list[int]) -> None:
     ids = list(range(10))
-    assert imdb.truncate(ids, max_len, policy) == expected
+    assert truncate(ids, max_len, policy) == expected
     assert ids == list(range(10))
+
+
+def text_settings(**settings: object) -> TextSettings:
+    """The text settings of a table dataset (format and path matter not to the tokenizer)."""
+    return TextSettings.model_validate({"format": "table", "path": "-", **settings})
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
 def test_normaliser(kind: str) -> None:
-    tokenizer, _ = imdb.new_tokenizer(PrepareImdbConfig(tokenizer=kind))  # type: ignore[arg-type]
+    tokenizer, _ = text.new_tokenizer(text_settings(tokenizer=kind))
     normalize = tokenizer.normalizer.normalize_str
     assert normalize("Good.<br /><br />Really<br/>good<br>film") == "good. really good film"
     assert normalize("Cafe\u0301 E\u0301T\u00c9") == "caf\u00e9 \u00e9t\u00e9"
@@ -310,7 +373,7 @@ def test_normaliser(kind: str) -> None:
 
 
 def test_normaliser_can_keep_case() -> None:
-    tokenizer, _ = imdb.new_tokenizer(PrepareImdbConfig(lowercase=False))
+    tokenizer, _ = text.new_tokenizer(text_settings(lowercase=False))
     assert tokenizer.normalizer.normalize_str("A<br />B e\u0301") == "A B \u00e9"
 
 
@@ -336,41 +399,41 @@ def zipf_corpus(reviews: int = 1500, words: int = 3000, seed: int = 0) -> list[s
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
 def test_tokenizer_training_is_deterministic(kind: str) -> None:
     corpus = zipf_corpus()
-    config = PrepareImdbConfig(tokenizer=kind, vocab_size=300)  # type: ignore[arg-type]
-    runs = [imdb.train_tokenizer(list(corpus), config) for _ in range(3)]
+    config = text_settings(tokenizer=kind, vocab_size=300)
+    runs = [text.train_tokenizer(list(corpus), config) for _ in range(3)]
     assert runs[0].to_str() == runs[1].to_str() == runs[2].to_str()
     assert runs[0].get_vocab_size() == 300
-    assert runs[0].token_to_id(imdb.PAD) == imdb.PAD_ID
-    assert runs[0].token_to_id(imdb.UNK) == imdb.UNK_ID
+    assert runs[0].token_to_id(text.PAD) == PAD_ID
+    assert runs[0].token_to_id(text.UNK) == UNK_ID
     sample = corpus[0] + " zzqx"
     assert runs[0].encode(sample).ids == runs[2].encode(sample).ids
 
 
 def test_wordpiece_renumbering_keeps_the_tokenization() -> None:
     corpus = zipf_corpus()
-    config = PrepareImdbConfig(tokenizer="wordpiece", vocab_size=300)
-    raw, trainer = imdb.new_tokenizer(config)
+    config = text_settings(tokenizer="wordpiece", vocab_size=300)
+    raw, trainer = text.new_tokenizer(config)
     raw.train_from_iterator(corpus, trainer=trainer)  # the trainer's own (run-dependent) ids
-    renumbered = imdb.train_tokenizer(corpus, config)
+    renumbered = text.train_tokenizer(corpus, config)
     assert set(renumbered.get_vocab()) == set(raw.get_vocab())
-    for text in [*corpus[:20], "zzqx unseen words Ω", ""]:
-        assert renumbered.encode(text).tokens == raw.encode(text).tokens
+    for sample in [*corpus[:20], "zzqx unseen words Ω", ""]:
+        assert renumbered.encode(sample).tokens == raw.encode(sample).tokens
     assert renumbered.decode(renumbered.encode(corpus[0]).ids) == corpus[0]
 
 
 def test_encode_pads_with_zero_and_reports_full_lengths() -> None:
-    config = PrepareImdbConfig(vocab_size=120, min_frequency=1)
-    tokenizer = imdb.train_tokenizer(TOKENIZER_TEXTS, config)
+    config = text_settings(vocab_size=120, min_frequency=1)
+    tokenizer = text.train_tokenizer(TOKENIZER_TEXTS, config)
     texts = ["the film was good", "", "the film was bad and the plot was awful " * 3]
     full = [len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts]
-    encoded = imdb.encode(tokenizer, texts, max_len=8, policy="head")
+    encoded = text.encode(tokenizer, texts, max_len=8, policy="head")
     assert encoded["full_lengths"].tolist() == full
     assert encoded["lengths"].tolist() == [min(n, 8) for n in full]
     assert encoded["tokens"].shape == (3, 8)
     assert encoded["tokens"].dtype == np.int32
-    assert encoded["tokens"][1].tolist() == [imdb.PAD_ID] * 8
+    assert encoded["tokens"][1].tolist() == [PAD_ID] * 8
     first = tokenizer.encode(texts[0], add_special_tokens=False).ids
-    assert encoded["tokens"][0].tolist() == first + [imdb.PAD_ID] * (8 - len(first))
+    assert encoded["tokens"][0].tolist() == first + [PAD_ID] * (8 - len(first))
 
 
 # --- IMDB prepare ------------------------------------------------------------------------------
@@ -419,12 +482,12 @@ def raw_imdb(tmp_path: Path) -> RawImdb:
     rng = np.random.default_rng(0)
     train, test = reviews("train", 20, rng), reviews("test", 20, rng)
     keep, val = stratified_split(train["label"].to_numpy(), VAL_SIZE, SEED)
-    text = train["text"].tolist()
+    texts = train["text"].tolist()
     for row in keep:
-        text[row] += f" {TRAIN_WORD} {TRAIN_WORD}"
+        texts[row] += f" {TRAIN_WORD} {TRAIN_WORD}"
     for row in val:
-        text[row] += f" {VAL_WORD}" * 12
-    train["text"] = pd.array(text, dtype="string")
+        texts[row] += f" {VAL_WORD}" * 12
+    train["text"] = pd.array(texts, dtype="string")
     test["text"] = test["text"] + f" {TEST_WORD} {TEST_WORD} {TEST_WORD} 映画"
     unsup_texts = [f"{t} {UNSUP_WORD} {UNSUP_WORD}" for t in TINY_IMDB[("train", "unsup")] * 20]
     unsup = frame([f"unsup/{i}" for i in range(len(unsup_texts))], [-1] * 80, unsup_texts)
@@ -438,34 +501,48 @@ def raw_imdb(tmp_path: Path) -> RawImdb:
 def is_one_token(tokenizer: Tokenizer, word: str) -> bool:
     """Whether `word` is in the vocabulary: encoded as one id that is not [UNK]."""
     ids = tokenizer.encode(word, add_special_tokens=False).ids
-    return len(ids) == 1 and ids[0] != imdb.UNK_ID
+    return len(ids) == 1 and ids[0] != UNK_ID
 
 
 def run_prepare_imdb(raw: RawImdb, out: Path, **overrides: object) -> dict:
-    settings: dict[str, object] = {"val_size": VAL_SIZE, "vocab_size": 200, "max_len": 16}
-    config = PrepareImdbConfig.model_validate({**settings, **overrides})
-    return imdb.prepare(raw.folder, out, out / "card.json", config, SEED)
+    """imdb's prepare of `raw` into `out`; the unlabeled reviews and the word vectors only when
+    asked for."""
+    settings: dict[str, object] = {
+        "format": "imdb",
+        "path": str(raw.folder),
+        "val_size": VAL_SIZE,
+        "vocab_size": 200,
+        "max_len": 16,
+        "train_on_unsup": False,
+        "word_vectors_dim": 0,
+    }
+    config = ImdbSettings.model_validate({**settings, **overrides})
+    return imdb.prepare(config, raw.folder, out, SEED)
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
 def test_prepare_imdb(raw_imdb: RawImdb, tmp_path: Path, kind: str) -> None:
-    out = tmp_path / "prepared"
+    out = tmp_path / "prepared" / "imdb"
     card = run_prepare_imdb(raw_imdb, out, tokenizer=kind)
 
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tokenizer.get_vocab_size() == card["vocab_size"] <= 200
-    assert tokenizer.token_to_id(imdb.PAD) == imdb.PAD_ID
+    assert tokenizer.token_to_id(text.PAD) == PAD_ID
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta == {
+        "inputs": "tokens",
+        "dataset": "imdb",
         "num_classes": 2,
         "label_names": ["negative", "positive"],
         "vocab_size": card["vocab_size"],
-        "pad_id": imdb.PAD_ID,
+        "pad_id": PAD_ID,
         "max_len": 16,
         "truncation": "head+tail",
     }
-    assert json.loads((out / "card.json").read_text(encoding="utf-8")) == card
     assert (card["tokenizer"], card["max_len"], card["truncation"]) == (kind, 16, "head+tail")
+    assert card["label_names"] == ["negative", "positive"]
+    texts_file = pd.read_parquet(out / TEXTS_FILE)
+    assert list(texts_file.columns) == ["row_id", "text", "split"]
 
     frames = {
         "train": raw_imdb.train.iloc[raw_imdb.keep],
@@ -479,19 +556,23 @@ def test_prepare_imdb(raw_imdb: RawImdb, tmp_path: Path, kind: str) -> None:
         assert tokens.dtype == np.int32
         assert tokens.shape == (count, int(lengths.max()))
         assert lengths.shape == labels.shape == (count,)
-        assert arrays["review_id"].tolist() == source["review_id"].tolist()
+        assert arrays["row_id"].tolist() == source["review_id"].tolist()
+        # The raw texts by row id, for the baseline and the mistakes table.
+        rows = texts_file[texts_file["split"] == split]
+        assert rows["row_id"].tolist() == source["review_id"].tolist()
+        assert rows["text"].tolist() == source["text"].tolist()
         assert labels.tolist() == source["label"].tolist()
         assert np.all(lengths <= 16)
         beyond = np.arange(tokens.shape[1])[None, :] >= lengths[:, None]
-        assert np.all(tokens[beyond] == imdb.PAD_ID)
-        assert np.all(tokens[~beyond] != imdb.PAD_ID)
+        assert np.all(tokens[beyond] == PAD_ID)
+        assert np.all(tokens[~beyond] != PAD_ID)
 
         # The saved tokenizer reproduces the arrays: same normaliser, same vocabulary.
         texts = source["text"].tolist()
         full = np.array([len(e.ids) for e in tokenizer.encode_batch(texts)])
         np.testing.assert_array_equal(lengths, np.minimum(full, 16))
         row = int(np.argmax(full))
-        expected = imdb.truncate(tokenizer.encode(texts[row]).ids, 16, "head+tail")
+        expected = truncate(tokenizer.encode(texts[row]).ids, 16, "head+tail")
         assert tokens[row, : lengths[row]].tolist() == expected
 
         split_card = card[split]
@@ -501,7 +582,7 @@ def test_prepare_imdb(raw_imdb: RawImdb, tmp_path: Path, kind: str) -> None:
         assert split_card["length_percentiles"] == {
             f"p{p}": int(np.percentile(full, p)) for p in (5, 25, 50, 75, 95, 99)
         }
-        unk = int(((tokens == imdb.UNK_ID) & ~beyond).sum())
+        unk = int(((tokens == UNK_ID) & ~beyond).sum())
         assert split_card["unk_rate"] == round(unk / int(lengths.sum()), 6)
 
     assert 0.0 < card["train"]["truncation_rate"] < 1.0
@@ -523,8 +604,8 @@ def test_vocabulary_is_learned_from_the_training_rows_only(
 
     # Control: the held-out words are frequent enough that a leak would have made them tokens.
     everything = [*raw_imdb.train["text"], *raw_imdb.test["text"]]
-    config = PrepareImdbConfig(tokenizer=kind, vocab_size=200)  # type: ignore[arg-type]
-    leaky = imdb.train_tokenizer(everything, config)
+    config = text_settings(tokenizer=kind, vocab_size=200)
+    leaky = text.train_tokenizer(everything, config)
     assert is_one_token(leaky, VAL_WORD)
     assert is_one_token(leaky, TEST_WORD)
 
@@ -542,14 +623,15 @@ def test_train_on_unsup_adds_the_unlabeled_reviews_to_the_vocabulary(
 def test_prepare_imdb_is_byte_for_byte_reproducible(raw_imdb: RawImdb, tmp_path: Path) -> None:
     outputs = []
     for run in ("a", "b"):
-        run_prepare_imdb(raw_imdb, tmp_path / run, word_vectors_dim=8)
-        outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())})
+        out = tmp_path / run / "imdb"  # meta.json names the dataset by its folder
+        run_prepare_imdb(raw_imdb, out, word_vectors_dim=8)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outputs[0] == outputs[1]
     assert set(outputs[0]) == {
         "SHA256SUMS",
-        "card.json",
         "meta.json",
         "test.npz",
+        "texts.parquet",
         "tokenizer.json",
         "train.npz",
         "val.npz",
@@ -558,7 +640,7 @@ def test_prepare_imdb_is_byte_for_byte_reproducible(raw_imdb: RawImdb, tmp_path:
 
 
 def test_cooccurrence_counts_pairs_within_a_window_and_a_review() -> None:
-    counts = imdb.cooccurrence([np.array([2, 3, 4]), np.array([5, 6])], vocab_size=7, window=2)
+    counts = text.cooccurrence([np.array([2, 3, 4]), np.array([5, 6])], vocab_size=7, window=2)
     dense = counts.toarray()
     np.testing.assert_array_equal(dense, dense.T)
     assert dense[2, 3] == dense[3, 4] == dense[5, 6] == 1.0
@@ -573,19 +655,19 @@ def test_word_vectors_place_tokens_used_alike_together() -> None:
     rng = np.random.default_rng(0)
     groups = [np.arange(2, 8), np.arange(8, 14)]
     docs = [rng.choice(groups[i % 2], size=40) for i in range(300)]
-    vectors = imdb.word_vectors(docs, vocab_size=14, dim=2, window=3, seed=0)
+    vectors = text.word_vectors(docs, vocab_size=14, dim=2, window=3, seed=0)
     assert vectors.shape == (14, 2) and vectors.dtype == np.float32
     assert not vectors[:2].any()
     unit = vectors[2:] / np.linalg.norm(vectors[2:], axis=1, keepdims=True)
     cosine = unit @ unit.T
     same = np.kron(np.eye(2), np.ones((6, 6))).astype(bool)
     assert cosine[same].min() > 0.8 > 0.2 > cosine[~same].max()
-    again = imdb.word_vectors(docs, vocab_size=14, dim=2, window=3, seed=0)
+    again = text.word_vectors(docs, vocab_size=14, dim=2, window=3, seed=0)
     assert again.tobytes() == vectors.tobytes()
 
 
 def test_word_vectors_past_the_vocabularys_rank_are_zero() -> None:
-    vectors = imdb.word_vectors([np.array([2, 3, 2, 3])], vocab_size=4, dim=16, window=1, seed=0)
+    vectors = text.word_vectors([np.array([2, 3, 2, 3])], vocab_size=4, dim=16, window=1, seed=0)
     assert vectors.shape == (4, 16)
     assert not vectors[:, 3:].any()  # a 4-token vocabulary has at most 3 directions here
 
@@ -595,18 +677,19 @@ def test_prepare_imdb_writes_word_vectors_of_the_tokenizers_reviews(
 ) -> None:
     out = tmp_path / "out"
     card = run_prepare_imdb(raw_imdb, out, train_on_unsup=True, word_vectors_dim=8)
-    vectors = np.load(out / imdb.WORD_VECTORS_FILE)
+    vectors = np.load(out / WORD_VECTORS_FILE)
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert vectors.shape == (tokenizer.get_vocab_size(), 8)
     assert vectors[tokenizer.token_to_id(UNSUP_WORD)].any()  # learned from the unlabelled reviews
-    assert not vectors[imdb.PAD_ID].any()
+    assert not vectors[PAD_ID].any()
+    unlabeled = len(TINY_IMDB[("train", "unsup")]) * 20
     assert card["word_vectors"] == {
         "dim": 8,
         "window": 5,
-        "reviews": len(raw_imdb.keep) + len(TINY_IMDB[("train", "unsup")]) * 20,
-        "unlabeled": True,
+        "texts": len(raw_imdb.keep) + unlabeled,
+        "unlabeled": unlabeled,
     }
-    assert imdb.WORD_VECTORS_FILE in (out / "SHA256SUMS").read_text(encoding="utf-8")
+    assert WORD_VECTORS_FILE in (out / "SHA256SUMS").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(
@@ -633,7 +716,7 @@ def test_prepare_imdb_rejects_bad_labels(raw_imdb: RawImdb, tmp_path: Path) -> N
     test.to_parquet(raw_imdb.folder / "test.parquet", index=False)
     with pytest.raises(DlpipeError, match=r"test\.parquet: labels must be 0 or 1"):
         run_prepare_imdb(raw_imdb, tmp_path / "out")
-    assert not (tmp_path / "out" / "card.json").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_prepare_imdb_rejects_missing_input(raw_imdb: RawImdb, tmp_path: Path) -> None:

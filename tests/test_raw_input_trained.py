@@ -22,14 +22,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlflow_tracking
+from conftest import MNIST_META, mlflow_tracking
 from PIL import Image
 from torch import nn
 
 from dlpipe.cli import main
-from dlpipe.data.mnist import read_idx
+from dlpipe.datasets.mnist import read_idx
 from dlpipe.family import DataMeta, get_family
-from dlpipe.inputs.images import preprocess_image
+from dlpipe.inputs.images import preprocess_digit
 from dlpipe.io import write_json_atomic
 from dlpipe.models.cnn import CNNConfig
 from dlpipe.serving import Predictor, log_raw_input_model
@@ -52,15 +52,17 @@ def mnist_dir(mirror: str) -> Path:
 def save_like_train_stage(
     model: nn.Module, model_dir: Path, config: CNNConfig, data_info: dict[str, Any]
 ) -> Path:
-    """The train stage's output layout (training/run.py `_write_outputs`): model.pt and a
-    config.json with model, dataset, model_config and data. The one place to adapt if it moves."""
+    """The train stage's output layout (training/run.py `write_outputs`): model.pt and a
+    config.json with model, family, dataset, model_config and data (the prepared meta.json). The
+    one place to adapt if it moves."""
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, model_dir / "model.pt")
     write_json_atomic(
         model_dir / "config.json",
         {
             "model": "cnn",
-            "dataset": get_family("cnn").dataset,
+            "family": "cnn",
+            "dataset": data_info["dataset"],
             "model_config": config.model_dump(),
             "data": data_info,
         },
@@ -78,7 +80,8 @@ class TrainedCNN:
 
 
 def as_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1], as data/tensors.py feeds the CNN."""
+    """uint8 [N, 28, 28] (the IDX files' layout) -> float [N, 1, 28, 28] in [0, 1], as
+    data/tensors.py feeds the CNN the prepared [N, 1, 28, 28] arrays."""
     return torch.from_numpy(np.array(images)).float().unsqueeze(1) / 255.0
 
 
@@ -100,7 +103,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_mirror: str) -> Train
 
     torch.manual_seed(SEED)
     config = CNNConfig()
-    model = get_family("cnn").build(config, DataMeta(num_classes=10))
+    model = get_family("cnn").build(config, DataMeta.from_json(MNIST_META))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     inputs, targets = as_tensor(train_x), torch.from_numpy(train_y.astype(np.int64))
     order = torch.Generator().manual_seed(SEED)
@@ -121,7 +124,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_mirror: str) -> Train
         model,
         tmp_path_factory.mktemp("models") / "cnn",
         config,
-        {"num_classes": 10, "label_names": LABEL_NAMES},
+        {**MNIST_META, "label_names": LABEL_NAMES},
     )
     accuracy = accuracy_on(model, as_tensor(test_x), test_y)
     return TrainedCNN(model, model_dir, test_x, test_y, accuracy)
@@ -189,7 +192,7 @@ def test_the_saved_files_load_back_to_the_same_model(trained: TrainedCNN) -> Non
 def test_preprocessing_leaves_an_mnist_digit_almost_unchanged(trained: TrainedCNN) -> None:
     """Measured on real test digits: mean Pearson correlation with the original pixels / 255
     >= 0.99 (measured 0.996), and the model's accuracy within 1 point of the raw tensors'."""
-    processed = np.stack([preprocess_image(digit) for digit in trained.images])
+    processed = np.stack([preprocess_digit(digit) for digit in trained.images])
     original = trained.images.reshape(len(processed), -1) / 255.0
     flat = processed.reshape(len(processed), -1).astype(np.float64)
     correlation = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(original, flat, strict=True)])
@@ -242,7 +245,9 @@ def test_dlpipe_predict_labels_png_files(
         path.write_bytes(png(inverted(digit)))
         paths.append(str(path))
     capsys.readouterr()
-    code = main(["predict", "cnn", "--model-dir", str(trained.model_dir), *paths, "--json"])
+    params = str(ROOT / "params.yaml")  # where `dlpipe predict` finds train.cnn's family
+    argv = ["predict", "cnn", "--params", params, "--model-dir", str(trained.model_dir)]
+    code = main([*argv, *paths, "--json"])
     records = json.loads(capsys.readouterr().out)
     assert code == 0 and [record["input"] for record in records] == paths
     accuracy = accuracy_of_names([record["label_name"] for record in records], trained.labels)

@@ -21,13 +21,13 @@ Register = Callable[..., dict[str, Any]]
 
 
 def make_register(client: MlflowClient, experiment_id: str, lock: Path) -> Register:
-    """register(value, metric=..., family=..., split=..., **config) -> decision, each from a new
+    """register(value, metric=..., model=..., split=..., **config) -> decision, each from a new
     run; promotions serialised by the file `lock`."""
 
     def register(
         value: float,
         metric: str = "test_accuracy",
-        family: str = "cnn",
+        model: str = "cnn",
         split: SplitIdentity | None = None,
         **config: Any,
     ) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def make_register(client: MlflowClient, experiment_id: str, lock: Path) -> Regis
         client.log_metric(run_id, metric, value)
         client.set_terminated(run_id)
         return register_and_promote(
-            family,
+            model,
             f"runs:/{run_id}/raw_model",
             run_id,
             {metric: value},
@@ -110,9 +110,9 @@ def test_min_delta_is_respected(client: MlflowClient, register: Register) -> Non
     register(0.900, min_delta=0.01)
     assert register(0.905, min_delta=0.01)["promoted"] is False  # better, but not enough
     assert register(0.915, min_delta=0.01)["promoted"] is True
-    register(0.20, metric="test_log_loss", family="rnn", min_delta=0.05)
-    assert register(0.17, metric="test_log_loss", family="rnn", min_delta=0.05)["promoted"] is False
-    assert register(0.14, metric="test_log_loss", family="rnn", min_delta=0.05)["promoted"] is True
+    register(0.20, metric="test_log_loss", model="rnn", min_delta=0.05)
+    assert register(0.17, metric="test_log_loss", model="rnn", min_delta=0.05)["promoted"] is False
+    assert register(0.14, metric="test_log_loss", model="rnn", min_delta=0.05)["promoted"] is True
     assert aliases(client, "dlpipe-rnn") == {"candidate": 3, "champion": 3}
 
 
@@ -161,6 +161,20 @@ def test_beats_is_strict_and_directional() -> None:
     assert not beats(0.26, 0.3, "test_log_loss", 0.05)
 
 
+def test_each_model_is_registered_under_its_own_name(
+    client: MlflowClient, register: Register
+) -> None:
+    """Two models of one family (cnn, and a wider `cnn_wide`) never compete: each is its own
+    registered model, dlpipe-<model>, with its own champion."""
+    assert register(0.95)["promoted"] is True
+    assert register(0.90, model="cnn_wide")["promoted"] is True  # worse, but the first of its own
+    assert aliases(client, "dlpipe-cnn_wide") == {"candidate": 1, "champion": 1}
+    assert aliases(client) == {"candidate": 1, "champion": 1}
+    assert registry.registered_name("cnn_wide", RegistryConfig(name_prefix="team-")) == (
+        "team-cnn_wide"
+    )
+
+
 @pytest.mark.integration
 def test_the_rule_against_a_tracking_server(mlflow_server: str, tmp_path: Path) -> None:
     client = MlflowClient(mlflow_server)
@@ -169,8 +183,8 @@ def test_the_rule_against_a_tracking_server(mlflow_server: str, tmp_path: Path) 
         experiment.experiment_id if experiment else client.create_experiment("registry-http")
     )
     register = make_register(client, experiment_id, tmp_path / "registry.lock")
-    assert register(0.8, family="http")["promoted"] is True
-    assert register(0.7, family="http")["promoted"] is False
+    assert register(0.8, model="http")["promoted"] is True
+    assert register(0.7, model="http")["promoted"] is False
     assert aliases(client, "dlpipe-http") == {"candidate": 2, "champion": 1}
 
 

@@ -237,7 +237,7 @@ def test_valid_and_oversized_bodies(servers: dict[str, str], family: str) -> Non
     assert answer.status_code == 400, answer.text[:500]
     error = answer.json()  # our one line, not MLflow's generic message and our traceback
     assert error["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in error
-    expected = "empty text" if family == "transformer" else "not an image (expected PNG or"
+    expected = "empty text" if family == "transformer" else "not an image (expected PNG, JPEG"
     assert f"Error: row 1: {expected}" in error["message"], error
     many = json.dumps({"dataframe_records": [{column: good}] * 2000}).encode()
     assert_clean_answer(post(url, family, many, "application/json"), 2000, many[:100])

@@ -24,12 +24,12 @@ from conftest import (
 )
 from PIL import Image, ImageDraw
 
-from dlpipe.config import PrepareImdbConfig
-from dlpipe.data.imdb import train_tokenizer
+from dlpipe.data.text import TextSettings, train_tokenizer
 from dlpipe.errors import DlpipeError
-from dlpipe.inputs.images import CENTRE, preprocess_image, to_grayscale
+from dlpipe.inputs.images import decode, preprocess_digit, resized
 from dlpipe.serving import Predictor, log_raw_input_model, pip_requirements
 
+CENTRE = 28 * 0.5  # where MNIST's centre of mass lies: pixel (14, 14) of the 28x28 canvas
 SHORT_REVIEW = "Great!"
 LONG_REVIEW = " ".join(["The plot made no sense and the acting was dull, boring, slow."] * 30)
 
@@ -58,7 +58,7 @@ def centre_of_mass(pixels: np.ndarray) -> tuple[float, float]:
 
 def test_a_drawn_digit_is_inverted_centred_and_scaled() -> None:
     pixels = np.asarray(draw_digit())
-    out = preprocess_image(pixels)
+    out = preprocess_digit(pixels)
 
     assert out.shape == (28, 28) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
@@ -73,44 +73,44 @@ def test_a_drawn_digit_is_inverted_centred_and_scaled() -> None:
 
 
 def test_light_and_dark_backgrounds_give_the_same_digit() -> None:
-    dark_on_light = preprocess_image(np.asarray(draw_digit()))
-    light_on_dark = preprocess_image(np.asarray(draw_digit(background=0, ink=255)))
+    dark_on_light = preprocess_digit(np.asarray(draw_digit()))
+    light_on_dark = preprocess_digit(np.asarray(draw_digit(background=0, ink=255)))
     np.testing.assert_allclose(dark_on_light, light_on_dark, atol=1e-6)
 
 
 def test_png_bytes_base64_and_floats_give_the_same_result_as_the_array() -> None:
     image = draw_digit()
-    expected = preprocess_image(np.asarray(image))
+    expected = preprocess_digit(np.asarray(image))
     png = encode(image, "PNG")
 
-    np.testing.assert_array_equal(preprocess_image(png), expected)
-    np.testing.assert_array_equal(preprocess_image(base64.b64encode(png).decode()), expected)
-    np.testing.assert_allclose(preprocess_image(np.asarray(image) / 255.0), expected, atol=1e-5)
-    np.testing.assert_allclose(preprocess_image(np.asarray(image).tolist()), expected, atol=1e-6)
+    np.testing.assert_array_equal(preprocess_digit(png), expected)
+    np.testing.assert_array_equal(preprocess_digit(base64.b64encode(png).decode()), expected)
+    np.testing.assert_allclose(preprocess_digit(np.asarray(image) / 255.0), expected, atol=1e-5)
+    np.testing.assert_allclose(preprocess_digit(np.asarray(image).tolist()), expected, atol=1e-6)
     # JPEG is lossy: close, not equal.
-    assert np.abs(preprocess_image(encode(image, "JPEG")) - expected).mean() < 0.02
+    assert np.abs(preprocess_digit(encode(image, "JPEG")) - expected).mean() < 0.02
 
 
 def test_colour_and_transparent_pictures_are_laid_on_white() -> None:
-    expected = preprocess_image(np.asarray(draw_digit()))
+    expected = preprocess_digit(np.asarray(draw_digit()))
     rgb = draw_digit("RGB", (250, 250, 245), (20, 30, 200))
     transparent = draw_digit("RGBA", (0, 0, 0, 0), (0, 0, 0, 255))  # black ink, clear paper
     for image in (rgb, transparent):
-        assert np.abs(preprocess_image(encode(image, "PNG")) - expected).mean() < 0.01
-    assert np.abs(preprocess_image(np.asarray(transparent)) - expected).mean() < 0.01
+        assert np.abs(preprocess_digit(encode(image, "PNG")) - expected).mean() < 0.01
+    assert np.abs(preprocess_digit(np.asarray(transparent)) - expected).mean() < 0.01
 
 
 def test_an_mnist_style_digit_passes_through_unchanged() -> None:
     """Preprocessing its own output changes nothing: MNIST-shaped input stays as it is."""
-    once = preprocess_image(np.asarray(draw_digit()))
-    twice = preprocess_image(once)
+    once = preprocess_digit(np.asarray(draw_digit()))
+    twice = preprocess_digit(once)
     assert np.abs(twice - once).mean() < 0.01
     assert centre_of_mass(twice) == pytest.approx(centre_of_mass(once), abs=0.5)
 
 
 def test_a_blank_picture_gives_an_empty_canvas() -> None:
     for blank in (np.full((30, 40), 255, np.uint8), np.zeros((5, 5)), np.ones((1, 1))):
-        assert not preprocess_image(blank).any()
+        assert not preprocess_digit(blank).any()
 
 
 @pytest.mark.parametrize(
@@ -133,14 +133,70 @@ def test_a_blank_picture_gives_an_empty_canvas() -> None:
 )
 def test_what_is_not_an_image_is_one_clear_error(bad: Any) -> None:
     with pytest.raises(DlpipeError) as caught:
-        preprocess_image(bad, "upload.png")
+        preprocess_digit(bad, "upload.png")
     message = str(caught.value)
     assert message.startswith("upload.png: ") and "\n" not in message
 
 
 def test_grayscale_weights_rgb_arrays() -> None:
-    gray = to_grayscale(np.array([[[255, 0, 0], [0, 255, 0]]], dtype=np.uint8))
+    gray = decode(np.array([[[255, 0, 0], [0, 255, 0]]], dtype=np.uint8))
     np.testing.assert_allclose(gray, [[0.299 * 255, 0.587 * 255]])
+
+
+def test_the_digit_canvas_takes_the_datasets_size() -> None:
+    out = preprocess_digit(np.asarray(draw_digit()), canvas_size=56)
+    assert out.shape == (56, 56)
+    rows, cols = np.nonzero(out)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 == 40  # the box is 20/28 of the canvas
+    cy, cx = centre_of_mass(out)
+    assert abs(cy - 28.0) <= 1.0 and abs(cx - 28.0) <= 1.0
+
+
+def colour_picture() -> np.ndarray:
+    """uint8 [30, 40, 3]: red, green and blue bands, so a swapped channel order shows."""
+    pixels = np.zeros((30, 40, 3), dtype=np.uint8)
+    pixels[:10, :, 0] = 250
+    pixels[10:20, :, 1] = 200
+    pixels[20:, :, 2] = 150
+    pixels[:, :5] = 60  # a grey stripe
+    return pixels
+
+
+def test_a_colour_png_decodes_to_three_channels() -> None:
+    pixels = colour_picture()
+    png = encode(Image.fromarray(pixels), "PNG")
+    for value in (png, base64.b64encode(png).decode(), pixels, pixels / 255.0):
+        rgb = decode(value, "pets.png", channels=3)
+        assert rgb.shape == (30, 40, 3)
+        np.testing.assert_allclose(rgb, pixels, atol=1e-6)
+    gray = decode(png, "pets.png")  # the default: one channel
+    np.testing.assert_allclose(gray, np.asarray(Image.fromarray(pixels).convert("L")))
+    # a grayscale picture read as colour repeats its one channel
+    np.testing.assert_allclose(decode(pixels[..., 0], channels=3), np.repeat(pixels[..., :1], 3, 2))
+
+
+def test_a_transparent_colour_png_is_laid_on_white() -> None:
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 2] = 255  # blue
+    rgba[:2, ..., 3] = 255  # the top half opaque, the bottom half clear
+    rgb = decode(encode(Image.fromarray(rgba, "RGBA"), "PNG"), channels=3)
+    np.testing.assert_allclose(rgb[:2], np.broadcast_to([0, 0, 255], (2, 4, 3)))
+    np.testing.assert_allclose(rgb[2:], 255.0)
+
+
+def test_resized_gives_uint8_channels_first_at_the_datasets_size() -> None:
+    pixels = colour_picture()
+    png = encode(Image.fromarray(pixels), "PNG")
+    out = resized(png, "pets.png", 3, 24, 32)
+    assert out.shape == (3, 24, 32) and out.dtype == np.uint8
+    expected = Image.fromarray(pixels).resize((32, 24), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(out, np.asarray(expected).transpose(2, 0, 1))
+    assert out[0, 0, -1] == 250 and out[1, 12, -1] == 200 and out[2, -1, -1] == 150
+    np.testing.assert_array_equal(resized(pixels, "pets", 3, 30, 40), pixels.transpose(2, 0, 1))
+    gray = resized(png, "pets.png", 1, 24, 32)
+    assert gray.shape == (1, 24, 32) and gray.dtype == np.uint8
+    with pytest.raises(DlpipeError, match=r"^pets.png: not an image"):
+        resized(b"not a picture", "pets.png", 3, 24, 32)
 
 
 def test_the_cnn_sees_the_preprocessed_pixels(trained_folders: TrainedFolders) -> None:
@@ -148,7 +204,7 @@ def test_the_cnn_sees_the_preprocessed_pixels(trained_folders: TrainedFolders) -
     image = np.asarray(draw_digit())
     frame = predictor.predict([image, encode(draw_digit(), "PNG")])
     with torch.no_grad():
-        logits = predictor.model(torch.from_numpy(preprocess_image(image))[None, None])
+        logits = predictor.model(torch.from_numpy(preprocess_digit(image))[None, None])
     expected = torch.softmax(logits, dim=1)[0].numpy()
     np.testing.assert_allclose(frame["probabilities"][0], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(frame["probabilities"][1], expected, rtol=1e-5, atol=1e-6)
@@ -234,7 +290,8 @@ def test_a_text_model_needs_its_own_tokenizer(
     (folder / "tokenizer.json").unlink()
     with pytest.raises(DlpipeError, match="tokenizer.json: missing; run `dvc repro`"):
         Predictor.from_folder(folder)
-    other = train_tokenizer(["just a few other words"], PrepareImdbConfig(vocab_size=100))
+    settings = TextSettings(format="table", path="-", vocab_size=100)
+    other = train_tokenizer(["just a few other words"], settings)
     other.save(str(folder / "tokenizer.json"))
     with pytest.raises(DlpipeError, match="trained with"):
         Predictor.from_folder(folder)

@@ -21,10 +21,11 @@ import yaml
 from PIL import Image
 
 from dlpipe.config import parse_params
+from dlpipe.datasets import get_format, validate_datasets
 from dlpipe.errors import DlpipeError
-from dlpipe.family import get_family, validate_families
+from dlpipe.family import model_family, validate_models
 from dlpipe.smoke.checks import check_file, check_outputs
-from dlpipe.smoke.params import SMOKE_DATA, merge, parse_set, smoke_params
+from dlpipe.smoke.params import merge, parse_set, smoke_params
 from dlpipe.smoke.workspace import SmokeFailure, workspace_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +43,16 @@ def project_params() -> dict[str, object]:
 def test_smoke_params_shrink_the_real_params_and_stay_valid() -> None:
     raw = project_params()
     params = parse_params(smoke_params(raw), "smoke")
-    models = validate_families(params)
-    assert params.prepare.mnist.max_train == SMOKE_DATA["prepare"]["mnist"]["max_train"]
-    assert params.prepare.imdb.max_len == models["transformer"].max_len  # type: ignore[attr-defined]
-    for name in params.families:
+    models = validate_models(params)
+    datasets = validate_datasets(params)
+    for settings in datasets.values():  # each format's own slices
+        for key, value in get_format(settings.format).smoke.items():
+            assert getattr(settings, key) == value
+    assert datasets["imdb"].max_len == models["transformer"].max_len  # type: ignore[attr-defined]
+    for name in params.models:
         assert params.train[name].epochs == 2  # history over more than one step
         # each family's own smoke settings, and nothing else of its section, are overridden
-        smoke = get_family(name).smoke
+        smoke = model_family(params, name).smoke
         for key, value in smoke.items():
             if key != "model":
                 assert getattr(params.train[name], key) == value
@@ -156,12 +160,12 @@ def test_check_outputs_names_every_missing_output(tmp_path: Path) -> None:
     repo = dvc_project(tmp_path)
     (repo / "reports" / "models" / "cnn").mkdir(parents=True)
     (repo / "reports" / "models" / "cnn" / "eval.json").write_text("{broken", encoding="utf-8")
-    (repo / "data" / "raw" / "mnist").mkdir(parents=True)
+    (repo / "data" / "raw").mkdir(parents=True)
     with pytest.raises(SmokeFailure) as failure:
         check_outputs(repo, parse_params(project_params()))
     message = str(failure.value)
-    assert "fetch: data/raw/mnist/ is empty" in message
-    assert "fetch: data/raw/imdb was not written" in message
+    assert "fetch: data/raw/ is empty" in message
+    assert "prepare@imdb: data/prepared/imdb was not written" in message
     assert "evaluate@cnn: reports/models/cnn/eval.json does not parse (JSONDecodeError" in message
     assert "report: reports/summary.md was not written" in message
 
@@ -205,5 +209,5 @@ def test_make_smoke_passes(tmp_path: Path, data_mirror: str) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "== smoke PASSED" in result.stdout
     summary = json.loads((out / "smoke.json").read_text())
-    assert set(summary["test_accuracy"]) == set(parse_params(project_params()).families)
+    assert set(summary["test_accuracy"]) == set(parse_params(project_params()).models)
     assert (out / "reports" / "summary.md").is_file()

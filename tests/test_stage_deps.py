@@ -1,6 +1,10 @@
 """Each DVC stage's `deps` name exactly the code it runs: every dlpipe module a stage imports is
 a dependency (so editing it reruns the stage), and every source file it lists is imported (so
-editing another family's module reruns nothing of this one)."""
+editing another family's module reruns nothing of this one). A folder dep (src/dlpipe/inputs,
+src/dlpipe/baselines, ...) covers every module under it, imported or not.
+
+train@<model> and evaluate@<model> run the family that params.yaml's train.<model>.family names;
+baseline@<dataset> runs the yardstick of the dataset's input kind (dlpipe.baselines.<inputs>)."""
 
 from __future__ import annotations
 
@@ -12,9 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAMILIES
+from conftest import MODELS
+
+from dlpipe.config import load_params
+from dlpipe.datasets import get_format
 
 ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_params(ROOT / "params.yaml")
+DATASETS = tuple(PARAMS.datasets)
 
 # What a stage script imports at the top, plus what it imports inside functions on its way.
 STAGE_IMPORTS = {
@@ -26,18 +35,33 @@ STAGE_IMPORTS = {
         "dlpipe.evaluation.figures",
         "dlpipe.tracking",
     ],
-    "baseline": ["dlpipe.baseline", "dlpipe.tracking"],
+    "baseline": ["dlpipe.baselines", "dlpipe.tracking"],
 }
 
 
-def imported_files(stage: str, family: str | None) -> set[str]:
-    """Repo-relative source files of the dlpipe modules `stage`@`family` imports, measured in a
+def family_of(model: str) -> str:
+    """The family model `model` trains (params.yaml's train.<model>.family)."""
+    return PARAMS.train[model].family
+
+
+def inputs_of(dataset: str) -> str:
+    """The input kind of a dataset's format ("images", "tokens"): its baseline's module."""
+    return get_format(PARAMS.datasets[dataset].format).inputs.name
+
+
+def stage_modules(stage: str, item: str) -> list[str]:
+    """The modules stage@item runs: the stage's own, plus the family or the baseline module."""
+    if stage == "baseline":
+        return [*STAGE_IMPORTS[stage], f"dlpipe.baselines.{inputs_of(item)}"]
+    return [*STAGE_IMPORTS[stage], f"dlpipe.models.{family_of(item)}"]
+
+
+def imported_files(stage: str, item: str) -> set[str]:
+    """Repo-relative source files of the dlpipe modules `stage`@`item` imports, measured in a
     fresh interpreter."""
-    load_family = f"from dlpipe.family import get_family; get_family({family!r})\n"
     code = (
         "import importlib, json, sys\n"
-        f"for name in {STAGE_IMPORTS[stage]!r}: importlib.import_module(name)\n"
-        + (load_family if family else "")
+        f"for name in {stage_modules(stage, item)!r}: importlib.import_module(name)\n"
         + "files = [m.__file__ for n, m in list(sys.modules.items())\n"
         "         if n.startswith('dlpipe') and getattr(m, '__file__', None)]\n"
         "print(json.dumps(files))\n"
@@ -69,17 +93,30 @@ def has_code(path: str) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("stage", "family"),
-    [*((s, f) for s in ("train", "evaluate") for f in FAMILIES), ("baseline", None)],
+    ("stage", "item"),
+    [
+        *((s, m) for s in ("train", "evaluate") for m in MODELS),
+        *(("baseline", d) for d in DATASETS),
+    ],
 )
-def test_stage_deps_are_exactly_the_code_it_imports(stage: str, family: str | None) -> None:
-    deps = declared_code(f"{stage}@{family}" if family else stage)
-    imported = {f for f in imported_files(stage, family) if has_code(f)}
+def test_stage_deps_are_exactly_the_code_it_imports(stage: str, item: str) -> None:
+    deps = declared_code(f"{stage}@{item}")
+    imported = {f for f in imported_files(stage, item) if has_code(f)}
     imported.discard("dlpipe/__init__.py")  # the package's version string: no behaviour
     missing = sorted(f for f in imported if not covered(f, deps))
-    assert not missing, f"{stage}@{family} imports {missing} but does not depend on them"
+    assert not missing, f"{stage}@{item} imports {missing} but does not depend on them"
     unused = sorted(d for d in deps if not d.endswith("/") and d not in imported)
-    assert not unused, f"{stage}@{family} depends on {unused} but never imports them"
+    assert not unused, f"{stage}@{item} depends on {unused} but never imports them"
+
+
+def test_each_model_s_stages_depend_on_its_own_family_only() -> None:
+    """Editing one family's module reruns the stages of the models of that family alone."""
+    for model in MODELS:
+        for stage in ("train", "evaluate"):
+            families = [
+                d for d in declared_code(f"{stage}@{model}") if d.startswith("dlpipe/models")
+            ]
+            assert families == [f"dlpipe/models/{family_of(model)}.py"], (stage, model)
 
 
 def train_params(dvc_yaml: str) -> dict[str, list[str]]:

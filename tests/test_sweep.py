@@ -78,7 +78,7 @@ def test_every_combination_is_a_trial() -> None:
     ("items", "message"),
     [
         (["train.rnn.lr=0.1"], "a sweep of cnn varies train.cnn.* and evaluate.* only"),
-        (["prepare.mnist.max_train=100"], "on the baseline's data"),
+        (["datasets.mnist.max_train=100"], "on the baseline's data"),
         (["train.cnn.lrr=0.1"], "-S train.cnn.lrr: no such key in params.yaml"),
         (["train.cnn.lr=0.1", "train.cnn.lr=0.2"], "-S train.cnn.lr is given twice"),
         (
@@ -92,6 +92,22 @@ def test_a_bad_trial_is_one_line_before_anything_is_queued(items: list[str], mes
     with pytest.raises(DlpipeError) as caught:
         trials(raw_params(), "cnn", parse_grid(items))
     assert message in str(caught.value), str(caught.value)
+
+
+def test_a_model_is_swept_by_its_name_and_checked_by_its_family() -> None:
+    """A model is a family on a dataset: a second CNN model, `wide`, is swept as train.wide.*
+    and its trials are checked against the cnn family's schema."""
+    raw = raw_params()
+    raw["train"]["wide"] = {**raw["train"]["cnn"], "model": {"width": 2}}
+    axes = parse_grid(["train.wide.model.width=2,3"])
+    assert trials(raw, "wide", axes) == [
+        {"train.wide.model.width": "2"},
+        {"train.wide.model.width": "3"},
+    ]
+    with pytest.raises(DlpipeError, match="trial train.wide.model.width=0: train.wide.model.width"):
+        trials(raw, "wide", parse_grid(["train.wide.model.width=2,0"]))
+    with pytest.raises(DlpipeError, match="a sweep of wide varies train.wide.\\* and evaluate"):
+        trials(raw, "wide", parse_grid(["train.cnn.lr=0.1"]))
 
 
 def test_trials_import_their_own_copy_and_share_the_cores(
@@ -127,7 +143,7 @@ def test_usage_errors_are_one_line(
         (["sweep"], "give a MODEL and at least one -S"),
         (["sweep", "cnn"], "give a MODEL and at least one -S"),
         (["sweep", "--show", "-S", "train.cnn.lr=1"], "--show takes no -S"),
-        (["sweep", "gan", "-S", "train.gan.lr=1"], "unknown model family 'gan'"),
+        (["sweep", "gan", "-S", "train.gan.lr=1"], "unknown model 'gan'; params.yaml trains"),
         (["sweep", "cnn", "-S", "train.cnn.lr=1", "--jobs", "0"], "--jobs 0: must be at least 1"),
         (["sweep", "cnn", "-S", "train.cnn.lr=0,1"], "train.cnn.lr: Input should be greater"),
     ]

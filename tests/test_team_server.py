@@ -118,15 +118,19 @@ def test_smoke_pipeline_through_a_shared_server_on_postgres(
         assert found is not None
         logged = client.search_runs([found.experiment_id])
         runs = [run for run in logged if run.data.tags.get("baseline") != "true"]
-        [baseline] = [run for run in logged if run not in runs]  # TF-IDF + logistic regression
-        assert baseline.info.status == "FINISHED" and "test_accuracy" in baseline.data.metrics
-        families = load_params(REPO_ROOT / "params.yaml").families
-        assert sorted(r.data.tags["model_family"] for r in runs) == sorted(families)
+        params = load_params(REPO_ROOT / "params.yaml")
+        baselines = [run for run in logged if run not in runs]  # each dataset's linear model
+        assert sorted(run.data.tags["model"] for run in baselines) == sorted(
+            f"baseline@{dataset}" for dataset in params.datasets
+        )
+        for baseline in baselines:
+            assert baseline.info.status == "FINISHED" and "test_accuracy" in baseline.data.metrics
+        assert sorted(r.data.tags["model"] for r in runs) == sorted(params.train)
         for run in runs:
             assert run.info.status == "FINISHED"
             assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
-            family = run.data.tags["model_family"]
-            champion = client.get_model_version_by_alias(f"{prefix}{family}", "champion")
+            model = run.data.tags["model"]
+            champion = client.get_model_version_by_alias(f"{prefix}{model}", "champion")
             assert champion.run_id == run.info.run_id
             local = client.download_artifacts(run.info.run_id, "learning_curves.png", str(tmp_path))
             assert Path(local).read_bytes()[:4] == b"\x89PNG"

@@ -59,8 +59,10 @@ EPOCH_METRICS = [
     "epoch_time_s",
     "samples_per_s",
 ]
-SHARED_PARAMS = ["train.lr", "train.batch_size", "train.epochs", "model.family", "seed"]
-TAGS = ["model_family", "dataset", "git_sha", "device", "torch_version"]
+SHARED_PARAMS = [
+    "train.lr", "train.batch_size", "train.epochs", "model.name", "model.family", "seed"
+]  # fmt: skip
+TAGS = ["model", "model_family", "dataset", "git_sha", "device", "torch_version"]
 
 
 def use_store(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
@@ -78,7 +80,7 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def saved_model(name: str, root: Path) -> torch.nn.Module:
     """The stage's own output, data/models/<name>/model.pt, loaded into a fresh model."""
     model, info, family = load_trained(root / "data/models" / name)
-    assert family.name == name and info["model"] == name
+    assert info["model"] == name and family.name == info["family"]
     return model
 
 
@@ -170,7 +172,8 @@ def test_params_share_names_across_model_families(trained: Trained) -> None:
     assert transformer["train.lr"] == str(config.lr)
     assert transformer["train.batch_size"] == str(config.batch_size)
     assert transformer["train.epochs"] == str(config.epochs)
-    assert transformer["model.family"] == "transformer"
+    assert transformer["model.name"] == "transformer"
+    assert transformer["model.family"] == config.family == "transformer"
     assert transformer["seed"] == str(params.seed)
     assert transformer["model.d_model"] == str(config.model["d_model"])
     assert transformer["model.positional"] == "sinusoidal"  # a default, logged all the same
@@ -203,7 +206,8 @@ def test_tags_describe_the_run(trained: Trained) -> None:
         tags = run.data.tags
         for key in TAGS:
             assert tags.get(key), (name, key)
-        assert tags["model_family"] == name
+        assert tags["model"] == name
+        assert tags["model_family"] == trained.project.params.train[name].family
         assert tags["dataset"] == dataset_of(name)
         assert tags["device"] == "CPU" and tags["precision"] == "fp32"
         assert tags["torch_version"] == torch.__version__
@@ -266,7 +270,7 @@ def test_cnn_model_reloads_and_predicts_float_images(
     use_store(monkeypatch, trained.project.tracking_uri)
     run_id = trained.runs["cnn"].info.run_id
     val = load_split(trained.project.root / "data/prepared/mnist", "val")
-    images = val.features["images"][:5].unsqueeze(1).float().div(255.0).numpy()
+    images = val.features["images"][:5].float().div(255.0).numpy()
     with torch.no_grad():
         expected = saved_model("cnn", trained.project.root)(torch.from_numpy(images)).numpy()
 

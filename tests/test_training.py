@@ -29,7 +29,7 @@ from dlpipe import paths
 from dlpipe.config import Params, TrainConfig, parse_params, train_config
 from dlpipe.data.tensors import BUCKET_POOL_BATCHES, Split, load_split
 from dlpipe.errors import DlpipeError
-from dlpipe.family import DataMeta, get_family, validate_families
+from dlpipe.family import DataMeta, model_family, validate_models
 from dlpipe.integrity import seal
 from dlpipe.io import read_json
 from dlpipe.tracking import TrainingRun
@@ -104,6 +104,11 @@ def make_trainer(
         on_epoch_end,
         label=name,
     )
+
+
+def recipe(**settings: Any) -> TrainConfig:
+    """A training section with these settings (a model names its family and its dataset)."""
+    return TrainConfig(family="cnn", dataset="mnist", **settings)
 
 
 def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -295,7 +300,7 @@ def lr_trace(config: TrainConfig, steps_per_epoch: int) -> tuple[list[float], fl
 
 
 def test_warmup_then_cosine_decays_to_zero() -> None:
-    config = TrainConfig(epochs=4, lr=0.5, schedule="cosine", warmup_epochs=0.5)
+    config = recipe(epochs=4, lr=0.5, schedule="cosine", warmup_epochs=0.5)
     trace, after = lr_trace(config, steps_per_epoch=10)  # 40 steps, 5 of warm-up
     warmup, decay = trace[:5], trace[5:]
     assert warmup == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
@@ -306,31 +311,31 @@ def test_warmup_then_cosine_decays_to_zero() -> None:
 
 
 def test_cosine_without_warmup_starts_at_the_full_rate() -> None:
-    trace, after = lr_trace(TrainConfig(epochs=2, lr=0.1, schedule="cosine"), steps_per_epoch=5)
+    trace, after = lr_trace(recipe(epochs=2, lr=0.1, schedule="cosine"), steps_per_epoch=5)
     assert trace[0] == pytest.approx(0.1)
     assert after == pytest.approx(0.0, abs=1e-12)
 
 
 def test_constant_schedule_stays_at_lr_after_warmup() -> None:
-    trace, after = lr_trace(TrainConfig(epochs=3, lr=0.01), steps_per_epoch=7)
+    trace, after = lr_trace(recipe(epochs=3, lr=0.01), steps_per_epoch=7)
     assert trace == [0.01] * 21 and after == 0.01
-    warm, _ = lr_trace(TrainConfig(epochs=2, lr=0.01, warmup_epochs=1.0), steps_per_epoch=4)
+    warm, _ = lr_trace(recipe(epochs=2, lr=0.01, warmup_epochs=1.0), steps_per_epoch=4)
     assert warm == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01, 0.01])
 
 
 def test_onecycle_builds_and_peaks_at_lr() -> None:
-    config = TrainConfig(epochs=2, lr=0.02, schedule="onecycle", warmup_epochs=0.5)
+    config = recipe(epochs=2, lr=0.02, schedule="onecycle", warmup_epochs=0.5)
     trace, _ = lr_trace(config, steps_per_epoch=10)
     peak = trace.index(max(trace))
     assert max(trace) == pytest.approx(0.02)
     assert 3 <= peak <= 6  # pct_start = warm-up share (5 of 20 steps)
     assert trace[0] < 0.02 / 10 and trace[-1] < trace[0]
-    default, _ = lr_trace(TrainConfig(epochs=1, lr=0.02, schedule="onecycle"), steps_per_epoch=10)
+    default, _ = lr_trace(recipe(epochs=1, lr=0.02, schedule="onecycle"), steps_per_epoch=10)
     assert max(default) == pytest.approx(0.02)
 
 
 def test_warmup_longer_than_training_is_capped() -> None:
-    trace, _ = lr_trace(TrainConfig(epochs=1, lr=1.0, warmup_epochs=5.0), steps_per_epoch=4)
+    trace, _ = lr_trace(recipe(epochs=1, lr=1.0, warmup_epochs=5.0), steps_per_epoch=4)
     assert trace == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
 
 
@@ -346,10 +351,10 @@ def test_max_steps_per_epoch_caps_the_steps_and_the_schedule(tiny_project: TinyP
 
 def test_make_optimizer_honours_the_choice_and_weight_decay() -> None:
     model = torch.nn.Linear(2, 2)
-    adamw = make_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.01, lr=0.1))
+    adamw = make_optimizer(model, recipe(optimizer="adamw", weight_decay=0.01, lr=0.1))
     assert isinstance(adamw, torch.optim.AdamW)
     assert adamw.param_groups[0]["weight_decay"] == 0.01 and adamw.param_groups[0]["lr"] == 0.1
-    assert type(make_optimizer(model, TrainConfig(optimizer="adam"))) is torch.optim.Adam
+    assert type(make_optimizer(model, recipe(optimizer="adam"))) is torch.optim.Adam
 
 
 # --- length bucketing ---------------------------------------------------------------------------
@@ -410,7 +415,9 @@ def test_evaluation_order_is_sorted_by_length_and_image_batches_cover_all() -> N
     order = torch.cat(split.batch_indices(64))
     lengths = split.features["lengths"][order]
     assert torch.all(lengths[1:] >= lengths[:-1])
-    images = Split({"images": torch.zeros(70, 28, 28, dtype=torch.uint8)}, torch.zeros(70).long())
+    images = Split(
+        {"images": torch.zeros(70, 1, 28, 28, dtype=torch.uint8)}, torch.zeros(70).long()
+    )
     shuffled = images.batch_indices(32, torch.Generator().manual_seed(0))
     assert [len(b) for b in shuffled] == [32, 32, 6]
     assert torch.equal(torch.sort(torch.cat(shuffled)).values, torch.arange(70))
@@ -421,7 +428,7 @@ def test_evaluation_order_is_sorted_by_length_and_image_batches_cover_all() -> N
 
 
 def test_training_key_changes_with_params_and_data(tmp_path: Path) -> None:
-    settings = {"seed": 42, **TrainConfig().model_dump()}
+    settings = {"seed": 42, **recipe().model_dump()}
     base = training_key("cnn", settings, "digest-a", "code-a")
     assert training_key("cnn", dict(reversed(settings.items())), "digest-a", "code-a") == base
     assert training_key("cnn", {**settings, "lr": 0.002}, "digest-a", "code-a") != base
@@ -560,27 +567,46 @@ def test_experiments_that_train_alike_never_share_a_checkpoint(
 # --- the train stage end to end -----------------------------------------------------------------
 
 
-def test_prepare_max_len_above_the_transformers_is_a_params_error(
+def test_a_dataset_max_len_above_the_transformers_is_one_line(
     tiny_project: TinyProject,
 ) -> None:
-    """prepare keeps the head and tail of each review; a Transformer keeping fewer tokens would
-    silently cut that tail off again at training time (#10)."""
-    raw = tiny_project.params.model_dump()
-    raw["prepare"]["imdb"]["max_len"] = 65  # the tiny Transformer keeps 64
-    params = parse_params(raw, "tiny params")
+    """prepare keeps the head and tail of each text; a Transformer keeping fewer tokens would
+    silently cut that tail off again at training time (#10). The network checks the prepared
+    dataset's max_len (its meta.json) when it is built."""
+    prepared = Path("data/prepared/imdb")
+    meta = {**read_json(prepared / "meta.json"), "max_len": 65}  # the tiny Transformer keeps 64
+    (prepared / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    seal(prepared)  # as prepare with datasets.imdb.max_len 65 would write it
+    params = tiny_project.params
+    validate_models(params)  # the model sections themselves are fine: the data is the problem
     with pytest.raises(DlpipeError) as err:
         run_module.train("transformer", params)
     message = str(err.value)
-    assert "\n" not in message and message.startswith("tiny params: "), message
-    assert "prepare.imdb.max_len 65" in message, message
-    assert "train.transformer.model.max_len 64" in message, message
+    assert "\n" not in message, message
+    assert "datasets.imdb.max_len 65" in message, message
+    assert "model.max_len 64" in message, message
     assert not Path("data/models/transformer").exists()
-    assert not Path(".dlpipe").exists()  # failed before any work
-    with pytest.raises(DlpipeError, match="prepare.imdb.max_len"):
-        validate_families(params)
-    get_family("rnn").model_config(params)  # the RNN reads whole prepared rows: no such limit
-    raw["prepare"]["imdb"]["max_len"] = 64
-    get_family("transformer").model_config(parse_params(raw, "tiny params"))  # equal is fine
+    assert checkpoint_folders(tiny_project.root, "transformer") == []  # failed before training
+    family_model("rnn", params, DataMeta.from_json(meta))  # the RNN reads whole rows: no limit
+    family_model("transformer", params, DataMeta.from_json({**meta, "max_len": 64}))  # equal: fine
+
+
+def test_a_family_on_a_dataset_of_another_input_kind_is_one_line(
+    tiny_project: TinyProject,
+) -> None:
+    """train.<model> names a family and a dataset; the images family cannot read texts."""
+    raw = tiny_project.params.model_dump()
+    raw["train"]["cnn"]["dataset"] = "imdb"
+    params = parse_params(raw, "tiny params")
+    with pytest.raises(
+        DlpipeError,
+        match=r"^train.cnn: the cnn family reads images, but dataset imdb holds tokens",
+    ):
+        run_module.train("cnn", params)
+    assert not Path("data/models/cnn").exists()
+    raw["train"]["cnn"]["dataset"] = "pets"  # not declared: a params error
+    with pytest.raises(DlpipeError, match=r"train.cnn.dataset: no datasets.pets entry"):
+        parse_params(raw, "tiny params")
 
 
 @pytest.mark.parametrize("name", ["cnn", "rnn", "transformer"])
@@ -591,8 +617,10 @@ def test_train_writes_every_output(tiny_project: TinyProject, name: str) -> None
 
     saved = json.loads((models / "config.json").read_text())
     assert saved["model"] == name and saved["dataset"] == dataset_of(name)
-    family = get_family(name)
-    assert saved["model_config"] == family.model_config(tiny_project.params).model_dump()
+    family = model_family(tiny_project.params, name)
+    assert saved["family"] == family.name == tiny_project.params.train[name].family
+    assert saved["model_config"] == family.model_config(tiny_project.params, name).model_dump()
+    assert saved["data"] == read_json(Path("data/prepared") / dataset_of(name) / "meta.json")
     _, _, meta = tiny_data(name)
     model = family_model(name, tiny_project.params, meta)
     state = torch.load(models / "model.pt", weights_only=True)

@@ -32,7 +32,7 @@ import pandas as pd
 from dlpipe import gates, paths
 from dlpipe.config import load_params
 from dlpipe.errors import DlpipeError, exit_on_user_error, first_line
-from dlpipe.family import Family, get_family
+from dlpipe.family import model_family
 from dlpipe.tables import format_table
 
 if TYPE_CHECKING:
@@ -93,15 +93,13 @@ def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFr
     return frame
 
 
-def _local_predict(
-    family: Family, args: argparse.Namespace, inputs: list[Any], names: list[str]
-) -> pd.DataFrame:
+def _local_predict(args: argparse.Namespace, inputs: list[Any], names: list[str]) -> pd.DataFrame:
     from dlpipe.serving import Predictor
 
-    model_dir = Path(args.model_dir) if args.model_dir else paths.MODELS_DIR / family.name
+    model_dir = Path(args.model_dir) if args.model_dir else paths.MODELS_DIR / args.model
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.pt").is_file():
         raise DlpipeError(
-            f"{model_dir}: no trained {family.name} model; run `dvc repro train@{family.name}` "
+            f"{model_dir}: no trained {args.model} model; run `dvc repro train@{args.model}` "
             "first (or pass --model-uri)"
         )
     return Predictor.from_folder(model_dir).predict(inputs, names)
@@ -125,12 +123,12 @@ def _records(frame: pd.DataFrame, originals: list[str]) -> list[dict[str, Any]]:
 
 
 def predict(args: argparse.Namespace) -> int:
-    family = get_family(args.model)
+    family = model_family(load_params(args.params), args.model)
     inputs, names, shown = family.inputs.read_cli_inputs(args.inputs, args.file)
     if args.model_uri:
         frame = _pyfunc_predict(args.model_uri, family.inputs.column, inputs)
     else:
-        frame = _local_predict(family, args, inputs, names)
+        frame = _local_predict(args, inputs, names)
     # A text is its own best label in JSON; a picture is named by its path.
     originals = [v if isinstance(v, str) else n for v, n in zip(inputs, names, strict=True)]
     records = _records(frame, originals)
@@ -194,13 +192,14 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {int(m.step): float(m.value) for m in history}
 
 
-def compare_row(client: MlflowClient, experiment_id: str, family: str) -> dict[str, Any]:
-    """The latest FINISHED run of one family, as the values `dlpipe compare` shows."""
+def compare_row(client: MlflowClient, experiment_id: str, model: str) -> dict[str, Any]:
+    """The latest FINISHED run of one model (or `baseline@<dataset>`), as the values
+    `dlpipe compare` shows."""
     row: dict[str, Any] = dict.fromkeys(key for key, _, _ in COLUMNS + LINEAGE)
-    row["model"] = family
+    row["model"] = model
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.model_family = '{family}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.model = '{model}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -253,9 +252,7 @@ def compare(args: argparse.Namespace) -> int:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise DlpipeError(f"no experiment {experiment!r} in {store}; train a model first")
-    from dlpipe.baseline import NAME as BASELINE
-
-    names = [*params.families, BASELINE]
+    names = [*params.models, *(f"baseline@{dataset}" for dataset in params.datasets)]
     rows = [compare_row(client, found.experiment_id, name) for name in names]
     if args.json:
         print(json.dumps(rows))
@@ -290,7 +287,7 @@ def sweep(args: argparse.Namespace) -> int:
             raise DlpipeError("--show takes no -S (it shows the experiments there are)")
         params = load_params(args.params)
         if args.model:
-            get_family(args.model)
+            model_family(params, args.model)
         print(sweeps.show_table(params, args.model))
         return 0
     if not args.model or not args.grid:
@@ -312,16 +309,17 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("predict", help="label raw reviews or digit images")
-    p.add_argument("model", metavar="MODEL", help="a model family (a train.<name> in params.yaml)")
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="review texts, or image paths")
-    p.add_argument("--file", help="text models: a UTF-8 file with one review per line")
+    p.add_argument("model", metavar="MODEL", help="a model (a train.<name> in params.yaml)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="texts, or image paths")
+    p.add_argument("--file", help="text models: a UTF-8 file with one text per line")
+    p.add_argument("--params", default="params.yaml", help="default params.yaml")
     p.add_argument("--model-uri", help="an MLflow pyfunc URI instead of the local DVC outputs")
     p.add_argument("--model-dir", help="the trained model folder (default data/models/MODEL)")
     p.add_argument("--json", action="store_true", help="print JSON records")
     p.set_defaults(handler=predict)
 
     c = commands.add_parser(
-        "compare", help="the latest finished run of each model family and of the baseline"
+        "compare", help="the latest finished run of each model and of each dataset's baseline"
     )
     c.add_argument("--experiment", help="default: mlflow.experiment in params.yaml")
     c.add_argument("--params", default="params.yaml", help="default params.yaml")

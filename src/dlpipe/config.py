@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dlpipe.errors import DlpipeError
 
-# A family name is also its module's name (dlpipe.models.<name>) and a DVC stage key.
-FamilyName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+# A model, family or dataset name is also a DVC stage key (train@<model>), a folder name and, for
+# a family, its module's name (dlpipe.models.<family>).
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -35,41 +36,25 @@ class FetchConfig(Strict):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
 
 
-SubsetSize = Annotated[int, Field(ge=0)]
+class DatasetEntry(BaseModel):
+    """What every `datasets.<name>` entry has; the rest of the entry is its format's to check
+    (`dlpipe.datasets.dataset_settings`), so this file never needs to know which formats exist."""
 
+    model_config = ConfigDict(extra="allow", frozen=True)
 
-class PrepareMnistConfig(Strict):
-    val_size: Annotated[int, Field(ge=10, le=30000)] = 5000
-    max_train: SubsetSize = 0  # 0 = all 60,000 (val is split from these); >0: a stratified sample
-    max_test: SubsetSize = 0  # 0 = all 10,000
-
-
-class PrepareImdbConfig(Strict):
-    val_size: Annotated[int, Field(ge=10, le=12500)] = 5000
-    max_train: SubsetSize = 0  # 0 = all 25,000 (val is split from these); >0: a stratified sample
-    max_test: SubsetSize = 0  # 0 = all 25,000
-    tokenizer: Literal["bpe", "wordpiece"] = "bpe"
-    vocab_size: Annotated[int, Field(ge=100, le=65536)] = 16000
-    min_frequency: Annotated[int, Field(ge=1)] = 2
-    lowercase: bool = True
-    train_on_unsup: bool = False
-    max_len: Annotated[int, Field(ge=8, le=4096)] = 512
-    truncation: Literal["head", "tail", "head+tail"] = "head+tail"
-    word_vectors_dim: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: none (PPMI-SVD, data/imdb.py)
-    word_vectors_window: Annotated[int, Field(ge=1, le=20)] = 5  # tokens either side that count
-
-
-class PrepareConfig(Strict):
-    mnist: PrepareMnistConfig = PrepareMnistConfig()
-    imdb: PrepareImdbConfig = PrepareImdbConfig()
+    format: Name  # src/dlpipe/datasets/<format>.py
+    path: Annotated[str, Field(min_length=1)]  # where its raw files are (a DVC dep of prepare)
 
 
 class TrainConfig(Strict):
-    """What every family's training shares; MLflow logs these as `train.<key>` for all of them.
+    """A model: a family trained on a dataset, and what every family's training shares; MLflow
+    logs these as `train.<key>` for all of them.
 
     `model` is the family's own section: `dlpipe.family.model_config` validates it against the
     schema its module declares, so this file never needs to know which families exist."""
 
+    family: Name  # src/dlpipe/models/<family>.py
+    dataset: Name  # a `datasets` entry: data/prepared/<dataset>
     epochs: Annotated[int, Field(ge=1, le=1000)] = 5
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 128
     eval_batch_size: Annotated[int, Field(ge=1, le=65536)] = 1024
@@ -93,14 +78,28 @@ class TrainConfig(Strict):
     model: dict[str, Any] = {}
 
 
-class BaselineConfig(Strict):
-    """The linear baseline beside the text families: TF-IDF word n-grams + logistic regression."""
+class TextBaselineConfig(Strict):
+    """The linear yardstick of every text dataset: TF-IDF word n-grams + logistic regression."""
 
     ngram_max: Annotated[int, Field(ge=1, le=3)] = 2
     min_df: Annotated[int, Field(ge=1)] = 2
     sublinear_tf: bool = True
     C: Annotated[float, Field(gt=0.0)] = 8.0
     max_iter: Annotated[int, Field(ge=10, le=100000)] = 1000
+
+
+class ImageBaselineConfig(Strict):
+    """The linear yardstick of every image dataset: logistic regression on the pixels."""
+
+    C: Annotated[float, Field(gt=0.0)] = 0.1
+    max_iter: Annotated[int, Field(ge=10, le=100000)] = 200
+
+
+class BaselineConfig(Strict):
+    """The linear model fit beside the deep ones on each dataset, by its input kind."""
+
+    tokens: TextBaselineConfig = TextBaselineConfig()
+    images: ImageBaselineConfig = ImageBaselineConfig()
 
 
 class EvaluateConfig(Strict):
@@ -130,7 +129,7 @@ class MlflowConfig(Strict):
 
 
 GateMetric = Literal["test_accuracy", "test_macro_f1"]  # higher is better: a floor is a minimum
-Floors = dict[FamilyName, dict[GateMetric, Annotated[float, Field(ge=0.0, le=1.0)]]]
+Floors = dict[Name, dict[GateMetric, Annotated[float, Field(ge=0.0, le=1.0)]]]
 
 
 class GatesConfig(Strict):
@@ -146,8 +145,8 @@ class GatesConfig(Strict):
 class Params(Strict):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     fetch: FetchConfig = FetchConfig()
-    prepare: PrepareConfig = PrepareConfig()
-    train: dict[FamilyName, TrainConfig] = {}
+    datasets: dict[Name, DatasetEntry] = {}
+    train: dict[Name, TrainConfig] = {}
     baseline: BaselineConfig = BaselineConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -156,7 +155,13 @@ class Params(Strict):
     _source: str = PrivateAttr("params.yaml")  # where it was read: named in error messages
 
     @model_validator(mode="after")
-    def _gates_name_trained_families(self) -> Params:
+    def _names_resolve(self) -> Params:
+        for model, config in self.train.items():
+            if config.dataset not in self.datasets:
+                known = ", ".join(self.datasets) or "none"
+                raise ValueError(
+                    f"train.{model}.dataset: no datasets.{config.dataset} entry (datasets: {known})"
+                )
         for section in ("floors", "smoke_floors"):
             for name in getattr(self.gates, section):
                 if name not in self.train:
@@ -168,8 +173,8 @@ class Params(Strict):
         return self._source
 
     @property
-    def families(self) -> tuple[str, ...]:
-        """The model families, in params.yaml's order: the keys of the `train` section."""
+    def models(self) -> tuple[str, ...]:
+        """The models, in params.yaml's order: the keys of the `train` section."""
         return tuple(self.train)
 
 
@@ -182,8 +187,9 @@ def _key(part: object) -> str:
 def _describe(error: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
     path = ".".join(_key(part) for part in (*prefix, *error["loc"]))
     kind = error["type"]
-    if kind == "value_error" and not error["loc"]:  # a cross-field check names its own keys
-        return str(error["msg"]).removeprefix("Value error, ")
+    if kind == "value_error" and not error["loc"]:  # a cross-field check of the section
+        message = str(error["msg"]).removeprefix("Value error, ")
+        return f"{path}: {message}" if path else message
     if kind == "extra_forbidden":
         return f"{path}: unknown key (check the spelling against params.yaml)"
     if kind == "missing":
@@ -234,9 +240,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
-def train_config(params: Params, family: str) -> TrainConfig:
-    """The training section of one model family."""
-    if family not in params.train:
-        choices = ", ".join(params.families) or "none"
-        raise DlpipeError(f"unknown model family {family!r}; params.yaml trains: {choices}")
-    return params.train[family]
+def train_config(params: Params, model: str) -> TrainConfig:
+    """The training section of one model."""
+    if model not in params.train:
+        choices = ", ".join(params.models) or "none"
+        raise DlpipeError(f"unknown model {model!r}; params.yaml trains: {choices}")
+    return params.train[model]

@@ -1,11 +1,12 @@
 """A model family: everything the pipeline knows about one kind of model, declared once.
 
 Each family is one module, `dlpipe/models/<name>.py`, that ends in `FAMILY = Family(...)`: its
-name, the dataset it trains on, its input kind (images or token sequences: how batches are made,
-how raw inputs become model inputs, what the evaluation shows), the schema of its
-`train.<name>.model` section in params.yaml, the function that builds the network, and its small
-settings for `make smoke`. The trainer, evaluation, registry, serving, the CLI, the smoke run and
-the report go through this object and never name a family.
+name, its input kind (images or token sequences: how batches are made, how raw inputs become
+model inputs, what the evaluation shows), the schema of a model's `train.<model>.model` section in
+params.yaml, the function that builds the network, and its small settings for `make smoke`. A
+model is a family trained on a dataset: `train.<model>` names both. The trainer, evaluation,
+registry, serving, the CLI, the smoke run and the report go through this object and the dataset's
+meta.json, and never name a family or a dataset.
 
 Family modules are imported only when asked for, so DVC's train@cnn runs (and depends on) the
 CNN's module alone.
@@ -13,7 +14,6 @@ CNN's module alone.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import re
@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from dlpipe.config import Params, train_config, validate_section
 from dlpipe.errors import DlpipeError
 from dlpipe.integrity import read_verified
+from dlpipe.plugins import declaration
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,19 +39,35 @@ NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 @dataclass(frozen=True)
 class DataMeta:
-    """What a model needs to know about its data: the classes, and for text the vocabulary."""
+    """What a model needs to know about its data: the classes; for images their channels, size
+    and per-channel mean and std; for text the vocabulary and the longest kept text."""
 
     num_classes: int
+    dataset: str = ""
+    channels: int = 0
+    height: int = 0
+    width: int = 0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
     vocab_size: int = 0
     pad_id: int = 0
+    max_len: int = 0
 
     @classmethod
     def from_json(cls, meta: Mapping[str, Any]) -> DataMeta:
         """The model-relevant part of a prepared dataset's meta.json."""
+        image = meta.get("image") or {}
         return cls(
             num_classes=int(meta["num_classes"]),
+            dataset=str(meta.get("dataset", "")),
+            channels=int(image.get("channels", 0)),
+            height=int(image.get("height", 0)),
+            width=int(image.get("width", 0)),
+            mean=tuple(float(v) for v in image.get("mean", ())),
+            std=tuple(float(v) for v in image.get("std", ())),
             vocab_size=int(meta.get("vocab_size", 0)),
             pad_id=int(meta.get("pad_id", 0)),
+            max_len=int(meta.get("max_len", 0)),
         )
 
 
@@ -60,45 +77,35 @@ class Family:
     (as `inputs` makes them) to logits [B, classes]."""
 
     name: str
-    dataset: str  # data/prepared/<dataset>, written by prepare@<dataset>
     inputs: InputKind
-    config: type[BaseModel]  # the schema of train.<name>.model
+    config: type[BaseModel]  # the schema of train.<model>.model
+    # The network for a model section and its data; a section that does not fit the data (an
+    # image too small for the layers, say) is one DlpipeError line.
     build: Callable[[Any, DataMeta], nn.Module]
-    smoke: Mapping[str, Any] = field(default_factory=dict)  # train.<name> overrides, make smoke
-    # Checks of the model section against the rest of params.yaml (e.g. the prepared data), which
-    # its schema alone cannot see; raises one DlpipeError line naming the keys.
-    check: Callable[[Params, Any], None] | None = None
+    smoke: Mapping[str, Any] = field(default_factory=dict)  # train.<model> overrides, make smoke
     # precision auto on a CPU with native bf16: autocast to bf16 (True) or stay in fp32 (False,
     # where measured slower: small matmuls, whose casts cost more than the bf16 kernels save).
     cpu_bf16: bool = True
 
-    def model_config(self, params: Params) -> BaseModel:
-        """train.<name>.model from params.yaml, validated against this family's schema (and
-        against the rest of params.yaml by `check`)."""
-        raw = train_config(params, self.name).model
-        config = validate_section(self.config, raw, ("train", self.name, "model"), params.source)
-        if self.check is not None:
-            self.check(params, config)
-        return config
+    def model_config(self, params: Params, model: str) -> BaseModel:
+        """train.<model>.model from params.yaml, validated against this family's schema."""
+        raw = train_config(params, model).model
+        return validate_section(self.config, raw, ("train", model, "model"), params.source)
+
+
+def model_family(params: Params, model: str) -> Family:
+    """The family that `train.<model>` names; an unknown one is one line naming the key."""
+    try:
+        return get_family(train_config(params, model).family)
+    except DlpipeError as err:
+        raise DlpipeError(f"{params.source}: train.{model}.family: {err}") from None
 
 
 def get_family(name: str) -> Family:
     """The family declared by `dlpipe.models.<name>`; an unknown name is one DlpipeError line."""
     if not NAME.fullmatch(name):
         raise DlpipeError(f"unknown model family {name!r} (names are lower_snake_case)")
-    module_name = f"dlpipe.models.{name}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise DlpipeError(
-            f"unknown model family {name!r}: there is no src/dlpipe/models/{name}.py"
-        ) from None
-    family = getattr(module, "FAMILY", None)
-    if not isinstance(family, Family) or family.name != name:
-        raise DlpipeError(f"src/dlpipe/models/{name}.py declares no FAMILY named {name!r}")
-    return family
+    return declaration("dlpipe.models", name, "FAMILY", Family, "model family")
 
 
 def load_trained(model_dir: Path) -> tuple[nn.Module, dict[str, Any], Family]:
@@ -121,17 +128,18 @@ def load_trained(model_dir: Path) -> tuple[nn.Module, dict[str, Any], Family]:
     if (
         not isinstance(info, dict)
         or not isinstance(info.get("model"), str)
+        or not isinstance(info.get("family"), str)
         or not isinstance(info.get("data"), dict)
     ):
         raise DlpipeError(f"{config_path}: not a trained model's config.json")
-    family = get_family(info["model"])
+    family = get_family(info["family"])
     config = validate_section(
         family.config, info.get("model_config"), ("model_config",), str(config_path)
     )
     model = family.build(config, DataMeta.from_json(info["data"]))
     weights = model_dir / "model.pt"
     if not weights.is_file():
-        raise DlpipeError(f"{weights}: missing; run `dvc repro train@{family.name}` first")
+        raise DlpipeError(f"{weights}: missing; run `{rerun}` first")
     for name in family.inputs.bundled:  # read next by the input kind's load_assets
         if (model_dir / name).is_file():
             read_verified(model_dir / name, rerun, required=False)
@@ -162,7 +170,7 @@ def rerun_training(config_path: Path) -> str:
     return f"dvc repro train@{name if known else '<model>'}"
 
 
-def validate_families(params: Params) -> dict[str, BaseModel]:
-    """Every family's model section, validated (a stage validates only its own family's, so
-    that it runs no other family's code); for checks of the whole params.yaml."""
-    return {name: get_family(name).model_config(params) for name in params.families}
+def validate_models(params: Params) -> dict[str, BaseModel]:
+    """Every model's section, validated (a stage validates only its own model's, so that it
+    runs no other family's code); for checks of the whole params.yaml."""
+    return {name: model_family(params, name).model_config(params, name) for name in params.models}

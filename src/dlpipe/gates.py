@@ -22,7 +22,7 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,10 @@ from typing import Any
 from dlpipe import paths
 from dlpipe.config import GatesConfig, load_params
 from dlpipe.errors import USER_ERROR_EXIT, DlpipeError
+from dlpipe.io import read_json
 from dlpipe.tables import format_table
+
+CHANCE_MARGIN = 0.01  # a model without floors must beat its largest class by a point
 
 PASS, FAIL = "PASS", "FAIL"
 
@@ -128,15 +131,19 @@ def collect_checks(
     baseline: str | None = None,
     models: Sequence[str] = (),
     notes: list[str] | None = None,
+    chance: Mapping[str, float] | None = None,
 ) -> list[Check]:
     """Every gate row. Reads every eval.json first, so a missing one fails before any table.
+    A model without floors must beat always answering its test split's largest class
+    (`chance`: that class's share) by CHANCE_MARGIN, so a user's model is gated with no settings.
     Models that have no eval.json at the baseline get no baseline row, and a line in `notes`."""
     floors = gates.smoke_floors if smoke else gates.floors
-    chosen = [m for m in families if (m in models if models else m in floors)]
+    chance = chance or {}
+    chosen = [m for m in families if (m in models if models else m in floors or m in chance)]
     unknown = sorted(set(models) - set(families))
     if unknown:
         raise DlpipeError(f"unknown model {unknown[0]!r}; choose from {', '.join(families)}")
-    without = [m for m in chosen if not floors.get(m)]
+    without = [m for m in chosen if not floors.get(m) and m not in chance]
     if without:
         section = "smoke_floors" if smoke else "floors"
         raise DlpipeError(f"gates.{section} in params.yaml has no floor for {without[0]}")
@@ -146,6 +153,12 @@ def collect_checks(
     checks: list[Check] = []
     for model in chosen:
         source = str(reports / model / "eval.json")
+        if not floors.get(model):
+            value = _metric(current[model], "test_accuracy", source)
+            limit = chance[model] + CHANCE_MARGIN
+            note = f"largest class {chance[model]:.4f} + {CHANCE_MARGIN:g}"
+            checks.append(Check(model, "test_accuracy", value, "chance", limit, note))
+            continue
         for metric, floor in floors[model].items():
             checks.append(
                 Check(model, metric, _metric(current[model], metric, source), "floor", floor)
@@ -171,6 +184,14 @@ def collect_checks(
                 )
             )
     return checks
+
+
+def largest_class_share(reports: Path, dataset: str) -> float:
+    """The share of a dataset's test split in its largest class, from its data card (beside
+    the models' reports: `<reports>/../data/<dataset>.json`)."""
+    card = read_json(reports.parent / "data" / f"{dataset}.json")
+    counts = card["test"]["class_counts"]
+    return max(counts) / max(1, sum(counts))
 
 
 def format_checks(checks: Sequence[Check]) -> str:
@@ -203,8 +224,14 @@ def run_check(
     try:
         loaded = load_params(params)
         notes: list[str] = []
+        floors = loaded.gates.smoke_floors if smoke else loaded.gates.floors
+        chance = {
+            model: largest_class_share(Path(reports), loaded.train[model].dataset)
+            for model in loaded.models
+            if not floors.get(model)
+        }
         checks = collect_checks(
-            loaded.gates, loaded.families, Path(reports), smoke, baseline, models, notes
+            loaded.gates, loaded.models, Path(reports), smoke, baseline, models, notes, chance
         )
     except DlpipeError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -89,7 +89,7 @@ def read_manifest(folder: Path, rerun: str) -> dict[str, str] | None:
 def read_verified(path: Path, rerun: str, *, required: bool = True) -> bytes:
     """The bytes of `path`, checked against the SHA256SUMS of its folder.
 
-    `rerun` is the command that rewrites the folder (`dvc repro prepare@mnist`). Without a
+    `rerun` is the command that rewrites the folder (`dvc repro prepare@<dataset>`). Without a
     manifest the file is an error when `required` (its writer did not finish, or predates
     checksums), else returned unchecked (models logged before checksums existed)."""
     folder = path.parent

@@ -65,14 +65,14 @@ def data_tags(dataset: str, lock: Path = LOCK_FILE) -> dict[str, str]:
     return {"dvc_data_md5": md5} if md5 else {}
 
 
-def train_stage_tags(family: str, lock: Path = LOCK_FILE) -> dict[str, str]:
-    """`dvc_train_lock` (the hash of train@<family>'s dvc.lock entry) and `dvc_model_md5` (its
+def train_stage_tags(model: str, lock: Path = LOCK_FILE) -> dict[str, str]:
+    """`dvc_train_lock` (the hash of train@<model>'s dvc.lock entry) and `dvc_model_md5` (its
     model folder's DVC hash): logged by the evaluate stage, which runs once the entry is written."""
-    entry = lock_entry(f"train@{family}", lock)
+    entry = lock_entry(f"train@{model}", lock)
     if entry is None:
         return {}
     tags = {"dvc_train_lock": entry_digest(entry)}
-    md5 = out_md5(entry, paths.MODELS_DIR / family)
+    md5 = out_md5(entry, paths.MODELS_DIR / model)
     if md5:
         tags["dvc_model_md5"] = md5
     return tags

@@ -1,12 +1,12 @@
 """The model registry rule: every evaluated model is a `candidate`; `champion` moves on merit.
 
-Each call registers a new version of `<name_prefix><family>` and tags it with its metrics and the
+Each call registers a new version of `<name_prefix><model>` and tags it with its metrics and the
 identity of the test split it was scored on, so the comparison later never depends on the run
 still existing. `champion` moves to it only when there is no champion yet, the champion has no
 value of the metric to compare, or the new value beats the champion's by more than `min_delta`
 (lower is better for test_log_loss). Only scores on the same test rows are compared: a version
 scored on other rows stays a candidate, unless it was scored on the full test split and the
-champion on a sample of it (`prepare.<dataset>.max_test`).
+champion on a sample of it (`datasets.<dataset>.max_test`).
 
 Reading the champion and moving the alias happen under one file lock in the project root's
 `.dlpipe/locks/`, so parallel evaluations (queued experiments) cannot both promote against the
@@ -69,8 +69,8 @@ class SplitIdentity:
         return f"{kind} ({self.rows} rows, {self.digest[:8]})"
 
 
-def registered_name(family: str, config: RegistryConfig) -> str:
-    return f"{config.name_prefix}{family}"
+def registered_name(model: str, config: RegistryConfig) -> str:
+    return f"{config.name_prefix}{model}"
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -131,7 +131,7 @@ def lock_file(name: str) -> Path:
 
 
 def register_and_promote(
-    family: str,
+    model: str,
     model_uri: str,
     run_id: str,
     metrics: dict[str, float],
@@ -150,7 +150,7 @@ def register_and_promote(
     if metric not in metrics or not math.isfinite(float(metrics[metric])):
         raise DlpipeError(f"registry.metric is {metric} but the evaluation gave no finite value")
     value = float(metrics[metric])
-    name = registered_name(family, config)
+    name = registered_name(model, config)
     _ensure_registered_model(client, name)
     tags = {key: repr(float(v)) for key, v in metrics.items() if isinstance(v, int | float)}
     tags |= split.tags() if split is not None else {}

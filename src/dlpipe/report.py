@@ -1,8 +1,9 @@
-"""The report stage: one markdown page comparing the model families, built from DVC outputs only.
+"""The report stage: one markdown page comparing the models, built from DVC outputs only.
 
-The families are params.yaml's `train` sections; each one's results are read from
-reports/models/<name>/ (what its train and evaluate stages wrote), so a new family appears here
-without a change to this module.
+The models are params.yaml's `train` sections; each one's results are read from
+reports/models/<name>/ (what its train and evaluate stages wrote), and each dataset's linear
+yardstick from reports/baselines/<dataset>/, so a new model or dataset appears here without a
+change to this module.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from dlpipe.plots import plot_history
 from dlpipe.tables import format_table
 from dlpipe.tracking import git_state
 
+BASELINE_WORDS = {
+    "tfidf_logreg": "scikit-learn TF-IDF + logistic regression",
+    "pixels_logreg": "scikit-learn logistic regression on the pixels",
+}
 COLUMNS = (
     "model",
     "parameters",
@@ -100,6 +105,14 @@ def _registry_line(name: str, decision: dict[str, Any]) -> str:
     )
 
 
+CARD_WARNINGS = {
+    "test_texts_also_in_train": "test texts also occur in the training split (leakage)",
+    "test_pictures_also_in_train": "test pictures are also in the training split (leakage)",
+    "skipped_rows": "rows left out for an empty text",
+    "skipped_pictures": "unreadable pictures left out",
+}
+
+
 def _card_lines(dataset: str, card: dict[str, Any]) -> list[str]:
     lines = [f"**{dataset}**"]
     for split in ("train", "val", "test"):
@@ -117,9 +130,14 @@ def _card_lines(dataset: str, card: dict[str, Any]) -> list[str]:
     if vectors := card.get("word_vectors"):
         lines.append(
             f"- word vectors: {vectors['dim']}-d PPMI-SVD, window {vectors['window']}, learned "
-            f"without labels from {vectors['reviews']:,} reviews (the training split"
-            + (" and the unlabeled set)" if vectors["unlabeled"] else ")")
+            f"without labels from {vectors['texts']:,} texts (the training split"
+            + (f" and {vectors['unlabeled']:,} unlabeled)" if vectors["unlabeled"] else ")")
         )
+    if card.get("image_shape"):
+        lines.append(f"- images: {' x '.join(map(str, card['image_shape']))} (channels x H x W)")
+    for key, words in CARD_WARNINGS.items():
+        if card.get(key):
+            lines.append(f"- warning: {card[key]:,} {words}")
     return lines
 
 
@@ -134,15 +152,15 @@ def _mistakes_line(name: str, models: Path) -> str:
 def _baseline_lines(
     baselines: list[dict[str, Any]], results: dict[str, tuple[dict[str, Any], dict[str, Any]]]
 ) -> list[str]:
-    """What each family on a baseline's dataset buys over it, in test-accuracy points and time."""
+    """What each model on a baseline's dataset buys over it, in test-accuracy points and time."""
     lines = []
     for baseline in baselines:
         accuracy, seconds = baseline["test_accuracy"], baseline["train_time_s"]
         lines += [
-            f"## Against the linear baseline ({baseline['model']}, {baseline['dataset']})",
+            f"## {baseline['dataset']}: against the linear baseline ({baseline['model']})",
             "",
-            f"scikit-learn TF-IDF + logistic regression: test accuracy {accuracy:.4f} after "
-            f"{seconds:.1f} s of fitting on the same training reviews.",
+            f"{BASELINE_WORDS.get(baseline['model'], baseline['model'])}: test accuracy "
+            f"{accuracy:.4f} after {seconds:.1f} s of fitting on the same training rows.",
             "",
         ]
         for name, (train, evaluation) in results.items():
@@ -163,25 +181,26 @@ def write_report(
     reports: Path = paths.REPORTS_DIR, params_file: Path = Path("params.yaml")
 ) -> Path:
     """`reports/summary.md` and `reports/learning_curves.png` from the stages' outputs."""
-    families = load_params(params_file).families
-    models = reports / paths.MODEL_REPORTS_DIR.name
+    models = load_params(params_file).models
+    folder = reports / paths.MODEL_REPORTS_DIR.name
     rows: list[list[str]] = []
     histories: dict[str, list[dict[str, float]]] = {}
     devices: set[str] = set()
     registry: list[str] = []
     results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    for name in families:
-        train = read_json(models / name / "train.json")
-        evaluation = read_json(models / name / "eval.json")
+    for name in models:
+        train = read_json(folder / name / "train.json")
+        evaluation = read_json(folder / name / "eval.json")
         results[name] = train, evaluation
         rows.append(comparison_row(name, train, evaluation))
-        histories[name] = _history(models / name / "history.csv")
+        histories[name] = _history(folder / name / "history.csv")
         devices.add(f"{train['device']} ({train['precision']})")
-        registry.append(_registry_line(name, read_json(models / name / "registry.json")))
+        registry.append(_registry_line(name, read_json(folder / name / "registry.json")))
     baselines = [read_json(p) for p in sorted(reports.glob("baselines/*/eval.json"))]
     for baseline in baselines:
         shown = {**baseline, "best": {"val_accuracy": baseline.get("val_accuracy")}}
-        rows.append(comparison_row(f"{baseline['model']} (baseline)", shown, baseline))
+        name = f"{baseline['model']} ({baseline['dataset']} baseline)"
+        rows.append(comparison_row(name, shown, baseline))
     curves = reports / "learning_curves.png"
     plot_history(histories, curves)
 
@@ -200,11 +219,11 @@ def write_report(
         "",
         "## Confusion matrices (test split)",
         "",
-        *[f"![{n} confusion]({models.name}/{n}/confusion_matrix.png)" for n in families],
+        *[f"![{n} confusion]({folder.name}/{n}/confusion_matrix.png)" for n in models],
         "",
         "## Mistakes",
         "",
-        *[_mistakes_line(name, models) for name in families],
+        *[_mistakes_line(name, folder) for name in models],
         "",
         "## Model registry",
         "",

@@ -136,9 +136,7 @@ class RawInputModel(PythonModel):
         column = self.predictor.input_column
         if not isinstance(model_input, pd.DataFrame) or column not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else None
-            raise InvalidInput(
-                f"the {self.predictor.family.name} model needs a {column!r} column, got {got}"
-            )
+            raise InvalidInput(f"the model needs a {column!r} column, got {got}")
         values = model_input[column].tolist()
         try:
             return self.predictor.predict(values, [f"row {i}" for i in range(len(values))])
@@ -177,7 +175,7 @@ def log_raw_input_model(model_dir: Path) -> str:
         outputs=Schema(outputs),
     )
     kind = predictor.family.inputs
-    example = pd.DataFrame({predictor.input_column: kind.example()})
+    example = pd.DataFrame({predictor.input_column: kind.example(predictor.info)})
     # The copy's checksums are the source's (checked just now by from_folder): a copy that
     # differs from what was trained fails where it is loaded.
     source = read_manifest(model_dir, rerun_training(model_dir / "config.json")) or {}

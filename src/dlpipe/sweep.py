@@ -48,7 +48,7 @@ import yaml
 from dlpipe import lineage, paths
 from dlpipe.config import Params, load_params, parse_params, train_config
 from dlpipe.errors import DlpipeError
-from dlpipe.family import get_family
+from dlpipe.family import model_family
 from dlpipe.tables import format_table
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def trials(raw: dict[str, Any], family: str, axes: Sequence[Axis]) -> list[dict[
         for key, value in trial.items():
             _assign(updated, key, yaml.safe_load(value))
         params = parse_params(updated, "trial " + " ".join(f"{k}={v}" for k, v in trial.items()))
-        get_family(family).model_config(params)
+        model_family(params, family).model_config(params, family)
     return grid
 
 
@@ -249,7 +249,7 @@ def queue_trials(
         print(f"sweep: queued {name}: {' '.join(sets[1:])}")
 
 
-def run_sweep(family_name: str, grid_items: Sequence[str], jobs: int, params_path: str) -> int:
+def run_sweep(model: str, grid_items: Sequence[str], jobs: int, params_path: str) -> int:
     """Queue, run and wait for the grid; 0 when every trial finished, 1 otherwise."""
     from mlflow.entities import Param
 
@@ -260,12 +260,12 @@ def run_sweep(family_name: str, grid_items: Sequence[str], jobs: int, params_pat
     if not Path("dvc.yaml").is_file():
         raise DlpipeError("no dvc.yaml here: run `dlpipe sweep` from the project root")
     params = load_params(params_path)
-    train_config(params, family_name)
-    family = get_family(family_name)
+
+    dataset = train_config(params, model).dataset
     raw = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))
     axes = parse_grid(grid_items)
-    grid = trials(raw, family.name, axes)
-    check_baseline(family.dataset)
+    grid = trials(raw, model, axes)
+    check_baseline(dataset)
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
     client = tracking.MlflowClient(uri)
@@ -273,21 +273,21 @@ def run_sweep(family_name: str, grid_items: Sequence[str], jobs: int, params_pat
     experiment = tracking.experiment_id(params.mlflow.experiment, uri)
     parent = client.create_run(
         experiment,
-        run_name=f"sweep-{family.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"sweep_family": family.name, **tracking.git_state()},
+        run_name=f"sweep-{model}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"sweep_family": model, **tracking.git_state()},
     ).info.run_id
-    names = [f"{family.name}-{parent[:6]}-{n}" for n in range(1, len(grid) + 1)]
+    names = [f"{model}-{parent[:6]}-{n}" for n in range(1, len(grid) + 1)]
     client.log_batch(
         parent,
         params=[Param(f"grid.{a.key}", ",".join(a.values)) for a in axes]
         + [Param("sweep.trials", str(len(grid))), Param("sweep.jobs", str(jobs))],
     )
     client.set_tag(parent, "dvc_exp_names", ",".join(names))
-    print(f"sweep: {len(grid)} trials of {family.name}, MLflow parent run {parent} in {uri}")
+    print(f"sweep: {len(grid)} trials of {model}, MLflow parent run {parent} in {uri}")
     status, started, queued = "FAILED", False, list[str]()
     try:
         try:
-            queue_trials(family.name, parent, names, grid, queued)
+            queue_trials(model, parent, names, grid, queued)
             env = trial_env(jobs)
             env["MLFLOW_TRACKING_URI"] = uri  # the store the parent is in, whatever the cwd
             dvc("queue", "start", "-j", str(jobs), env=env)
@@ -308,7 +308,7 @@ def run_sweep(family_name: str, grid_items: Sequence[str], jobs: int, params_pat
         raise
     finally:
         client.set_terminated(parent, status)
-    print(show_table(params, family.name, names))
+    print(show_table(params, model, names))
     return 0 if status == "FINISHED" else 1
 
 
@@ -448,7 +448,7 @@ def mlflow_runs(names: Collection[str], family: str | None, params: Params) -> d
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     if experiment is None or not names:
         return {}
-    only = f" and tags.model_family = '{family}'" if family else ""
+    only = f" and tags.model = '{family}'" if family else ""
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.dvc_exp_name LIKE '%'{only}",  # tags take no IN (...)
@@ -464,7 +464,7 @@ def mlflow_runs(names: Collection[str], family: str | None, params: Params) -> d
 
 def show_table(params: Params, family: str | None, only: Collection[str] | None = None) -> str:
     """`dvc exp show` as one screen (`only`: these experiments and the commits they are on)."""
-    families = [family] if family else list(params.families)
+    families = [family] if family else list(params.models)
     rows = exp_rows(json.loads(dvc("exp", "show", "--json") or "[]"))
     if only is not None:  # the baseline commit(s) and these experiments
         rows = [r for r in rows if r.name in only or (r.state == "" and r.rev != "workspace")]

@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -31,16 +32,25 @@ import pooch
 import requests
 
 from dlpipe.config import FetchConfig
-from dlpipe.data.sources import RemoteFile
 from dlpipe.errors import DlpipeError
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 MIRROR_HINT = (
-    "no network? set DLPIPE_DATA_MIRROR to a folder holding mnist/ and imdb/ "
+    "no network? set DLPIPE_DATA_MIRROR to a folder holding one subfolder per dataset "
     "(e.g. DLPIPE_DATA_MIRROR=/path/to/shared/datasets)"
 )
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file known by name and sha256 (pooch's `registry` entry for it): the checksums are the
+    trust anchor of the pipeline, checked whichever mirror or URL the bytes came from."""
+
+    name: str
+    sha256: str
+
 
 # pooch's downloader interface: (url, temp file to write, the calling pooch object).
 Downloader = Callable[[str, str, object], None]
@@ -163,3 +173,21 @@ def _reason(err: requests.RequestException) -> str:
     if isinstance(err, requests.ConnectionError):
         return "connection failed"
     return type(err).__name__
+
+
+def in_mirror(mirror: str, *parts: str) -> str:
+    """A file's place in the data mirror (a folder or a URL base)."""
+    return "/".join([mirror, *parts]) if is_url(mirror) else str(Path(mirror, *parts))
+
+
+def origin(used: dict[str, str], mirror: str | None) -> str:
+    """Where a dataset's files came from, in a word or two."""
+    kinds = set()
+    for source in used.values():
+        if source == "cached":
+            kinds.add("download cache")
+        elif mirror is not None and source.startswith(mirror):
+            kinds.add(f"mirror {mirror}")
+        else:
+            kinds.add("canonical URL")
+    return " + ".join(sorted(kinds))

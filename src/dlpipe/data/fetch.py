@@ -1,34 +1,32 @@
-"""The fetch stage's work: MNIST's four files and the IMDB reviews into data/raw/{mnist,imdb}.
+"""The fetch stage's work: every dataset whose format downloads (the built-ins) into
+data/raw/<name>; a user's own files are read where their `path` says, and not copied.
 
-A data mirror (`DLPIPE_DATA_MIRROR`: a folder or URL base holding mnist/ and imdb/) is tried
-before the canonical URLs, so the pipeline runs offline. Every file goes through the download
-cache (`.dlpipe/downloads`, see `download`) and is checked against the pinned checksums in
-`sources`, so a second fetch downloads nothing. Both outputs are built in a temp folder inside
-`out_dir` and each is swapped in only once both are complete, so a failed or interrupted fetch
-never leaves partial data for DVC to cache; anything else in `out_dir` is left alone.
+A data mirror (`DLPIPE_DATA_MIRROR`: a folder or URL base holding one folder per dataset,
+named as the dataset) is tried before the canonical URLs, so the pipeline runs offline. Every file
+goes through the download cache (`.dlpipe/downloads`, see `download`) and is checked against the
+pinned checksums of its format, so a second fetch downloads nothing. All outputs are built in a
+temp folder inside `out_dir` and each is swapped in only once all are complete, so a failed or
+interrupted fetch never leaves partial data for DVC to cache.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
-import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from dlpipe.config import FetchConfig
-from dlpipe.data.archive import SPLIT_FOLDERS, read_aclimdb_archive, read_imdb_csv
-from dlpipe.data.download import SourcesExhaustedError, fetch_file, is_url, local_path
-from dlpipe.data.sources import DEFAULT_SOURCES, Sources
+from dlpipe.config import FetchConfig, Params
+from dlpipe.data.download import is_url, local_path
+from dlpipe.datasets import DatasetFormat, FetchContext, get_format
 from dlpipe.errors import DlpipeError
+from dlpipe.io import write_json_atomic
 from dlpipe.paths import project_root, resolve_from_root
 
-log = logging.getLogger(__name__)
+FETCHED_FILE = "fetched.json"
 
 
 def default_cache_dir() -> Path:
@@ -51,33 +49,52 @@ def resolve_mirror(mirror: str | None) -> str | None:
     return str(folder)
 
 
+def fetched_datasets(params: Params, out_dir: Path) -> dict[str, DatasetFormat]:
+    """{name: format} of the datasets the fetch stage downloads, each checked to live at
+    `out_dir/<name>`, where the fetch writes it."""
+    found = {}
+    for name, entry in params.datasets.items():
+        fmt = get_format(entry.format)
+        if fmt.fetch is None:
+            continue
+        if Path(entry.path) != out_dir / name:
+            raise DlpipeError(
+                f"{params.source}: datasets.{name}.path: the fetch stage writes {fmt.name} to "
+                f"{out_dir / name}; set path: {out_dir / name}"
+            )
+        found[name] = fmt
+    return found
+
+
 def fetch_all(
     out_dir: Path,
     cfg: FetchConfig,
     mirror: str | None,
+    datasets: Mapping[str, DatasetFormat],
     *,
-    sources: Sources = DEFAULT_SOURCES,
+    sources: Mapping[str, Any] | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Write `out_dir/mnist/*.gz` and `out_dir/imdb/{train,test,unsup}.parquet`; return a summary.
+    """Write `out_dir/<name>` for each of `datasets` with its format's fetch; return a summary.
 
-    `out_dir/mnist` and `out_dir/imdb` are replaced only after everything is downloaded and
-    verified; on any failure they are left as they were and the temp folder is removed.
+    Each `out_dir/<name>` is replaced only after everything is downloaded and verified; on any
+    failure they are left as they were and the temp folder is removed.
     """
     out_dir = Path(out_dir)
-    base = resolve_mirror(mirror)
-    cache = cache_dir or default_cache_dir()
+    context = FetchContext(
+        cfg, resolve_mirror(mirror), cache_dir or default_cache_dir(), dict(sources or {})
+    )
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Inside out_dir, so the renames below stay on one file system.
     build = Path(tempfile.mkdtemp(prefix=".fetch-", dir=out_dir))
     try:
-        summary = {
-            "mnist": _fetch_mnist(build / "mnist", cfg, base, sources, cache),
-            "imdb": _fetch_imdb(build / "imdb", cfg, base, sources, cache),
-        }
-        for dataset in summary:
-            _swap_into_place(build / dataset, out_dir / dataset)
+        summary = {}
+        for name, fmt in datasets.items():
+            assert fmt.fetch is not None
+            summary[name] = fmt.fetch(build / name, context)
+        for name in summary:
+            _swap_into_place(build / name, out_dir / name)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         if created:
@@ -85,8 +102,15 @@ def fetch_all(
                 out_dir.rmdir()
         raise
     shutil.rmtree(build, ignore_errors=True)  # with the replaced outputs, moved aside into it
-    for dataset, info in summary.items():
-        info["dir"] = str(out_dir / dataset)
+    for name, info in summary.items():
+        info["dir"] = str(out_dir / name)
+    # What this fetch wrote, file by file: the stage's record, and never an empty output (a
+    # project of the user's own datasets alone downloads nothing).
+    fetched = {
+        name: {"format": fmt.name, "files": summary[name]["files"]}
+        for name, fmt in datasets.items()
+    }
+    write_json_atomic(out_dir / FETCHED_FILE, {"datasets": fetched})
     return summary
 
 
@@ -101,96 +125,6 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"in {info['dir']}, from {info['origin']}, {info['seconds']:.2f}s"
         )
     return lines
-
-
-def _in_mirror(mirror: str, *parts: str) -> str:
-    return "/".join([mirror, *parts]) if is_url(mirror) else str(Path(mirror, *parts))
-
-
-def _origin(used: dict[str, str], mirror: str | None) -> str:
-    """Where a dataset's files came from, in a word or two."""
-    kinds = set()
-    for source in used.values():
-        if source == "cached":
-            kinds.add("download cache")
-        elif mirror is not None and source.startswith(mirror):
-            kinds.add(f"mirror {mirror}")
-        else:
-            kinds.add("canonical URL")
-    return " + ".join(sorted(kinds))
-
-
-def _fetch_mnist(
-    folder: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
-) -> dict[str, Any]:
-    start = time.perf_counter()
-    folder.mkdir()
-    used: dict[str, str] = {}
-    for remote in sources.mnist_files:
-        candidates = [_in_mirror(mirror, "mnist", remote.name)] if mirror else []
-        candidates += [f"{url.rstrip('/')}/{remote.name}" for url in sources.mnist_url_bases]
-        cached, used[remote.name] = fetch_file(candidates, remote, cache_dir, cfg)
-        shutil.copyfile(cached, folder / remote.name)
-    files = {name: (folder / name).stat().st_size for name in used}
-    return {
-        "files": files,
-        "bytes": sum(files.values()),
-        "sources": used,
-        "origin": _origin(used, mirror),
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def _fetch_imdb(
-    folder: Path, cfg: FetchConfig, mirror: str | None, sources: Sources, cache_dir: Path
-) -> dict[str, Any]:
-    start = time.perf_counter()
-    frames: dict[str, pd.DataFrame] | None = None
-    used: dict[str, str] = {}
-    if mirror and sources.imdb_csv_files:
-        frames, used = _imdb_from_csv(cfg, mirror, sources, cache_dir)
-    if frames is None:
-        remote = sources.imdb_archive
-        candidates = [_in_mirror(mirror, "imdb", remote.name)] if mirror else []
-        candidates += list(sources.imdb_archive_urls)
-        archive, used[remote.name] = fetch_file(candidates, remote, cache_dir, cfg)
-        frames = read_aclimdb_archive(archive)
-    folder.mkdir()
-    files = {}
-    for split, data in frames.items():
-        path = folder / f"{split}.parquet"
-        data.to_parquet(path, index=False, engine="pyarrow")
-        files[path.name] = path.stat().st_size
-    return {
-        "files": files,
-        "bytes": sum(files.values()),
-        "rows": {split: len(data) for split, data in frames.items()},
-        "sources": used,
-        "origin": _origin(used, mirror),
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def _imdb_from_csv(
-    cfg: FetchConfig, mirror: str, sources: Sources, cache_dir: Path
-) -> tuple[dict[str, pd.DataFrame] | None, dict[str, str]]:
-    """The frames from the mirror's CSV export, or None when the mirror has no (complete) export.
-
-    A missing file falls back to the archive; a corrupt one is fatal like any checksum error.
-    """
-    splits = {remote.name.split(".", 1)[0]: remote for remote in sources.imdb_csv_files}
-    if set(splits) != set(SPLIT_FOLDERS):
-        raise ValueError(f"imdb_csv_files must be one per split {sorted(SPLIT_FOLDERS)}")
-    paths: dict[str, Path] = {}
-    used: dict[str, str] = {}
-    try:
-        for split, remote in splits.items():
-            source = _in_mirror(mirror, "imdb", remote.name)
-            paths[split], used[remote.name] = fetch_file([source], remote, cache_dir, cfg)
-    except SourcesExhaustedError:
-        log.warning("mirror %s has no complete IMDB CSV export; using aclImdb_v1.tar.gz", mirror)
-        return None, {}
-    return {split: read_imdb_csv(paths[split], split) for split in SPLIT_FOLDERS}, used
 
 
 def _swap_into_place(new: Path, dest: Path) -> None:

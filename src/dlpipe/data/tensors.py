@@ -55,7 +55,7 @@ class Split:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device) -> Split:
-        """The whole split on `device`: MNIST and IMDB fit in any GPU, so no loader is needed."""
+        """The whole split on `device`: the built-in datasets fit in any GPU, so no loader."""
         move = (lambda t: t.to(device)) if device.type != "cpu" else (lambda t: t)
         return replace(
             self,
@@ -72,7 +72,7 @@ class Split:
             lengths = self.features["lengths"][index]
             width = width or int(lengths.max())
             return (self.features["tokens"][index, :width].long(), lengths.long()), targets
-        images = self.features["images"][index].unsqueeze(1).float().div_(255.0)
+        images = self.features["images"][index].float().div_(255.0)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return (images,), targets
@@ -134,9 +134,10 @@ class Split:
 
 
 def load_split(prepared_dir: Path, split: str, channels_last: bool = False) -> Split:
-    """Read `<prepared_dir>/<split>.npz` written by a prepare stage, its bytes checked against the
-    folder's SHA256SUMS (and the small files beside it, meta.json and tokenizer.json, which the
-    stages read next); a changed or incomplete folder is one DlpipeError line."""
+    """Read `<prepared_dir>/<split>.npz` written by a prepare stage (images uint8 [N, C, H, W], or
+    tokens and lengths), its bytes checked against the folder's SHA256SUMS (and the small files
+    beside it, meta.json and tokenizer.json, which the stages read next); a changed or incomplete
+    folder is one DlpipeError line."""
     path = prepared_dir / f"{split}.npz"
     rerun = f"dvc repro prepare@{prepared_dir.name}"
     if not path.exists():
@@ -152,7 +153,10 @@ def load_split(prepared_dir: Path, split: str, channels_last: bool = False) -> S
                     "lengths": torch.from_numpy(arrays["lengths"].astype(np.int64)).clamp_(min=1),
                 }
             else:
-                features = {"images": torch.from_numpy(arrays["images"])}
+                images = arrays["images"]
+                if images.ndim != 4:
+                    raise ValueError(f"images of shape {images.shape}, expected [N, C, H, W]")
+                features = {"images": torch.from_numpy(images)}
     except (zipfile.BadZipFile, ValueError, KeyError, OSError) as err:
         raise DlpipeError(f"{path}: not a prepared split ({err}); rerun `{rerun}`") from None
     return Split(features, labels, channels_last=channels_last)

@@ -48,7 +48,8 @@ def plot_misclassified(
     confidence: np.ndarray,
     dest: Path,
 ) -> None:
-    """A grid of wrongly classified digits, most confident mistakes first."""
+    """A grid of wrongly classified pictures (uint8 [N, C, H, W], grayscale or colour), most
+    confident mistakes first."""
     count = len(images)
     cols = min(8, max(1, count))
     rows = max(1, -(-count // cols))
@@ -58,18 +59,21 @@ def plot_misclassified(
     for ax, image, label, guess, conf in zip(
         axes.flat, images, labels, predicted, confidence, strict=False
     ):
-        ax.imshow(image, cmap="gray")
+        if image.shape[0] == 1:
+            ax.imshow(image[0], cmap="gray")
+        else:
+            ax.imshow(image.transpose(1, 2, 0))
         ax.set_title(f"{label}→{guess} ({conf:.0%})", fontsize=8, color="crimson")
-    fig.suptitle("misclassified test digits (actual→predicted, confidence)", fontsize=9)
+    fig.suptitle("misclassified test pictures (actual→predicted, confidence)", fontsize=9)
     fig.tight_layout()
     _save(fig, dest)
 
 
 def mistakes_markdown(rows: list[dict[str, str]], dest: Path) -> None:
-    """The most confident text mistakes as a markdown table (review shortened)."""
-    lines = ["| review | actual | predicted | confidence |", "| --- | --- | --- | --- |"]
+    """The most confident text mistakes as a markdown table (text shortened)."""
+    lines = ["| text | actual | predicted | confidence |", "| --- | --- | --- | --- |"]
     for row in rows:
-        text = row["text"].replace("|", "\\|").replace("<br />", " ")
+        text = " ".join(row["text"].split()).replace("|", "\\|")
         text = text if len(text) <= 200 else text[:197] + "..."
         lines.append(f"| {text} | {row['actual']} | {row['predicted']} | {row['confidence']} |")
     with atomic_path(dest) as tmp:

@@ -1,4 +1,4 @@
-"""The evaluate@<family> stage: the official test split, first touched here.
+"""The evaluate@<model> stage: the official test split, first touched here.
 
 Writes DVC metrics and plots, logs `test_*` metrics and figures to the training's MLflow run,
 logs the raw-input pyfunc model and registers it (alias `candidate`; `champion` only if better).
@@ -47,24 +47,24 @@ def most_confident_mistakes(
     return order, confidence[order]
 
 
-def split_identity(family: Family, params: Params) -> SplitIdentity:
+def split_identity(family: Family, dataset: str, params: Params) -> SplitIdentity:
     """The test rows scored: their number, a digest of their labels and of what identifies each
     row whatever its encoding (the input kind's `row_ids`), and whether they are the full split
     (no `max_test` sample). The registry compares only scores on the same rows."""
     from dlpipe.registry import SplitIdentity
 
     digest = hashlib.sha256()
-    with np.load(paths.PREPARED_DIR / family.dataset / "test.npz", allow_pickle=False) as arrays:
+    with np.load(paths.PREPARED_DIR / dataset / "test.npz", allow_pickle=False) as arrays:
         for key in ("labels", *family.inputs.row_ids):
             digest.update(key.encode())
             digest.update(np.ascontiguousarray(arrays[key]).tobytes())
         rows = len(arrays["labels"])
-    prepare = getattr(params.prepare, family.dataset, None)
-    return SplitIdentity(rows, digest.hexdigest()[:16], getattr(prepare, "max_test", 1) == 0)
+    max_test = params.datasets[dataset].model_dump().get("max_test", 0)
+    return SplitIdentity(rows, digest.hexdigest()[:16], max_test == 0)
 
 
 def _log_to_mlflow(
-    family: Family, params: Params, scalars: dict[str, float], figures: list[Path]
+    name: str, family: Family, params: Params, scalars: dict[str, float], figures: list[Path]
 ) -> dict[str, Any]:
     """Reopen the training's run, log test results, the raw-input model, and register it.
 
@@ -73,11 +73,9 @@ def _log_to_mlflow(
 
     from dlpipe import registry, serving, tracking
 
-    model_dir = paths.MODELS_DIR / family.name
+    model_dir = paths.MODELS_DIR / name
     if (model_dir / "mlflow_run.json").is_file():  # the run to log to: checked like the model
-        read_verified(
-            model_dir / "mlflow_run.json", f"dvc repro train@{family.name}", required=False
-        )
+        read_verified(model_dir / "mlflow_run.json", f"dvc repro train@{name}", required=False)
     info = read_json(model_dir / "mlflow_run.json")
     run_id = info.get("run_id")
     if not run_id:
@@ -87,10 +85,10 @@ def _log_to_mlflow(
     )
     run = tracking.TrainingRun(uri, True, True)
     for line in tracking.sync(run_id):  # metrics the training could not deliver come first
-        print(f"evaluate@{family.name}: {line}")
+        print(f"evaluate@{name}: {line}")
     run.reopen(run_id)
     try:
-        run.call("tag lineage", mlflow.set_tags, lineage.train_stage_tags(family.name))
+        run.call("tag lineage", mlflow.set_tags, lineage.train_stage_tags(name))
         run.log_metrics(scalars)
         for figure in figures:
             run.log_artifact(figure)
@@ -100,13 +98,13 @@ def _log_to_mlflow(
         decision = run.call(
             "register model",
             registry.register_and_promote,
-            family.name,
+            name,
             model_uri,
             run_id,
             scalars,
             params.registry,
             tracking.MlflowClient(run.uri),
-            split_identity(family, params),
+            split_identity(family, train_config(params, name).dataset, params),
         )
         return {"registered": True, **decision}
     finally:
@@ -121,7 +119,7 @@ def register(
     record = paths.MODEL_REPORTS_DIR / name / "registry.json"
     record.unlink(missing_ok=True)  # never a stale decision beside the new results
     try:
-        decision = _log_to_mlflow(family, params, scalars, figures)
+        decision = _log_to_mlflow(name, family, params, scalars, figures)
     except DlpipeError as err:
         what = f"evaluate@{name}: {err}; the model is not registered (results: {record.parent})"
         if params.mlflow.require_tracking:
@@ -141,7 +139,8 @@ def evaluate(name: str, params: Params) -> dict[str, Any]:
     training = train_config(params, name)
     runtime = make_runtime(training.device, training.precision, cpu_bf16=family.cpu_bf16)
     model = family.inputs.place(model, runtime.device)
-    prepared = paths.PREPARED_DIR / family.dataset
+    dataset = training.dataset
+    prepared = paths.PREPARED_DIR / dataset
     test = family.inputs.load_split(prepared, "test", runtime.device)
 
     logits = predict_logits(model, test, runtime, training.eval_batch_size)
@@ -171,7 +170,7 @@ def evaluate(name: str, params: Params) -> dict[str, Any]:
     )
     _write_csv(reports / "per_class.csv", report["per_class"])
     confusion_png = reports / "confusion_matrix.png"
-    title = f"{name} on the {family.dataset} test split"
+    title = f"{name} on the {dataset} test split"
     plot_confusion(report["confusion"], label_names, title, confusion_png)
     rows, confidence = most_confident_mistakes(labels, probs, config.mistakes_shown)
     mistakes = reports / "mistakes" / family.inputs.mistakes_file
@@ -182,7 +181,7 @@ def evaluate(name: str, params: Params) -> dict[str, Any]:
         [label_names[i] for i in labels[rows]],
         [label_names[i] for i in predicted[rows]],
         confidence,
-        (paths.RAW_DIR / family.dataset, prepared),
+        prepared,
     )
 
     result = {**scalars, "device": runtime.device_name}

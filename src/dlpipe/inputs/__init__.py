@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 class InputKind(ABC):
     """One kind of model input; subclasses fill in the raw side (serving, CLI, mistakes)."""
 
+    name: ClassVar[str]  # what meta.json's `inputs` says: a dataset of this kind
     column: ClassVar[str]  # the pyfunc's input column, and what the CLI calls its inputs
     serve_batch: ClassVar[int]  # raw inputs encoded per forward pass when serving
     mistakes_file: ClassVar[str]  # evaluate writes it in reports/models/<name>/mistakes/
@@ -44,7 +45,7 @@ class InputKind(ABC):
         return False
 
     def load_split(self, prepared_dir: Path, split: str, device: torch.device) -> Split:
-        """A prepared split, whole, on `device` (MNIST and IMDB fit in any GPU)."""
+        """A prepared split, whole, on `device`."""
         from dlpipe.data.tensors import load_split
 
         return load_split(prepared_dir, split, self.channels_last(device)).to(device)
@@ -95,8 +96,8 @@ class InputKind(ABC):
         """`dlpipe predict` arguments -> (raw inputs, names for errors, what to print)."""
 
     @abstractmethod
-    def example(self) -> list[Any]:
-        """Raw inputs logged as the pyfunc's input example."""
+    def example(self, info: dict[str, Any]) -> list[Any]:
+        """Raw inputs logged as the pyfunc's input example (`info`: the model's config.json)."""
 
     @abstractmethod
     def write_mistakes(
@@ -107,7 +108,6 @@ class InputKind(ABC):
         actual: list[str],
         predicted: list[str],
         confidence: np.ndarray,
-        data_dirs: tuple[Path, Path],
+        prepared_dir: Path,
     ) -> None:
-        """Show the test split's `rows` (most confident mistakes first) in `dest`.
-        `data_dirs` are the dataset's (raw, prepared) folders."""
+        """Show the test split's `rows` (most confident mistakes first) in `dest`."""

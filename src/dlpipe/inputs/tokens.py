@@ -1,4 +1,4 @@
-"""Token sequences: int32 ids padded on the right in training, review text when serving.
+"""Token sequences: int32 ids padded on the right in training, raw text when serving.
 
 Batches are `(tokens [B, T], lengths [B])`; models hide pads with `padding_mask` and pool with
 `masked_mean`, so padding never changes a result. Raw text goes through the prepare stage's own
@@ -19,7 +19,6 @@ import torch
 from pydantic import Field
 
 from dlpipe.config import Probability, Strict
-from dlpipe.data.imdb import WORD_VECTORS_FILE, truncate
 from dlpipe.errors import DlpipeError
 from dlpipe.inputs import InputKind
 from dlpipe.io import read_user_file
@@ -33,7 +32,48 @@ if TYPE_CHECKING:
     from dlpipe.family import DataMeta
 
 TOKENIZER_FILE = "tokenizer.json"
-SHOWN = 50  # characters of a review printed by `dlpipe predict`
+WORD_VECTORS_FILE = "word_vectors.npy"
+TEXTS_FILE = "texts.parquet"  # every split's raw texts by row id: baselines and mistakes read it
+PAD_ID, UNK_ID = 0, 1
+MARKUP = r"(?i)<br\s*/?>"  # line breaks as HTML leaves them in scraped text
+SHOWN = 50  # characters of a text printed by `dlpipe predict`
+
+
+def clean_markup(text: str) -> str:
+    """`<br />` and its variants as a space: what the tokenizer's normaliser does first."""
+    return re.sub(MARKUP, " ", text)
+
+
+def truncate(ids: list[int], max_len: int, policy: str) -> list[int]:
+    """Keep `max_len` ids: the start, the end, or a quarter from the start and the rest from the end
+
+    Reviews tend to open with context and close with the verdict, so head+tail keeps both.
+    """
+    if len(ids) <= max_len:
+        return ids
+    if policy == "head":
+        return ids[:max_len]
+    if policy == "tail":
+        return ids[-max_len:]
+    head = max_len // 4
+    return ids[:head] + ids[len(ids) - (max_len - head) :]
+
+
+def read_texts(prepared_dir: Path, split: str) -> dict[str, str]:
+    """The raw texts of a prepared split by row id (checked against the folder's SHA256SUMS)."""
+    import io
+
+    import pandas as pd
+
+    from dlpipe.integrity import read_verified
+
+    path = prepared_dir / TEXTS_FILE
+    rerun = f"dvc repro prepare@{prepared_dir.name}"
+    if not path.is_file():
+        raise DlpipeError(f"{path}: missing; run `{rerun}` first")
+    frame = pd.read_parquet(io.BytesIO(read_verified(path, rerun)))
+    rows = frame[frame["split"] == split]
+    return dict(zip(rows["row_id"], rows["text"], strict=True))
 
 
 def check_vocab(meta: DataMeta) -> None:
@@ -169,13 +209,14 @@ def shorten(text: str, width: int = SHOWN) -> str:
 
 
 class TokenInputs(InputKind):
-    """Reviews: one text per input, tokenized with the tokenizer saved beside the model."""
+    """Texts: one per input, tokenized with the tokenizer saved beside the model."""
 
     column = "text"
     serve_batch = 64
     mistakes_file = "mistakes.md"
     bundled = (TOKENIZER_FILE,)
-    row_ids = ("review_id",)  # not the tokens: another vocabulary encodes the same reviews
+    name = "tokens"
+    row_ids = ("row_id",)  # not the tokens: another vocabulary encodes the same texts
     start_files = (WORD_VECTORS_FILE,)
 
     def initialize(self, model: nn.Module, prepared_dir: Path) -> None:
@@ -245,15 +286,15 @@ class TokenInputs(InputKind):
                 ) from None
             lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
             if not lines:
-                raise DlpipeError(f"{path}: no reviews (every line is blank)")
+                raise DlpipeError(f"{path}: no texts (every line is blank)")
             texts += [line for _, line in lines]
             names += [f"{path}:{n}" for n, _ in lines]
         if not texts:
-            raise DlpipeError("give at least one review, or --file with one review per line")
+            raise DlpipeError("give at least one text, or --file with one text per line")
         return texts, names, [shorten(text) for text in texts]
 
-    def example(self) -> list[Any]:
-        return ["A moving, beautifully acted film.", "Dull and far too long."]
+    def example(self, info: dict[str, Any]) -> list[Any]:
+        return ["A short example text.", "Another example, a little longer than the first."]
 
     def write_mistakes(
         self,
@@ -263,20 +304,21 @@ class TokenInputs(InputKind):
         actual: list[str],
         predicted: list[str],
         confidence: np.ndarray,
-        data_dirs: tuple[Path, Path],
+        prepared_dir: Path,
     ) -> None:
-        import pandas as pd
-
         from dlpipe.evaluation.figures import mistakes_markdown
 
-        raw_dir, prepared_dir = data_dirs
         with np.load(prepared_dir / "test.npz") as arrays:
-            review_ids = arrays["review_id"][rows]
-        raw = pd.read_parquet(raw_dir / "test.parquet", columns=["review_id", "text"])
-        texts = raw.set_index("review_id").loc[review_ids, "text"]
+            row_ids = arrays["row_id"][rows]
+        texts = read_texts(prepared_dir, "test")
         table = [
-            {"text": str(text), "actual": a, "predicted": p, "confidence": f"{c:.1%}"}
-            for text, a, p, c in zip(texts, actual, predicted, confidence, strict=True)
+            {
+                "text": clean_markup(texts[row]),
+                "actual": a,
+                "predicted": p,
+                "confidence": f"{c:.1%}",
+            }
+            for row, a, p, c in zip(row_ids, actual, predicted, confidence, strict=True)
         ]
         mistakes_markdown(table, dest)
 

@@ -1,8 +1,11 @@
-"""The classic Keras MNIST convnet (93,322 parameters at the defaults), with a few knobs.
+"""The classic Keras starter convnet, with a few knobs, for any image dataset.
 
-Defaults reproduce the Keras example layer for layer, so results compare with the well-known
-~99% baseline. `width` scales every channel and hidden unit, `batch_norm` adds BatchNorm2d after
-each convolution, and `dropout` acts before the output layer.
+On 1x28x28 images the defaults reproduce the Keras example layer for layer (93,322 parameters),
+so results compare with the well-known ~99% baseline; other channels and sizes get the same
+layers, with the dense layer sized to what the convolutions leave. `width` scales every channel
+and hidden unit, `batch_norm` adds BatchNorm2d after each convolution, and `dropout` acts before
+the output layer. Inputs are normalised inside the model by the dataset's per-channel mean and
+std (meta.json), so serving code only has to send pixels / 255.
 """
 
 from __future__ import annotations
@@ -14,12 +17,9 @@ from pydantic import Field
 from torch import nn
 
 from dlpipe.config import Probability, Strict
+from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, Family
-from dlpipe.inputs.images import IMAGES
-
-# Normalising inside the model means serving code only has to send pixels / 255.
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
+from dlpipe.inputs.images import IMAGES, normalize
 
 
 class CNNConfig(Strict):
@@ -30,11 +30,26 @@ class CNNConfig(Strict):
     dropout: Probability = 0.0
 
 
+def feature_side(side: int) -> int:
+    """What the three unpadded 3x3 convolutions and two 2x2 pools leave of `side` pixels."""
+    return ((side - 2) // 2 - 2) // 2 - 2
+
+
+SMALLEST_SIDE = 18  # feature_side(18) == 1
+
+
 class CNN(nn.Module):
     """Conv(32) pool Conv(64) pool Conv(64) -> Linear(64) -> Linear(classes), all 3x3 and ReLU."""
 
     def __init__(self, config: CNNConfig, meta: DataMeta) -> None:
         super().__init__()
+        if min(meta.height, meta.width) < SMALLEST_SIDE:
+            raise DlpipeError(
+                f"datasets.{meta.dataset or '<dataset>'}: {meta.height}x{meta.width} images are "
+                f"too small for the cnn family's layers; the smallest that works is "
+                f"{SMALLEST_SIDE}x{SMALLEST_SIDE} (set image_size)"
+            )
+        self.mean, self.std = meta.mean, meta.std
         c1, c2, hidden = 32 * config.width, 64 * config.width, 64 * config.width
 
         def conv(c_in: int, c_out: int, pool: bool) -> list[nn.Module]:
@@ -47,25 +62,26 @@ class CNN(nn.Module):
             return [conv, *norm, *([nn.MaxPool2d(2)] if pool else []), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *conv(1, c1, pool=True),  # 28 -> 26 -> 13
+            *conv(meta.channels, c1, pool=True),  # 28 -> 26 -> 13
             *conv(c1, c2, pool=True),  # 13 -> 11 -> 5
             *conv(c2, c2, pool=False),  # 5 -> 3
             nn.Flatten(),
         )  # fmt: skip
         dropout = [nn.Dropout(config.dropout)] if config.dropout > 0 else []
         self.classifier = nn.Sequential(
-            nn.Linear(c2 * 3 * 3, hidden), nn.ReLU(), *dropout, nn.Linear(hidden, meta.num_classes)
+            nn.Linear(c2 * feature_side(meta.height) * feature_side(meta.width), hidden),
+            nn.ReLU(),
+            *dropout,
+            nn.Linear(hidden, meta.num_classes),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: float [B, 1, 28, 28] in [0, 1] (any memory format) -> logits [B, classes]."""
-        x = (images - MNIST_MEAN) / MNIST_STD
-        return self.classifier(self.features(x))
+        """images: float [B, C, H, W] in [0, 1] (any memory format) -> logits [B, classes]."""
+        return self.classifier(self.features(normalize(images, self.mean, self.std)))
 
 
 FAMILY = Family(
     name="cnn",
-    dataset="mnist",
     inputs=IMAGES,
     config=CNNConfig,
     build=CNN,

@@ -6,7 +6,7 @@ Padding never changes the result: batches are padded on the right, so a forward 
 each review's real tokens before any pad, and the backward direction reads every review reversed
 within its own length (`reverse_within_length`). That gives the same outputs as a packed sequence,
 but runs on padded tensors: on the CPU, PyTorch's packed RNN backward materialises a gradient the
-size of the whole batch at every time step, which made a 512-token IMDB epoch 3-4x slower.
+size of the whole batch at every time step, which made an epoch of 512-token reviews 3-4x slower.
 
 Under CUDA autocast the recurrence runs in fp32: autocast's wrapper for cuDNN's RNN was written for
 float16 and may hand cuDNN float16 under a bf16 policy (with no loss scaling), while the run says
@@ -113,7 +113,6 @@ class RNNClassifier(nn.Module):
 
 FAMILY = Family(
     name="rnn",
-    dataset="imdb",
     inputs=TOKENS,
     cpu_bf16=False,  # narrow matmuls: 1.4x faster in fp32 than under autocast (AMX CPU, width 64)
     config=RNNConfig,

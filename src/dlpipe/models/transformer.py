@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from dlpipe.config import Params, PositiveInt, Probability
+from dlpipe.config import PositiveInt, Probability
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, Family
 from dlpipe.inputs.tokens import TOKENS, EmbeddingOptions, check_vocab, masked_mean, padding_mask
@@ -36,23 +36,8 @@ class TransformerConfig(EmbeddingOptions):
     @model_validator(mode="after")
     def _heads_divide_d_model(self) -> TransformerConfig:
         if self.d_model % self.heads:
-            raise ValueError(
-                f"train.transformer.model.heads: {self.heads} does not divide "
-                f"d_model {self.d_model}"
-            )
+            raise ValueError(f"heads {self.heads} does not divide d_model {self.d_model}")
         return self
-
-
-def check_max_len(params: Params, config: TransformerConfig) -> None:
-    """prepare keeps the head and the tail of long reviews; a model keeping fewer tokens would cut
-    the tail (often the verdict) off every one of them again, silently."""
-    kept = params.prepare.imdb.max_len
-    if kept > config.max_len:
-        raise DlpipeError(
-            f"{params.source}: prepare.imdb.max_len {kept} is above "
-            f"train.transformer.model.max_len {config.max_len}: the model would drop the end of "
-            "every longer review; lower the first or raise the second"
-        )
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
@@ -111,6 +96,13 @@ class TransformerClassifier(nn.Module):
     def __init__(self, config: TransformerConfig, meta: DataMeta) -> None:
         super().__init__()
         check_vocab(meta)
+        if meta.max_len > config.max_len:  # prepare kept the head and the tail of long texts:
+            # a model keeping fewer tokens would cut the tail (often the verdict) off again
+            raise DlpipeError(
+                f"datasets.{meta.dataset or '<dataset>'}.max_len {meta.max_len} is above the "
+                f"transformer's model.max_len {config.max_len}: the model would drop the end of "
+                "every longer text; lower the first or raise the second"
+            )
         d = config.d_model
         self.max_len, self.scale = config.max_len, math.sqrt(d)
         # Drawn with std 1/sqrt(d) and scaled by sqrt(d): tokens and positions start at unit scale.
@@ -152,12 +144,10 @@ class TransformerClassifier(nn.Module):
 
 FAMILY = Family(
     name="transformer",
-    dataset="imdb",
     inputs=TOKENS,
     cpu_bf16=False,  # its d-64 matmuls train 1.5x faster in fp32 on an AMX CPU than under autocast
     config=TransformerConfig,
     build=TransformerClassifier,
-    check=check_max_len,
     smoke={
         "epochs": 2,
         "batch_size": 64,

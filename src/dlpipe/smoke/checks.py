@@ -15,21 +15,19 @@ from typing import Any
 
 from dlpipe import paths
 from dlpipe.config import Params, train_config
-from dlpipe.family import get_family
 from dlpipe.smoke.workspace import SmokeFailure, declared_outputs, run_command
 
 CHAMPION = "champion"
 
 
 def expected_stages(params: Params) -> list[str]:
-    """The stages dvc.yaml must define for the families params.yaml trains."""
-    datasets = sorted({get_family(name).dataset for name in params.families})
+    """The stages dvc.yaml must define for the datasets and models params.yaml declares."""
     return [
         "fetch",
-        *(f"prepare@{d}" for d in datasets),
-        *(f"train@{f}" for f in params.families),
-        *(f"evaluate@{f}" for f in params.families),
-        "baseline",
+        *(f"prepare@{d}" for d in params.datasets),
+        *(f"train@{m}" for m in params.models),
+        *(f"evaluate@{m}" for m in params.models),
+        *(f"baseline@{d}" for d in params.datasets),
         "report",
     ]
 
@@ -150,14 +148,15 @@ def _finite(values: Sequence[float]) -> bool:
 def check_baselines(repo: Path, runs: list[Any]) -> list[str]:
     """Each baseline's eval.json has its FINISHED run, with the same test accuracy."""
     problems = []
-    logged = {run.data.tags.get("model_family"): run for run in runs}
+    logged = {run.data.tags.get("model"): run for run in runs}
     for path in sorted((repo / paths.REPORTS_DIR / "baselines").glob("*/eval.json")):
         evaluation = json.loads(path.read_text())
-        run = logged.get(evaluation["model"])
+        name = f"baseline@{evaluation['dataset']}"
+        run = logged.get(name)
         if run is None or run.info.status != "FINISHED":
-            problems.append(f"MLflow: no finished run of baseline {evaluation['model']}")
+            problems.append(f"MLflow: no finished run of {name}")
         elif abs(run.data.metrics.get("test_accuracy", -1) - evaluation["test_accuracy"]) > 1e-6:
-            problems.append(f"MLflow: baseline {evaluation['model']} test_accuracy differs")
+            problems.append(f"MLflow: {name} test_accuracy differs")
     return problems
 
 
@@ -172,17 +171,17 @@ def check_mlflow(uri: str, params: Params, repo: Path) -> dict[str, str]:
         raise SmokeFailure(f"MLflow: no experiment {params.mlflow.experiment!r} in {uri}")
     found = client.search_runs([experiment.experiment_id], max_results=100)
     runs = [run for run in found if run.data.tags.get("baseline") != "true"]
-    by_family: dict[str, list[Any]] = {}
+    by_model: dict[str, list[Any]] = {}
     for run in runs:
-        by_family.setdefault(run.data.tags.get("model_family", "?"), []).append(run)
+        by_model.setdefault(run.data.tags.get("model", "?"), []).append(run)
     problems = check_baselines(repo, [run for run in found if run not in runs])
-    if sorted(by_family) != sorted(params.families) or len(runs) != len(params.families):
-        counts = {family: len(found) for family, found in by_family.items()}
+    if sorted(by_model) != sorted(params.models) or len(runs) != len(params.models):
+        counts = {model: len(found) for model, found in by_model.items()}
         raise SmokeFailure(f"MLflow: expected one run per model, found {counts}")
     run_ids: dict[str, str] = {}
     reports = repo / paths.MODEL_REPORTS_DIR
-    for model in params.families:
-        run = by_family[model][0]
+    for model in params.models:
+        run = by_model[model][0]
         run_ids[model] = run_id = run.info.run_id
         config = train_config(params, model)
         where = f"MLflow run {model} ({run_id[:8]})"
@@ -190,11 +189,12 @@ def check_mlflow(uri: str, params: Params, repo: Path) -> dict[str, str]:
             problems.append(f"{where}: status {run.info.status}")
         expected = {
             "seed": str(params.seed),
-            "model.family": model,
+            "model.name": model,
+            "model.family": config.family,
             "train.epochs": str(config.epochs),
             "train.lr": str(config.lr),
             "train.batch_size": str(config.batch_size),
-            "data.name": get_family(model).dataset,
+            "data.name": config.dataset,
         }
         for key, value in expected.items():
             if run.data.params.get(key) != value:

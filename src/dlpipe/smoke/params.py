@@ -1,8 +1,9 @@
 """The smoke run's params: the project's params.yaml, shrunk to a two-minute run.
 
 Small enough for about two minutes on two busy CPU cores, big enough that every model must learn
-for real to pass `gates.smoke_floors`. What sets the learning budget is pinned: the data slices
-here, and each family's epochs, batch size, learning rate and model size in its `Family.smoke`;
+for real to pass `gates.smoke_floors`. What sets the learning budget is pinned: the data slices of
+each dataset's format (`DatasetFormat.smoke`), and each family's epochs, batch size, learning
+rate and model size in its `Family.smoke`;
 everything else (optimiser, schedule, pooling, ...) is the project's. Two epochs, not one: the
 per-epoch MLflow history, the best-epoch choice and the LR schedule are exercised across epochs,
 and one epoch left the GRU near chance.
@@ -17,22 +18,11 @@ from typing import Any
 import yaml
 
 from dlpipe.config import parse_params
+from dlpipe.datasets import get_format
 from dlpipe.errors import DlpipeError
 from dlpipe.family import get_family
 
-SMOKE_DATA: dict[str, Any] = {
-    "prepare": {
-        "mnist": {"max_train": 6000, "max_test": 2000, "val_size": 1000},
-        "imdb": {
-            "max_train": 8000,
-            "max_test": 2000,
-            "val_size": 1000,
-            "vocab_size": 2000,
-            "max_len": 128,
-        },
-    },
-    "evaluate": {"latency_repeats": 3},
-}
+SMOKE_EVALUATE: dict[str, Any] = {"evaluate": {"latency_repeats": 3}}
 
 
 def merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +59,9 @@ def smoke_params(raw: dict[str, Any], extra: dict[str, Any] | None = None) -> di
 
 
 def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:
-    """The data slices, and each family's own smoke settings for its `train` section."""
-    families = (raw.get("train") or {}) if isinstance(raw, dict) else {}
-    train = {name: dict(get_family(name).smoke) for name in families}
-    return merge(SMOKE_DATA, {"train": train})
+    """Each dataset's format's data slices and each model's family's smoke settings."""
+    datasets = (raw.get("datasets") or {}) if isinstance(raw, dict) else {}
+    models = (raw.get("train") or {}) if isinstance(raw, dict) else {}
+    slices = {name: dict(get_format(entry["format"]).smoke) for name, entry in datasets.items()}
+    train = {name: dict(get_family(section["family"]).smoke) for name, section in models.items()}
+    return merge(SMOKE_EVALUATE, {"datasets": slices, "train": train})

@@ -121,7 +121,7 @@ class Steps:
 
 def _metrics_lines(repo: Path, params: Params) -> list[str]:
     lines = []
-    for model in params.families:
+    for model in params.models:
         train = json.loads((repo / paths.MODEL_REPORTS_DIR / model / "train.json").read_text())
         evaluation = json.loads((repo / paths.MODEL_REPORTS_DIR / model / "eval.json").read_text())
         lines.append(
@@ -168,7 +168,7 @@ def run_smoke(
                 note.append(f"{check_outputs(repo, params)} files")
             with steps.step("MLflow runs, logged models, registry") as note:
                 check_mlflow(env["MLFLOW_TRACKING_URI"], params, repo)
-                families = len(params.families)
+                families = len(params.models)
                 note.append(f"{families} runs, {families} champions")
             with steps.step("dvc status is clean"):
                 check_dvc_status(repo, env)
@@ -201,13 +201,13 @@ def _save(
     shutil.copy2(repo / "params.yaml", out / "params.yaml")
     metrics = {
         model: json.loads((repo / paths.MODEL_REPORTS_DIR / model / "eval.json").read_text())
-        for model in params.families
+        for model in params.models
     }
     summary = {
         "steps_s": {name: round(seconds, 1) for name, seconds, _ in steps.done},
         "stages_s": {name: round(seconds, 1) for name, seconds in stage_times.items()},
         "total_s": round(steps.total, 1),
-        "test_accuracy": {model: metrics[model]["test_accuracy"] for model in params.families},
+        "test_accuracy": {model: metrics[model]["test_accuracy"] for model in params.models},
     }
     (out / "smoke.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"smoke: reports and smoke.json saved in {out}")

@@ -37,11 +37,14 @@ def run_command(
 
 
 def declared_outputs(root: Path) -> dict[str, list[Any]]:
-    """{stage address: its `Output`s} of the dvc.yaml in `root`, foreach stages expanded."""
+    """{stage address: its `Output`s} of the dvc.yaml in `root`, foreach stages expanded (not
+    the `.dvc` files of `dvc add`-ed inputs: those are the user's data, not outputs)."""
     from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
     with Repo(str(root)) as repo:
-        return {stage.name: list(stage.outs) for stage in repo.index.stages}
+        stages = [stage for stage in repo.index.stages if isinstance(stage, PipelineStage)]
+        return {stage.name: list(stage.outs) for stage in stages}
 
 
 def _under(path: str, folders: Sequence[str]) -> bool:
@@ -101,7 +104,7 @@ def isolated_env(repo: Path, state: Path, mirror: str | None) -> dict[str, str]:
 
 def _share_downloads(source: Path, repo: Path) -> None:
     """Let fetch reuse (and fill) the checkout's download cache, `.dlpipe/downloads`: without a
-    data mirror the IMDB archive is then downloaded once, not once per smoke run. Best effort."""
+    data mirror a dataset's archive is then downloaded once, not once per smoke run. Best effort."""
     shared = source / ".dlpipe" / "downloads"
     try:
         shared.mkdir(parents=True, exist_ok=True)
@@ -109,6 +112,23 @@ def _share_downloads(source: Path, repo: Path) -> None:
         (repo / ".dlpipe" / "downloads").symlink_to(shared, target_is_directory=True)
     except OSError as err:
         print(f"smoke: not sharing {shared} ({err}); fetch downloads into the workspace")
+
+
+def _copy_own_data(source: Path, repo: Path, raw: dict[str, Any]) -> None:
+    """Each dataset's own files (`datasets.<name>.path`) that git does not carry, such as a
+    `dvc add`-ed folder: copied as they are, so the smoke run prepares the user's real data."""
+    outs = [str(o.def_path) for stage in declared_outputs(source).values() for o in stage]
+    for entry in (raw.get("datasets") or {}).values():
+        path = Path(str(entry.get("path", "")))
+        if path.is_absolute() or _under(str(path), outs) or (repo / path).exists():
+            continue
+        if not (source / path).exists():
+            continue
+        if (source / path).is_dir():
+            shutil.copytree(source / path, repo / path)
+        else:
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / path, repo / path)
 
 
 def build_workspace(
@@ -129,6 +149,7 @@ def build_workspace(
     if not (repo / "dvc.yaml").is_file() or not (repo / "params.yaml").is_file():
         raise DlpipeError(f"{source}: no dvc.yaml / params.yaml (run from the project root)")
     raw = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")) or {}
+    _copy_own_data(source, repo, raw)
     params = smoke_params(raw, extra)
     (repo / "params.yaml").write_text(
         "# make smoke: the project's params.yaml with dlpipe.smoke.params merged in\n"

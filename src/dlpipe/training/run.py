@@ -1,11 +1,14 @@
-"""The train@<family> stage: data -> resumable training -> DVC outputs + one MLflow run.
+"""The train@<model> stage: data -> resumable training -> DVC outputs + one MLflow run.
 
 `train` reads top to bottom as its steps: load the data, find a checkpoint to resume, build the
 model and measure the precision it computes in, start (or continue) the MLflow run, fit, write the
 outputs, log the artifacts. Once the run has started, any failure ends it as FAILED (KILLED on
 Ctrl-C or SIGTERM), never FINISHED.
 
-With `train.<family>.nproc` > 1, `launch` re-runs the stage under torchrun. Every process then
+A model is a family trained on a dataset (`train.<model>` names both); the family's network is
+built for what the dataset's meta.json says (classes, channels and size, or vocabulary).
+
+With `train.<model>.nproc` > 1, `launch` re-runs the stage under torchrun. Every process then
 loads the data and trains its slice of each batch; rank 0 alone reads the checkpoint (and hands
 it to the others), writes the outputs and checkpoints, and keeps the one MLflow run.
 """
@@ -32,7 +35,7 @@ from dlpipe import lineage, paths
 from dlpipe.config import Params, TrainConfig, train_config
 from dlpipe.data.tensors import Split
 from dlpipe.errors import DlpipeError, redact
-from dlpipe.family import DataMeta, Family, get_family
+from dlpipe.family import DataMeta, Family, model_family
 from dlpipe.integrity import seal
 from dlpipe.io import atomic_path, read_json, write_json_atomic
 from dlpipe.plots import plot_history
@@ -75,15 +78,37 @@ class TrainingData:
         return DataMeta.from_json(self.info)
 
 
-def load_data(family: Family, runtime: Runtime) -> TrainingData:
-    prepared = paths.PREPARED_DIR / family.dataset
-    train = family.inputs.load_split(prepared, "train", runtime.device)
-    val = family.inputs.load_split(prepared, "val", runtime.device)
-    starts = [prepared / name for name in family.inputs.start_files]
+@dataclass(frozen=True)
+class Model:
+    """What one train stage trains: `train.<name>`, a family on a dataset."""
+
+    name: str
+    family: Family
+    dataset: str
+    config: TrainConfig
+
+    @classmethod
+    def from_params(cls, params: Params, name: str) -> Model:
+        config = train_config(params, name)
+        return cls(name, model_family(params, name), config.dataset, config)
+
+
+def load_data(model: Model, runtime: Runtime) -> TrainingData:
+    prepared = paths.PREPARED_DIR / model.dataset
+    info = read_json(prepared / "meta.json")
+    kind = model.family.inputs
+    if info.get("inputs") != kind.name:
+        raise DlpipeError(
+            f"train.{model.name}: the {model.family.name} family reads {kind.name}, but "
+            f"dataset {model.dataset} holds {info.get('inputs')}; pick a family for it"
+        )
+    train = kind.load_split(prepared, "train", runtime.device)
+    val = kind.load_split(prepared, "val", runtime.device)
+    starts = [prepared / name for name in kind.start_files]
     digest = file_digest(
         [prepared / "train.npz", prepared / "val.npz", *filter(Path.exists, starts)]
     )
-    return TrainingData(train, val, read_json(prepared / "meta.json"), digest, prepared)
+    return TrainingData(train, val, info, digest, prepared)
 
 
 @dataclass(frozen=True)
@@ -107,44 +132,45 @@ def measure_precision(
     return MeasuredPrecision(precision_label(runtime.precision, dtypes), dtypes)
 
 
-def checkpoints(family: Family, params: Params, data: TrainingData) -> CheckpointStore:
+def checkpoints(model: Model, params: Params, data: TrainingData) -> CheckpointStore:
     """The checkpoint folder of this exact training (params, seed, data and code) in this DVC
     experiment, if any: queued trials that train alike each have their own, so none resumes or
     clears another's, and a rerun of the same experiment (same name) resumes its own. The number
     of processes is not part of it: they train the same recipe, and a rerun with another number
     resumes."""
-    settings = {"seed": params.seed, **train_config(params, family.name).model_dump()}
+    settings = {"seed": params.seed, **train_config(params, model.name).model_dump()}
     settings.pop("nproc")
-    key = training_key(family.name, settings, data.digest, code_digest(family))
+    key = training_key(model.name, settings, data.digest, code_digest(model.family))
     experiment = lineage.experiment_name()
-    name = f"{family.name}-{key}" + (f"-{lineage.folder_safe(experiment)}" if experiment else "")
+    name = f"{model.name}-{key}" + (f"-{lineage.folder_safe(experiment)}" if experiment else "")
     return CheckpointStore(paths.project_root() / ".dlpipe" / "checkpoints" / name)
 
 
-def run_params(family: Family, params: Params, world: World) -> dict[str, Any]:
+def run_params(model: Model, params: Params, world: World) -> dict[str, Any]:
     """Flattened params with the same names for every family (train.lr, train.epochs, ...)."""
-    config = train_config(params, family.name).model_dump()
-    model_config = family.model_config(params).model_dump()
+    config = train_config(params, model.name).model_dump()
+    model_config = model.family.model_config(params, model.name).model_dump()
     config.pop("model")
-    prepare = getattr(params.prepare, family.dataset, None)
-    data = prepare.model_dump() if prepare is not None else {}
+    data = params.datasets[model.dataset].model_dump()
     return {
         "seed": params.seed,
-        "model.family": family.name,
+        "model.name": model.name,
+        "model.family": model.family.name,
         "world_size": world.size,
         **flatten("train", config),
         **flatten("model", model_config),
-        **flatten("data", {"name": family.dataset, **data}),
+        **flatten("data", {"name": model.dataset, **data}),
     }
 
 
 def run_tags(
-    family: Family, runtime: Runtime, precision: MeasuredPrecision, deterministic: bool
+    model: Model, runtime: Runtime, precision: MeasuredPrecision, deterministic: bool
 ) -> dict[str, str]:
     tags = {
-        "model_family": family.name,
-        "dataset": family.dataset,
-        "dvc_stage": f"train@{family.name}",
+        "model": model.name,
+        "model_family": model.family.name,
+        "dataset": model.dataset,
+        "dvc_stage": f"train@{model.name}",
         "device": runtime.device_name,
         "precision": precision.label,
         "compute_dtypes": precision.tag,
@@ -161,7 +187,7 @@ def run_tags(
 
 
 def start_run(
-    family: Family,
+    model: Model,
     params: Params,
     runtime: Runtime,
     data: TrainingData,
@@ -174,25 +200,25 @@ def start_run(
     resume_run_id = (resume["extra"].get("mlflow_run_id") if resume else None) or None
     run = TrainingRun(tracking_uri(), params.mlflow.require_tracking)
     exp_name = lineage.experiment_name()
-    deterministic = train_config(params, family.name).deterministic
+    deterministic = train_config(params, model.name).deterministic
     tags = {
-        **run_tags(family, runtime, precision, deterministic),
-        **lineage.data_tags(family.dataset),
+        **run_tags(model, runtime, precision, deterministic),
+        **lineage.data_tags(model.dataset),
     }
     if params.mlflow.sweep_parent:  # MLflow shows the run nested under its sweep's run
         tags["mlflow.parentRunId"] = params.mlflow.sweep_parent
-    run_name = f"{family.name}-{git_state()['git_sha'][:7]}" + (f"-{exp_name}" if exp_name else "")
+    run_name = f"{model.name}-{git_state()['git_sha'][:7]}" + (f"-{exp_name}" if exp_name else "")
     run.start(
         params.mlflow.experiment,
         run_name,
         resume_run_id,
         tags,
-        run_params(family, params, world),
+        run_params(model, params, world),
         params.mlflow.system_metrics_interval_s,
     )
     if not run.resumed:
-        source = paths.PREPARED_DIR / family.dataset / "train.npz"
-        run.log_dataset(f"{family.dataset}-train", source, data.digest[:12], "training")
+        source = paths.PREPARED_DIR / model.dataset / "train.npz"
+        run.log_dataset(f"{model.dataset}-train", source, data.digest[:12], "training")
     return run
 
 
@@ -249,8 +275,8 @@ def end_run(run: TrainingRun, status: str) -> None:
 
 
 def write_outputs(
-    family: Family,
-    model: torch.nn.Module,
+    model: Model,
+    network: torch.nn.Module,
     params: Params,
     data: TrainingData,
     result: FitResult,
@@ -261,23 +287,24 @@ def write_outputs(
     world: World,
 ) -> dict[str, Any]:
     """data/models/<name>/ (weights, config, what raw inputs need) and reports/models/<name>/."""
-    models_dir = paths.MODELS_DIR / family.name
-    reports_dir = paths.MODEL_REPORTS_DIR / family.name
+    models_dir = paths.MODELS_DIR / model.name
+    reports_dir = paths.MODEL_REPORTS_DIR / model.name
     models_dir.mkdir(parents=True, exist_ok=True)
     reports_dir.mkdir(parents=True, exist_ok=True)
     # Saved through a handle: given a path, torch.save names the archive's folder inside the
     # file after it, and the temp file's random name would make every save's bytes differ.
     with atomic_path(models_dir / "model.pt") as tmp, open(tmp, "wb") as handle:
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, handle)
-    for name in family.inputs.bundled:
+        torch.save({k: v.cpu() for k, v in network.state_dict().items()}, handle)
+    for name in model.family.inputs.bundled:
         with atomic_path(models_dir / name) as tmp:
-            shutil.copyfile(paths.PREPARED_DIR / family.dataset / name, tmp)
+            shutil.copyfile(paths.PREPARED_DIR / model.dataset / name, tmp)
     write_json_atomic(
         models_dir / "config.json",
         {
-            "model": family.name,
-            "dataset": family.dataset,
-            "model_config": family.model_config(params).model_dump(),
+            "model": model.name,
+            "family": model.family.name,
+            "dataset": model.dataset,
+            "model_config": model.family.model_config(params, model.name).model_dump(),
             "data": data.info,
         },
     )
@@ -291,13 +318,13 @@ def write_outputs(
     last = result.history[-1]
     best = result.history[result.best_epoch - 1]
     summary = {
-        "model": family.name,
-        "dataset": family.dataset,
+        "model": model.name,
+        "dataset": model.dataset,
         "device": runtime.device_name,
         "precision": precision.label,
         "compute_dtypes": precision.dtypes,
         "world_size": world.size,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in network.parameters()),
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
@@ -312,23 +339,24 @@ def write_outputs(
         writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
         writer.writeheader()
         writer.writerows(result.history)
-    plot_history({family.name: result.history}, reports_dir / "learning_curves.png")
+    plot_history({model.name: result.history}, reports_dir / "learning_curves.png")
     return summary
 
 
-def log_pytorch_model(family: Family, model: torch.nn.Module, data: TrainingData) -> None:
+def log_pytorch_model(model: Model, network: torch.nn.Module, data: TrainingData) -> None:
     """Log the model (pickle format: `pt2` would freeze the example's sequence length), taking
     the first batch tensor of two real validation rows as its input example."""
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    module = family.inputs.pytorch_model(model.cpu().float().eval(), data.meta.pad_id).eval()
+    kind = model.family.inputs
+    module = kind.pytorch_model(network.cpu().float().eval(), data.meta.pad_id).eval()
     inputs, _ = data.val.batch(torch.arange(2, device=data.val.labels.device))
     example = inputs[0].contiguous().cpu().numpy()
     with torch.no_grad():
         output = module(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
-    schema = family.inputs.tensor_schema()
+    schema = kind.tensor_schema()
     if schema is not None:
         signature.inputs = schema
     skip_module_scan()
@@ -347,24 +375,24 @@ def portable_model(
 ) -> torch.nn.Module:
     """The trained weights in a fresh CPU build of the family's network: what serving gets, since
     training may have swapped in modules that run on GPUs only (SyncBatchNorm)."""
-    model = family.build(model_config, meta)
-    model.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
-    return model.eval()
+    network = family.build(model_config, meta)
+    network.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
+    return network.eval()
 
 
 def log_results(
-    family: Family,
+    model: Model,
     run: TrainingRun,
-    model: torch.nn.Module,
+    network: torch.nn.Module,
     data: TrainingData,
     result: FitResult,
     summary: dict[str, Any],
 ) -> None:
     start = time.perf_counter()
     run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
-    run.log_artifact(paths.MODEL_REPORTS_DIR / family.name / "learning_curves.png")
-    run.call("log model", log_pytorch_model, family, model, data)
-    print(f"train@{family.name}: MLflow logging took {time.perf_counter() - start:.2f}s")
+    run.log_artifact(paths.MODEL_REPORTS_DIR / model.name / "learning_curves.png")
+    run.call("log model", log_pytorch_model, model, network, data)
+    print(f"train@{model.name}: MLflow logging took {time.perf_counter() - start:.2f}s")
 
 
 def launch(name: str, params: Params, argv: list[str]) -> None:
@@ -374,7 +402,7 @@ def launch(name: str, params: Params, argv: list[str]) -> None:
     config = train_config(params, name)
     if config.nproc <= 1 or under_launcher():
         return
-    get_family(name).model_config(params)
+    model_family(params, name).model_config(params, name)
     check_batch_size(config.batch_size, config.nproc, name)
     device = select_device(config.device)
     if device.type == "mps":
@@ -388,7 +416,7 @@ def launch(name: str, params: Params, argv: list[str]) -> None:
 
 
 def build_model(
-    family: Family,
+    model: Model,
     model_config: Any,
     config: TrainConfig,
     seed: int,
@@ -397,41 +425,45 @@ def build_model(
 ) -> torch.nn.Module:
     """The family's network, seeded, on the training device (the same on every process)."""
     seed_everything(seed, config.deterministic)
-    model = family.build(model_config, data.meta)
-    family.inputs.initialize(model, data.folder)
-    return family.inputs.place(model, runtime.device)
+    network = model.family.build(model_config, data.meta)
+    model.family.inputs.initialize(network, data.folder)
+    return model.family.inputs.place(network, runtime.device)
 
 
 def train(name: str, params: Params) -> dict[str, Any] | None:
-    """Train one model family end to end; resumes from a checkpoint of the same config. Under
+    """Train one model end to end; resumes from a checkpoint of the same config. Under
     torchrun every process calls it: rank 0 returns train.json's summary and `tracking` (what
     MLflow could not take, '' if nothing), the others None."""
-    family = get_family(name)
-    config = train_config(params, name)
-    model_config = family.model_config(params)  # a bad section fails before any work
+    model = Model.from_params(params, name)
+    config = model.config
+    model_config = model.family.model_config(params, name)  # a bad section fails before any work
     world = World.from_env()
     check_batch_size(config.batch_size, world.size, name)
     runtime = make_runtime(
-        config.device, config.precision, world.local_rank, config.deterministic, family.cpu_bf16
+        config.device,
+        config.precision,
+        world.local_rank,
+        config.deterministic,
+        model.family.cpu_bf16,
     )
     with process_group(world, runtime.device):
-        data = load_data(family, runtime)
-        store = checkpoints(family, params, data)
+        data = load_data(model, runtime)
+        store = checkpoints(model, params, data)
         resume = world.broadcast(store.load() if world.is_main else None)
-        model = build_model(family, model_config, config, params.seed, data, runtime)
+        network = build_model(model, model_config, config, params.seed, data, runtime)
         if not world.is_main:
-            trainer = Trainer(model, config, runtime, params.seed, label=name, world=world)
+            trainer = Trainer(network, config, runtime, params.seed, label=name, world=world)
             trainer.fit(data.train, data.val, resume)
             return None
-        precision = measure_precision(model, data, runtime)
+        precision = measure_precision(network, data, runtime)
         with sigterm_as_interrupt():
-            run = start_run(family, params, runtime, data, resume, precision, world)
+            run = start_run(model, params, runtime, data, resume, precision, world)
             run.call(
                 "tag the checkpoint folder", mlflow.set_tag, "checkpoint_dir", store.folder.name
             )
             try:
                 summary = fit_and_record(
-                    family, params, runtime, world, data, model, store, resume, run, precision
+                    model, params, runtime, world, data, network, store, resume, run, precision
                 )
             except BaseException as err:
                 interrupted = isinstance(err, KeyboardInterrupt)
@@ -448,12 +480,12 @@ def train(name: str, params: Params) -> dict[str, Any] | None:
 
 
 def fit_and_record(
-    family: Family,
+    model: Model,
     params: Params,
     runtime: Runtime,
     world: World,
     data: TrainingData,
-    model: torch.nn.Module,
+    network: torch.nn.Module,
     store: CheckpointStore,
     resume: dict[str, Any] | None,
     run: TrainingRun,
@@ -461,7 +493,7 @@ def fit_and_record(
 ) -> dict[str, Any]:
     """Rank 0's training inside its MLflow run: every epoch logged, then the outputs written
     and the model logged; the summary (train.json)."""
-    name, config = family.name, train_config(params, family.name)
+    name, config = model.name, train_config(params, model.name)
 
     def log_epoch(row: dict[str, float]) -> None:
         metrics = {k: v for k, v in row.items() if k != "epoch"}
@@ -474,7 +506,7 @@ def fit_and_record(
             if int(row["epoch"]) not in logged:
                 log_epoch(row)
     trainer = Trainer(
-        model, config, runtime, params.seed, store, log_epoch, label=name, world=world
+        network, config, runtime, params.seed, store, log_epoch, label=name, world=world
     )
     start = time.perf_counter()
     with watch_nondeterminism() as kernels:
@@ -488,8 +520,9 @@ def fit_and_record(
         run.call("tag determinism", mlflow.set_tag, "deterministic", label)
     with signals_deferred():
         summary = write_outputs(
-            family, trainer.model, params, data, result, run, runtime, wall, precision, world
+            model, trainer.model, params, data, result, run, runtime, wall, precision, world
         )
-    served = portable_model(family, family.model_config(params), data.meta, trainer.model)
-    log_results(family, run, served, data, result, summary)
+    model_config = model.family.model_config(params, name)
+    served = portable_model(model.family, model_config, data.meta, trainer.model)
+    log_results(model, run, served, data, result, summary)
     return summary

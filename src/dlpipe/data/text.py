@@ -1,5 +1,7 @@
-"""IMDB: normalise, learn a subword vocabulary on the training split, encode to int32 token ids,
-and learn token vectors from co-occurrences in the same reviews (no labels).
+"""Labelled texts -> prepared token splits: normalise, learn a subword vocabulary on the training
+split (and any unlabeled text), encode to int32 token ids, and learn token vectors from
+co-occurrences in the same texts (no labels). Every text format (a built-in, a user's table) ends
+here.
 
 The normaliser lives inside `tokenizer.json`, so any text given to the saved tokenizer later (the
 CLI, a served model) is cleaned exactly as the training data was.
@@ -7,17 +9,27 @@ CLI, a served model) is cleaned exactly as the training data was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from dlpipe.config import PrepareImdbConfig
-from dlpipe.data.splits import class_counts, stratified_split, stratified_subset
+from dlpipe.data.splits import class_counts
+from dlpipe.datasets import DatasetSettings
 from dlpipe.errors import DlpipeError
+from dlpipe.inputs.tokens import (
+    MARKUP,
+    PAD_ID,
+    TEXTS_FILE,
+    TOKENIZER_FILE,
+    UNK_ID,
+    WORD_VECTORS_FILE,
+    truncate,
+)
 from dlpipe.integrity import remove_manifest, write_manifest_of
 from dlpipe.io import atomic_path, write_json_atomic, write_npz_atomic
 
@@ -25,46 +37,47 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
 PAD, UNK = "[PAD]", "[UNK]"
-PAD_ID, UNK_ID = 0, 1
-NUM_CLASSES = 2
-LABEL_NAMES = ("negative", "positive")
-WORD_VECTORS_FILE = "word_vectors.npy"
 
 
-def new_tokenizer(config: PrepareImdbConfig) -> tuple[Tokenizer, trainers.Trainer]:
+class TextSettings(DatasetSettings):
+    """How texts become token ids: the settings of every text format."""
+
+    tokenizer: Literal["bpe", "wordpiece"] = "bpe"
+    vocab_size: Annotated[int, Field(ge=100, le=65536)] = 32000
+    min_frequency: Annotated[int, Field(ge=1)] = 2
+    lowercase: bool = True
+    max_len: Annotated[int, Field(ge=8, le=4096)] = 512  # tokens kept per text
+    truncation: Literal["head", "tail", "head+tail"] = "head+tail"
+    word_vectors_dim: Annotated[int, Field(ge=0, le=1024)] = 128  # PPMI-SVD vectors; 0: none
+    word_vectors_window: Annotated[int, Field(ge=1, le=20)] = 5  # tokens either side that count
+
+
+def new_tokenizer(config: TextSettings) -> tuple[Tokenizer, trainers.Trainer]:
     """An untrained tokenizer (normaliser + pre-tokeniser + subword model) and its trainer."""
-    steps = [normalizers.NFC(), normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " ")]
+    steps = [normalizers.NFC(), normalizers.Replace(Regex(MARKUP), " ")]
     if config.lowercase:
         steps.append(normalizers.Lowercase())
     steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
-    special = [PAD, UNK]
-    trainer: trainers.Trainer
-    if config.tokenizer == "bpe":
-        # No end-of-word suffix: with one the trainer numbers tokens differently on every run.
-        # So decode() loses word boundaries; nothing decodes (reports show the raw reviews).
-        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-        tokenizer.decoder = decoders.BPEDecoder()
-        trainer = trainers.BpeTrainer(
-            vocab_size=config.vocab_size,
-            min_frequency=config.min_frequency,
-            special_tokens=special,
-            show_progress=False,
-        )
-    else:
-        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
-        tokenizer.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=config.vocab_size,
-            min_frequency=config.min_frequency,
-            special_tokens=special,
-            show_progress=False,
-        )
+    # No end-of-word suffix for BPE: with one the trainer numbers tokens differently on every
+    # run. So decode() loses word boundaries; nothing decodes (reports show the raw texts).
+    model, decoder, trainer_class = {
+        "bpe": (models.BPE, decoders.BPEDecoder, trainers.BpeTrainer),
+        "wordpiece": (models.WordPiece, decoders.WordPiece, trainers.WordPieceTrainer),
+    }[config.tokenizer]
+    tokenizer = Tokenizer(model(unk_token=UNK))
+    tokenizer.decoder = decoder()
+    trainer = trainer_class(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=[PAD, UNK],
+        show_progress=False,
+    )
     tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return tokenizer, trainer
 
 
-def train_tokenizer(texts: Iterable[str], config: PrepareImdbConfig) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], config: TextSettings) -> Tokenizer:
     tokenizer, trainer = new_tokenizer(config)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if config.tokenizer == "wordpiece":
@@ -93,28 +106,36 @@ def _renumber_wordpiece(tokenizer: Tokenizer) -> None:
     )
 
 
-def truncate(ids: list[int], max_len: int, policy: str) -> list[int]:
-    """Keep `max_len` ids: the start, the end, or a quarter from the start and the rest from the end
+ENCODE_CHUNK = 4096  # texts tokenized at once: the tokenizer's Encoding objects stay this few
 
-    Reviews tend to open with context and close with the verdict, so head+tail keeps both.
-    """
-    if len(ids) <= max_len:
-        return ids
-    if policy == "head":
-        return ids[:max_len]
-    if policy == "tail":
-        return ids[-max_len:]
-    head = max_len // 4
-    return ids[:head] + ids[len(ids) - (max_len - head) :]
+
+def token_ids(tokenizer: Tokenizer, texts: Iterable[str]) -> Iterator[np.ndarray]:
+    """Each text's int32 token ids, tokenized a chunk at a time (in parallel within a chunk), so
+    memory holds one chunk's Encoding objects, not the whole corpus's."""
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == ENCODE_CHUNK:
+            yield from _encode_chunk(tokenizer, chunk)
+            chunk = []
+    if chunk:
+        yield from _encode_chunk(tokenizer, chunk)
+
+
+def _encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> Iterator[np.ndarray]:
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+        yield np.asarray(encoding.ids, dtype=np.int32)
 
 
 def encode(
     tokenizer: Tokenizer, texts: list[str], max_len: int, policy: str
 ) -> dict[str, np.ndarray]:
-    """Token ids padded with PAD_ID to the longest kept review, lengths, and full lengths."""
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-    full_lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(texts))
-    kept = [truncate(e.ids, max_len, policy) for e in encodings]
+    """Token ids padded with PAD_ID to the longest kept text, lengths, and full lengths."""
+    full_lengths = np.zeros(len(texts), dtype=np.int32)
+    kept: list[np.ndarray] = []
+    for row, ids in enumerate(token_ids(tokenizer, texts)):
+        full_lengths[row] = len(ids)
+        kept.append(np.asarray(truncate(ids.tolist(), max_len, policy), dtype=np.int32))
     lengths = np.fromiter((len(ids) for ids in kept), dtype=np.int32, count=len(texts))
     tokens = np.full((len(texts), max(1, int(lengths.max(initial=1)))), PAD_ID, dtype=np.int32)
     for row, ids in enumerate(kept):
@@ -122,13 +143,35 @@ def encode(
     return {"tokens": tokens, "lengths": lengths, "full_lengths": full_lengths}
 
 
-def cooccurrence(docs: Sequence[np.ndarray], vocab_size: int, window: int) -> sp.csr_matrix:
+COUNT_CHUNK_TOKENS = 1 << 22  # tokens whose pairs are counted at once (~4M: a few hundred MB)
+
+
+def cooccurrence(docs: Iterable[np.ndarray], vocab_size: int, window: int) -> sp.csr_matrix:
     """Symmetric counts of the token pairs at most `window` apart within a document, each weighted
-    1/distance (as GloVe does): float32 [vocab, vocab]."""
+    1/distance (as GloVe does): float32 [vocab, vocab]. Documents are counted a few million tokens
+    at a time, so memory holds the counts and one chunk's pairs, however many documents there
+    are."""
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix((vocab_size, vocab_size), dtype=np.float32)
+    chunk: list[np.ndarray] = []
+    size = 0
+    for doc in docs:
+        chunk.append(np.asarray(doc, np.int64))
+        size += len(doc)
+        if size >= COUNT_CHUNK_TOKENS:
+            counts = counts + _pair_counts(chunk, vocab_size, window)
+            chunk, size = [], 0
+    if chunk:
+        counts = counts + _pair_counts(chunk, vocab_size, window)
+    return counts
+
+
+def _pair_counts(docs: list[np.ndarray], vocab_size: int, window: int) -> sp.csr_matrix:
     import scipy.sparse as sp
 
     lengths = np.fromiter((len(doc) for doc in docs), dtype=np.int64, count=len(docs))
-    tokens = np.concatenate([np.zeros(0, np.int64), *(np.asarray(doc, np.int64) for doc in docs)])
+    tokens = np.concatenate([np.zeros(0, np.int64), *docs])
     doc_of = np.repeat(np.arange(len(docs)), lengths)
     counts = sp.csr_matrix((vocab_size, vocab_size), dtype=np.float32)
     for distance in range(1, window + 1):
@@ -157,7 +200,7 @@ def ppmi(counts: sp.csr_matrix, context_power: float = 0.75) -> sp.csr_matrix:
 
 
 def word_vectors(
-    docs: Sequence[np.ndarray], vocab_size: int, dim: int, window: int, seed: int
+    docs: Iterable[np.ndarray], vocab_size: int, dim: int, window: int, seed: int
 ) -> np.ndarray:
     """Float32 [vocab_size, dim]: the PPMI matrix's top `dim` singular directions (Levy, Goldberg
     and Dagan 2015 found them on par with word2vec's skip-gram; here they take seconds, not a
@@ -179,14 +222,16 @@ def word_vectors(
     return vectors
 
 
-def _split_card(encoded: dict[str, np.ndarray], labels: np.ndarray, max_len: int) -> dict[str, Any]:
+def _split_card(
+    encoded: dict[str, np.ndarray], labels: np.ndarray, max_len: int, num_classes: int
+) -> dict[str, Any]:
     full = encoded["full_lengths"]
     tokens, lengths = encoded["tokens"], encoded["lengths"]
     real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
     unk = int(((tokens == UNK_ID) & real).sum())
     return {
         "count": len(labels),
-        "class_counts": class_counts(labels, NUM_CLASSES),
+        "class_counts": class_counts(labels, num_classes),
         "length_percentiles": {
             f"p{p}": int(np.percentile(full, p)) if len(full) else 0
             for p in (5, 25, 50, 75, 95, 99)
@@ -197,41 +242,24 @@ def _split_card(encoded: dict[str, np.ndarray], labels: np.ndarray, max_len: int
     }
 
 
-def read_raw(raw_dir: Path, split: str) -> pd.DataFrame:
-    path = raw_dir / f"{split}.parquet"
-    if not path.exists():
-        raise DlpipeError(f"{path}: missing; run the fetch stage first (dvc repro fetch)")
-    frame = pd.read_parquet(path)
-    missing = {"review_id", "label", "text"} - set(frame.columns)
-    if missing:
-        raise DlpipeError(f"{path}: missing columns {sorted(missing)}")
-    return frame
-
-
-def prepare(
-    raw_dir: Path, out_dir: Path, card_path: Path, config: PrepareImdbConfig, seed: int
+def prepare_texts(
+    splits: dict[str, pd.DataFrame],
+    unlabeled: list[str],
+    label_names: Sequence[str],
+    config: TextSettings,
+    out_dir: Path,
+    seed: int,
 ) -> dict[str, Any]:
-    """Split train into train/val, train the tokenizer on train, encode train/val/test."""
-    train_all, test = read_raw(raw_dir, "train"), read_raw(raw_dir, "test")
-    train_all = train_all.iloc[
-        stratified_subset(train_all["label"].to_numpy(), config.max_train, seed)
-    ]
-    test = test.iloc[stratified_subset(test["label"].to_numpy(), config.max_test, seed)]
-    for name, frame in (("train", train_all), ("test", test)):
-        if not frame["label"].isin([0, 1]).all():
-            raise DlpipeError(f"{raw_dir / name}.parquet: labels must be 0 or 1")
-    keep, val = stratified_split(train_all["label"].to_numpy(), config.val_size, seed)
-    frames = {"train": train_all.iloc[keep], "val": train_all.iloc[val], "test": test}
-
-    corpus = list(frames["train"]["text"])
-    if config.train_on_unsup:
-        corpus += list(read_raw(raw_dir, "unsup")["text"])
+    """Write the prepared text dataset: `splits` are the train, val and test frames (`row_id`,
+    `text`, integer `label`), `unlabeled` more texts for the vocabulary and the word vectors.
+    The tokenizer and the vectors learn from the training split and `unlabeled` only, never
+    validation or test text. Returns the data card."""
+    corpus = [*splits["train"]["text"], *unlabeled]
     tokenizer = train_tokenizer(corpus, config)
     vectors = None
-    if config.word_vectors_dim:  # from the tokenizer's texts: the training split (+ unlabelled)
-        docs = [np.asarray(e.ids) for e in tokenizer.encode_batch(corpus, add_special_tokens=False)]
+    if config.word_vectors_dim:  # from the tokenizer's texts: the training split (+ unlabeled)
         vectors = word_vectors(
-            docs,
+            token_ids(tokenizer, corpus),
             tokenizer.get_vocab_size(),
             config.word_vectors_dim,
             config.word_vectors_window,
@@ -240,14 +268,16 @@ def prepare(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_manifest(out_dir)  # until the new one is written, the folder is incomplete
+    num_classes = len(label_names)
     card: dict[str, Any] = {
-        "num_classes": NUM_CLASSES,
+        "num_classes": num_classes,
+        "label_names": list(label_names),
         "tokenizer": config.tokenizer,
         "vocab_size": tokenizer.get_vocab_size(),
         "max_len": config.max_len,
         "truncation": config.truncation,
     }
-    for name, frame in frames.items():
+    for name, frame in splits.items():
         labels = frame["label"].to_numpy(dtype=np.int64)
         encoded = encode(tokenizer, list(frame["text"]), config.max_len, config.truncation)
         write_npz_atomic(
@@ -255,12 +285,17 @@ def prepare(
             tokens=encoded["tokens"],
             lengths=encoded["lengths"],
             labels=labels,
-            review_id=frame["review_id"].to_numpy(dtype=str),
+            row_id=frame["row_id"].to_numpy(dtype=str),
         )
-        card[name] = _split_card(encoded, labels, config.max_len)
-    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        card[name] = _split_card(encoded, labels, config.max_len, num_classes)
+    texts = pd.concat(
+        [frame[["row_id", "text"]].assign(split=name) for name, frame in splits.items()]
+    )
+    with atomic_path(out_dir / TEXTS_FILE) as tmp:
+        texts.astype(str).to_parquet(tmp, index=False, engine="pyarrow")
+    with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
         tokenizer.save(str(tmp))
-    written = [*(f"{name}.npz" for name in frames), "tokenizer.json", "meta.json"]
+    written = [*(f"{name}.npz" for name in splits), TEXTS_FILE, TOKENIZER_FILE, "meta.json"]
     (out_dir / WORD_VECTORS_FILE).unlink(missing_ok=True)
     if vectors is not None:
         with atomic_path(out_dir / WORD_VECTORS_FILE) as tmp, open(tmp, "wb") as handle:
@@ -269,12 +304,14 @@ def prepare(
         card["word_vectors"] = {
             "dim": config.word_vectors_dim,
             "window": config.word_vectors_window,
-            "reviews": len(corpus),
-            "unlabeled": config.train_on_unsup,
+            "texts": len(corpus),
+            "unlabeled": len(unlabeled),
         }
     meta = {
-        "num_classes": NUM_CLASSES,
-        "label_names": list(LABEL_NAMES),
+        "inputs": "tokens",
+        "dataset": out_dir.name,
+        "num_classes": num_classes,
+        "label_names": list(label_names),
         "vocab_size": tokenizer.get_vocab_size(),
         "pad_id": PAD_ID,
         "max_len": config.max_len,
@@ -282,5 +319,4 @@ def prepare(
     }
     write_json_atomic(out_dir / "meta.json", meta)
     write_manifest_of(out_dir, written)
-    write_json_atomic(card_path, card)
     return card
