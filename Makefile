@@ -11,7 +11,7 @@ WORKFLOWS := $(wildcard .github/workflows/*.yml)
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all smoke gpu-check check sweep exp-show bench lint format typecheck lock push pull mlflow-server mlflow-ui clean
+.PHONY: repro test test-all smoke gpu-check check sweep exp-show bench bench-scale lint format typecheck lock push pull mlflow-server mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ bench: $(STAMP)  ## dlpipe vs Keras, a tutorial PyTorch loop, TF-IDF, one run (~
 	test -x $(KERAS_VENV)/bin/python || $(PYTHON) -m venv $(KERAS_VENV)
 	$(KERAS_VENV)/bin/python -m pip install --quiet 'tensorflow-cpu==2.21.*' pandas pyarrow
 	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick) $(if $(REUSE),--reuse $(REUSE))
+
+# FACTORS="1 4" for a shorter run (16x is most of the time).
+FACTORS ?= 1 4 16
+bench-scale: $(STAMP)  ## prepare + one epoch at 1x/4x/16x IMDB's rows and a 60k-PNG folder: time and peak RSS
+	test -d data/raw/mnist -a -d data/raw/imdb || $(BIN)/dvc repro fetch
+	$(BIN)/python scripts/bench_scale.py --factors $(FACTORS)
 
 lint: $(STAMP)  ## ruff (lint and format), and the GitHub workflows
 	$(BIN)/ruff check $(LINT_DIRS)

@@ -106,7 +106,7 @@ class Workspace:
         from dlpipe.training.trainer import predict_logits
 
         model, info, family = load_trained(self.folder / "data" / "models" / name)
-        prepared = self.folder / "data" / "prepared" / family.dataset
+        prepared = self.folder / "data" / "prepared" / info["dataset"]
         test = family.inputs.load_split(prepared, "test", torch.device("cpu"))
         logits = predict_logits(model, test, make_runtime("cpu", "fp32"), 512)
         return float((logits.argmax(1) == test.labels).float().mean())

@@ -139,7 +139,7 @@ def test_a_folder_with_one_class_is_refused(tmp_path: Path) -> None:
         for file in (root / name).iterdir():
             file.unlink()
         (root / name).rmdir()
-    with pytest.raises(DlpipeError, match="one class only"):
+    with pytest.raises(DlpipeError, match=r"two or more class folders \(found only .cat.\)"):
         prepare("images", root, tmp_path / "out")
 
 

@@ -136,6 +136,12 @@ def prepare(
     """Read every picture, split, write the image splits; return the data card."""
     layout = _layout(raw_dir)
     names = sorted(layout["train"])
+    if len(names) < 2:
+        found = f"only {names[0]!r}" if names else "none"
+        raise DlpipeError(
+            f"{raw_dir}: a classifier needs two or more class folders (found {found})"
+        )
+    key = f"datasets.{out_dir.name}"
     for split, classes in layout.items():
         unknown = sorted(set(classes) - set(names))
         if unknown:
@@ -165,7 +171,7 @@ def prepare(
         test_x, test_y = pools["test"]
     else:
         (train_x, train_y), (test_x, test_y) = _hold_out(
-            train_x, train_y, settings.test_size, seed, names, "test_size"
+            train_x, train_y, settings.test_size, seed, names, f"{key}.test_size"
         )
     sample = stratified_subset(train_y, settings.max_train, seed)
     train_x, train_y = train_x[sample], train_y[sample]
@@ -175,7 +181,7 @@ def prepare(
         val_x, val_y = pools["val"]
     else:
         (train_x, train_y), (val_x, val_y) = _hold_out(
-            train_x, train_y, settings.val_size, seed, names, "val_size"
+            train_x, train_y, settings.val_size, seed, names, f"{key}.val_size"
         )
     splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
     leaked = _shared_pictures(train_x, test_x)

@@ -166,7 +166,9 @@ def prepare(settings: TableSettings, raw_dir: Path, out_dir: Path, seed: int) ->
         test["label"] = test["label"].astype(str).map(lookup).astype(np.int64)
     else:
         labels = rows["label"].to_numpy()
-        keep, held = stratified_split(labels, settings.test_size, seed, label_names, "test_size")
+        keep, held = stratified_split(
+            labels, settings.test_size, seed, label_names, f"datasets.{name}.test_size"
+        )
         rows, test = rows.iloc[keep], rows.iloc[held]
     if settings.unlabeled:
         _, more, dropped = _rows(Path(settings.unlabeled), settings, name, labelled=False)
@@ -174,7 +176,9 @@ def prepare(settings: TableSettings, raw_dir: Path, out_dir: Path, seed: int) ->
         skipped += dropped
     rows = rows.iloc[stratified_subset(rows["label"].to_numpy(), settings.max_train, seed)]
     test = test.iloc[stratified_subset(test["label"].to_numpy(), settings.max_test, seed)]
-    keep, val = stratified_split(rows["label"].to_numpy(), settings.val_size, seed, label_names)
+    keep, val = stratified_split(
+        rows["label"].to_numpy(), settings.val_size, seed, label_names, f"datasets.{name}.val_size"
+    )
     splits = {"train": rows.iloc[keep], "val": rows.iloc[val], "test": test}
     leaked = int(test["text"].isin(set(splits["train"]["text"])).sum())
     if leaked:
