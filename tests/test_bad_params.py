@@ -150,18 +150,23 @@ def test_a_malformed_edit_is_one_line_naming_its_key(
     check_error(str(err.value), str(params_file), key)
 
 
-@pytest.mark.parametrize(("path", "family"), sorted(STAGE_EDITS))
-def test_the_train_stage_exits_2_with_one_line(tmp_path: Path, path: str, family: str) -> None:
-    value, key = next((v, k) for p, v, k in EDITS if p == path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited(path, value)), encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "train.py"), family],
-        cwd=tmp_path,
+def run_train_stage(project: Path, model: str) -> subprocess.CompletedProcess[str]:
+    """`python stages/train.py <model>` in `project`, importing this checkout's dlpipe."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "train.py"), model],
+        cwd=project,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize(("path", "family"), sorted(STAGE_EDITS))
+def test_the_train_stage_exits_2_with_one_line(tmp_path: Path, path: str, family: str) -> None:
+    value, key = next((v, k) for p, v, k in EDITS if p == path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited(path, value)), encoding="utf-8")
+    done = run_train_stage(tmp_path, family)
     assert done.returncode == USER_ERROR_EXIT, done.stderr
     [line] = done.stderr.splitlines()
     check_error(line.removeprefix("error: "), "params.yaml", key)
@@ -230,14 +235,7 @@ def test_the_train_stage_refuses_data_longer_than_the_transformer_keeps(tmp_path
     prepared = tmp_path / "data" / "prepared" / "imdb"
     write_prepared_text(prepared, max_len=REAL["datasets"]["imdb"]["max_len"])
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "train.py"), "transformer"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_train_stage(tmp_path, "transformer")
     assert done.returncode == USER_ERROR_EXIT, done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith("error: ") and done.stdout == ""

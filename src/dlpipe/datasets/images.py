@@ -98,19 +98,19 @@ def _decode_all(
         except (DlpipeError, OSError) as err:
             return str(err)
 
+    images = np.zeros((len(files), settings.channels, height, width), dtype=np.uint8)
+    ok: list[bool] = []
+    problems: list[str] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = list(
-            tqdm(
-                pool.map(load, files), total=len(files), desc="pictures", unit="file", disable=None
-            )
-        )
-    ok = [not isinstance(r, str) for r in results]
-    problems = [r for r in results if isinstance(r, str)]
-    shape = (len(files), settings.channels, height, width)
-    images = np.zeros(shape, dtype=np.uint8)
-    for i, result in enumerate(results):
-        if not isinstance(result, str):
-            images[i] = result
+        decoded = pool.map(load, files)
+        for i, result in enumerate(
+            tqdm(decoded, total=len(files), desc="pictures", unit="file", disable=None)
+        ):
+            ok.append(not isinstance(result, str))
+            if isinstance(result, str):
+                problems.append(result)
+            else:
+                images[i] = result  # straight into the array: no second copy of every picture
     return images, ok, problems
 
 
