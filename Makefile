@@ -11,7 +11,7 @@ WORKFLOWS := $(wildcard .github/workflows/*.yml)
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all smoke gpu-check check sweep exp-show bench bench-scale lint format typecheck lock push pull mlflow-server mlflow-ui clean
+.PHONY: repro test test-all docs smoke gpu-check check sweep exp-show bench bench-scale lint format typecheck lock push pull mlflow-server mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,15 @@ repro: $(STAMP)  ## run the whole DVC pipeline (fetch, prepare, train)
 	$(BIN)/dvc repro
 
 test: $(STAMP)  ## fast tests (not slow, not gpu)
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto  # pytest-xdist: one worker per core
 
 test-all: $(STAMP)  ## every test, slow ones included (gpu tests skip without CUDA)
 	$(BIN)/pytest -m "slow or not slow"
+
+docs: $(STAMP)  ## the user guide as a site in site/ (open site/index.html); fails on a broken link
+	$(BIN)/python scripts/readme_results.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings --strict counts
+	@echo "docs: site/index.html"
 
 smoke: $(STAMP)  ## the whole pipeline on small slices of the real data, in a temp copy (~2 min)
 	$(BIN)/python -m dlpipe.smoke

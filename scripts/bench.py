@@ -23,7 +23,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +50,58 @@ PROGRAMS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
-    """Run `command`; its wall time (s), peak RSS (MiB) and standard output, which also passes
-    through (standard error, with the progress bars, goes straight to the terminal)."""
+@dataclass(frozen=True)
+class Measured:
+    """A finished process: wall time, peak RSS (wait4: every page it touched, memory-mapped files
+    included), peak anonymous RSS (sampled from /proc: memory only the process holds, not page
+    cache the kernel can drop; None where there is no /proc) and its standard output."""
+
+    wall_s: float
+    peak_rss_mib: float
+    peak_anon_mib: float | None
+    output: str
+
+
+def measured(command: list[str], cwd: Path, env: dict[str, str]) -> Measured:
+    """Run `command` and measure it; its standard output also passes through (standard error,
+    with the progress bars, goes straight to the terminal)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
+    anon: list[float] = []
+    sampler = threading.Thread(target=_sample_anon, args=(process, anon), daemon=True)
+    sampler.start()
     lines = []
     for line in process.stdout:
         sys.stdout.write(line)
         lines.append(line)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
+    sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise DlpipeError(f"bench: {' '.join(command[1:3])} failed (exit {status >> 8})")
-    return wall, usage.ru_maxrss / 1024, "".join(lines)
+    return Measured(wall, usage.ru_maxrss / 1024, max(anon) if anon else None, "".join(lines))
+
+
+def _sample_anon(process: subprocess.Popen[str], peaks: list[float]) -> None:
+    """Append RssAnon (MiB) of `process` every 50 ms while it runs."""
+    status = Path(f"/proc/{process.pid}/status")
+    while process.returncode is None:
+        try:
+            text = status.read_text()
+        except OSError:  # gone, or no /proc
+            return
+        match = re.search(r"^RssAnon:\s+(\d+) kB", text, re.M)
+        if match is None:
+            return
+        peaks.append(int(match[1]) / 1024)
+        time.sleep(0.05)
+
+
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """Run `command`; its wall time (s), peak RSS (MiB) and standard output."""
+    run = measured(command, cwd, env)
+    return run.wall_s, run.peak_rss_mib, run.output
 
 
 class Workspace:

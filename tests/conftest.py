@@ -704,12 +704,16 @@ def registry_store(
 @pytest.fixture(scope="session")
 def data_mirror() -> str:
     """Where the real files are: DLPIPE_DATA_MIRROR if set, else `../shared/datasets` beside the
-    repo (as in CI); the test is skipped, saying so in one line, where neither holds the data."""
+    repo. Where neither holds the data the test is skipped, saying so in one line; under CI=true
+    it fails instead, so that a CI without its data never passes with its real tests skipped."""
     mirror = os.environ.get("DLPIPE_DATA_MIRROR") or str(REPO_ROOT.parent / "shared" / "datasets")
     if "://" not in mirror and not (
         Path(mirror, "mnist").is_dir() and Path(mirror, "imdb").is_dir()
     ):
-        pytest.skip(f"no data mirror with mnist/ and imdb/ at {mirror} (set DLPIPE_DATA_MIRROR)")
+        missing = f"no data mirror with mnist/ and imdb/ at {mirror} (set DLPIPE_DATA_MIRROR)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {missing}", pytrace=False)
+        pytest.skip(missing)
     return mirror
 
 

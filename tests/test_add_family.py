@@ -1,7 +1,7 @@
 """Adding a model family takes one module and one params.yaml section: dvc.yaml's stages come
 from params.yaml (`train.<model>` names the family and the dataset), so it is not edited.
 
-In a copy of the project, add examples/mlp.py as a fourth family the way the README says (those
+In a copy of the project, add examples/mlp.py as a fourth family the way docs/models.md says (those
 two places, nothing else), check that DVC then has its stages, run the real smoke pipeline on it
 (slow), and check the new family end to end: trained, evaluated, in MLflow and the registry, in
 the report, and predictable through `dlpipe predict` and the pyfunc model.
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_mlp_family(project: Path) -> list[str]:
-    """The two edits of README's "How to add a model"; the files touched."""
+    """The two edits of docs/models.md's "How to add a model"; the files touched."""
     shutil.copyfile(ROOT / "examples" / "mlp.py", project / "src/dlpipe/models/mlp.py")
     params = project / "params.yaml"
     raw = yaml.safe_load(params.read_text(encoding="utf-8"))

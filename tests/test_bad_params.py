@@ -25,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlpipe.config import Params, load_params, parse_params
+from dlpipe.config import Params, load_params, parse_params, set_dotted
 from dlpipe.datasets import validate_datasets
 from dlpipe.errors import USER_ERROR_EXIT, DlpipeError
 from dlpipe.family import DataMeta, model_family, validate_models
@@ -120,11 +120,7 @@ TOO_LONG_EDITS = [("datasets.imdb.max_len", 1024), ("train.transformer.model.max
 def edited(path: str, value: Any) -> dict[str, Any]:
     """The real params.yaml with `value` put at the dotted `path`."""
     raw = copy.deepcopy(REAL)
-    *parents, leaf = path.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
+    set_dotted(raw, path, value)
     return raw
 
 

@@ -1,6 +1,6 @@
 """A newcomer's own data trains with params.yaml entries alone.
 
-In a copy of the project, as README's "Your own data" says: a folder of colour pictures (four
+In a copy of the project, as docs/own-data.md says: a folder of colour pictures (four
 classes, several sizes and file types, `dvc add`-ed) and a CSV of support tickets (five classes)
 become two `datasets` entries, and a `cnn` and a `transformer` on them two `train` entries. No
 other file changes. The real smoke pipeline then prepares, trains, evaluates, registers and reports

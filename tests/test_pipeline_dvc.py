@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dlpipe.config import set_dotted
 from dlpipe.datasets.imdb import frame
 from dlpipe.smoke.workspace import isolated_env
 
@@ -266,10 +267,7 @@ def test_vocab_size_change_marks_only_prepare_imdb(tiny_repo: tuple[DvcRepo, str
 
 def set_param(dotted: str, value: object) -> Callable[[dict[str, Any]], None]:
     def edit(raw: dict[str, Any]) -> None:
-        *parents, key = dotted.split(".")
-        for part in parents:
-            raw = raw[part]
-        raw[key] = value
+        set_dotted(raw, dotted, value)
 
     return edit
 

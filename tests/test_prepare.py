@@ -421,19 +421,42 @@ def test_wordpiece_renumbering_keeps_the_tokenization() -> None:
     assert renumbered.decode(renumbered.encode(corpus[0]).ids) == corpus[0]
 
 
-def test_encode_pads_with_zero_and_reports_full_lengths() -> None:
-    config = text_settings(vocab_size=120, min_frequency=1)
-    tokenizer = text.train_tokenizer(TOKENIZER_TEXTS, config)
-    texts = ["the film was good", "", "the film was bad and the plot was awful " * 3]
+def test_splits_are_padded_with_zero_and_carry_their_lengths_and_texts(tmp_path: Path) -> None:
+    config = text_settings(vocab_size=120, min_frequency=1, max_len=8, truncation="head")
+    config = config.model_copy(update={"word_vectors_dim": 0})
+    texts = ["the film was good", "the film was bad and the plot was awful " * 3, "a plot"]
+
+    def split(rows: list[str], prefix: str) -> text.LabelledTexts:
+        ids = np.array([f"{prefix}{i}" for i in range(len(rows))])
+        return text.LabelledTexts(ids, np.arange(len(rows)) % 2, text.TextColumn.of(rows))
+
+    splits = {
+        "train": split(TOKENIZER_TEXTS, "a"),
+        "val": split(texts, "b"),
+        "test": split(texts[:1], "c"),
+    }
+    card = text.prepare_texts(splits, [], ["neg", "pos"], config, tmp_path, seed=0)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     full = [len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts]
-    encoded = text.encode(tokenizer, texts, max_len=8, policy="head")
-    assert encoded["full_lengths"].tolist() == full
-    assert encoded["lengths"].tolist() == [min(n, 8) for n in full]
-    assert encoded["tokens"].shape == (3, 8)
-    assert encoded["tokens"].dtype == np.int32
-    assert encoded["tokens"][1].tolist() == [PAD_ID] * 8
-    first = tokenizer.encode(texts[0], add_special_tokens=False).ids
-    assert encoded["tokens"][0].tolist() == first + [PAD_ID] * (8 - len(first))
+    with np.load(tmp_path / "val.npz") as val:
+        assert val["lengths"].tolist() == [min(n, 8) for n in full]
+        assert val["tokens"].shape == (3, 8) and val["tokens"].dtype == np.int32
+        first = tokenizer.encode(texts[0], add_special_tokens=False).ids
+        assert val["tokens"][0].tolist() == first + [PAD_ID] * (8 - len(first))
+        assert val["tokens"][2, full[2] :].tolist() == [PAD_ID] * (8 - full[2])
+    assert card["val"]["truncation_rate"] == round(sum(n > 8 for n in full) / 3, 4)
+    saved = pd.read_parquet(tmp_path / TEXTS_FILE)
+    assert saved[saved["split"] == "val"]["text"].tolist() == texts
+    assert saved["row_id"].tolist()[-4:] == ["b0", "b1", "b2", "c0"]
+
+
+def test_texts_are_read_again_from_their_table_a_batch_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"body": [f"text {i}" for i in range(10_000)]}).to_csv(path, index=False)
+    column = text.TextColumn.in_table(path, "body", np.array([0, 4095, 4096, 9999]))
+    assert list(column) == ["text 0", "text 4095", "text 4096", "text 9999"]
+    assert list(column.take(np.array([1, 3]))) == ["text 4095", "text 9999"]
+    assert list(column) == list(column)  # every pass reads the file again
 
 
 # --- IMDB prepare ------------------------------------------------------------------------------
@@ -727,5 +750,7 @@ def test_prepare_imdb_rejects_missing_input(raw_imdb: RawImdb, tmp_path: Path) -
 
 def test_prepare_imdb_rejects_missing_columns(raw_imdb: RawImdb, tmp_path: Path) -> None:
     raw_imdb.test.drop(columns=["text"]).to_parquet(raw_imdb.folder / "test.parquet")
-    with pytest.raises(DlpipeError, match=r"test\.parquet: missing columns \['text'\]"):
+    with pytest.raises(
+        DlpipeError, match=r"test\.parquet: no column 'text'; its columns: review_id, label"
+    ):
         run_prepare_imdb(raw_imdb, tmp_path / "out")

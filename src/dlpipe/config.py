@@ -246,3 +246,12 @@ def train_config(params: Params, model: str) -> TrainConfig:
         choices = ", ".join(params.models) or "none"
         raise DlpipeError(f"unknown model {model!r}; params.yaml trains: {choices}")
     return params.train[model]
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Put `value` at the dotted `key` (`train.cnn.lr`) of a params mapping, making the sections
+    on the way that it lacks."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        raw = raw.setdefault(part, {})
+    raw[leaf] = value

@@ -92,24 +92,44 @@ def read_verified(path: Path, rerun: str, *, required: bool = True) -> bytes:
     `rerun` is the command that rewrites the folder (`dvc repro prepare@<dataset>`). Without a
     manifest the file is an error when `required` (its writer did not finish, or predates
     checksums), else returned unchecked (models logged before checksums existed)."""
-    folder = path.parent
-    digests = read_manifest(folder, rerun)
-    if digests is None and required:
-        raise DlpipeError(
-            f"{folder / MANIFEST}: missing (the stage writing {folder} did not finish, or "
-            f"predates checksums); rerun `{rerun}`"
-        )
+    expected = _listed_digest(path, rerun, required)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise DlpipeError(f"{path}: missing; rerun `{rerun}`") from None
-    if digests is None:
-        return data
-    if path.name not in digests:
-        raise DlpipeError(f"{path}: not listed in {folder / MANIFEST}; rerun `{rerun}`")
-    if sha256_hex(data) != digests[path.name]:
-        raise DlpipeError(f"{path}: checksum mismatch (file corrupted or edited); rerun `{rerun}`")
+    _check(path, expected, sha256_hex(data), rerun)
     return data
+
+
+def verify_file(path: Path, rerun: str) -> None:
+    """`read_verified` for a file too big to hold in memory (a prepared split, which its reader
+    then memory-maps): hashed a block at a time, nothing kept."""
+    expected = _listed_digest(path, rerun, required=True)
+    try:
+        digest = file_sha256(path)
+    except FileNotFoundError:
+        raise DlpipeError(f"{path}: missing; rerun `{rerun}`") from None
+    _check(path, expected, digest, rerun)
+
+
+def _listed_digest(path: Path, rerun: str, required: bool) -> str | None:
+    folder = path.parent
+    digests = read_manifest(folder, rerun)
+    if digests is None:
+        if required:
+            raise DlpipeError(
+                f"{folder / MANIFEST}: missing (the stage writing {folder} did not finish, or "
+                f"predates checksums); rerun `{rerun}`"
+            )
+        return None
+    if path.name not in digests and path.exists():
+        raise DlpipeError(f"{path}: not listed in {folder / MANIFEST}; rerun `{rerun}`")
+    return digests.get(path.name)
+
+
+def _check(path: Path, expected: str | None, digest: str, rerun: str) -> None:
+    if expected is not None and digest != expected:
+        raise DlpipeError(f"{path}: checksum mismatch (file corrupted or edited); rerun `{rerun}`")
 
 
 def verify_listed(folder: Path, rerun: str, skip_suffix: str) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -48,9 +50,45 @@ def write_json_atomic(dest: Path, payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def write_npz_atomic(dest: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stub: **kwargs vs allow_pickle
+@dataclass(frozen=True)
+class Blocks:
+    """An array written a block of rows at a time, never whole in memory: its shape, its dtype
+    and the blocks (C-ordered rows, in order)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    blocks: Iterable[np.ndarray]
+
+
+def write_npz_atomic(dest: Path, **arrays: np.ndarray | Blocks) -> None:
+    """np.savez's file, byte for byte (each array an uncompressed `<name>.npy` member, so a
+    reader can memory-map it), with `Blocks` streamed into their members."""
+    with (
+        atomic_path(dest) as tmp,
+        open(tmp, "wb") as handle,
+        zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive,
+    ):
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                if isinstance(array, Blocks):
+                    _write_blocks(member, array, f"{dest}: {name}")
+                else:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def _write_blocks(member: IO[bytes], array: Blocks, what: str) -> None:
+    shape_only = np.broadcast_to(np.zeros((), array.dtype), array.shape)  # no memory
+    np.lib.format.write_array_header_1_0(
+        member, np.lib.format.header_data_from_array_1_0(shape_only)
+    )
+    rows = 0
+    for block in array.blocks:
+        if block.shape[1:] != array.shape[1:]:
+            raise ValueError(f"{what}: a block of shape {block.shape}, rows of {array.shape[1:]}")
+        member.write(np.ascontiguousarray(block, dtype=array.dtype).tobytes())
+        rows += len(block)
+    if rows != array.shape[0]:
+        raise ValueError(f"{what}: {rows} rows written, {array.shape[0]} declared")
 
 
 def read_user_file(path: Path) -> bytes:

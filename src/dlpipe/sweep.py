@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from dlpipe import lineage, paths
-from dlpipe.config import Params, load_params, parse_params, train_config
+from dlpipe.config import Params, load_params, parse_params, set_dotted, train_config
 from dlpipe.errors import DlpipeError
 from dlpipe.family import model_family
 from dlpipe.tables import format_table
@@ -102,13 +102,6 @@ def _lookup(raw: Any, key: str) -> bool:
     return True
 
 
-def _assign(raw: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        raw = raw[part]
-    raw[leaf] = value
-
-
 def trials(raw: dict[str, Any], family: str, axes: Sequence[Axis]) -> list[dict[str, str]]:
     """Every combination of the axes, each checked against the params schema.
 
@@ -130,7 +123,7 @@ def trials(raw: dict[str, Any], family: str, axes: Sequence[Axis]) -> list[dict[
     for trial in grid:
         updated = copy.deepcopy(raw)
         for key, value in trial.items():
-            _assign(updated, key, yaml.safe_load(value))
+            set_dotted(updated, key, yaml.safe_load(value))
         params = parse_params(updated, "trial " + " ".join(f"{k}={v}" for k, v in trial.items()))
         model_family(params, family).model_config(params, family)
     return grid

@@ -1,7 +1,8 @@
 """Prepared splits held in memory as tensors; batches are index slices, never per-sample Python.
 
 Text batches are bucketed by length: shuffled rows are grouped into pools, sorted by length inside
-each pool and cut into batches, so a batch pads only to its own longest review.
+each pool and cut into batches, so a batch pads only to its own longest review (rounded up to a
+multiple of WIDTH_STEP tokens).
 
 An epoch's batches are planned on the host in one go (`Split.batches`): the row order, each
 batch's padded width and, under data parallelism, each process's slice of every batch. The rows
@@ -10,7 +11,7 @@ then reach the device in one copy, and making a batch never waits for the device
 
 from __future__ import annotations
 
-import io
+import struct
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,19 +21,24 @@ import torch
 from torch import Tensor
 
 from dlpipe.errors import DlpipeError
-from dlpipe.integrity import read_verified, verify_listed
+from dlpipe.integrity import verify_file, verify_listed
 
 BUCKET_POOL_BATCHES = 50
+# A text batch's width is its longest row rounded up to a multiple of this: a few batch shapes,
+# not hundreds, so the allocator reuses freed blocks (on the CPU, glibc's heap otherwise grows
+# with every new shape, by the steps of an epoch) and a GPU's kernels see few shapes.
+WIDTH_STEP = 32
 
 
 @dataclass(frozen=True)
 class Batch:
     """One process's rows of one batch, planned on the host.
 
-    `index` is on the split's device; `width` is the longest row's length for text (0 for
-    images), so cutting the batch needs no device-to-host read. `share` weights the loss: this
-    process's rows over an even share of the global batch (1.0 but for an uneven last batch), so
-    that the gradients DistributedDataParallel averages are the global batch's mean gradient."""
+    `index` is on the split's device; `width` is the longest row's length (rounded up to
+    WIDTH_STEP) for text, 0 for images, so cutting the batch needs no device-to-host read.
+    `share` weights the loss: this process's rows over an even share of the global batch (1.0
+    but for an uneven last batch), so that the gradients DistributedDataParallel averages are
+    the global batch's mean gradient."""
 
     index: Tensor
     width: int = 0
@@ -110,13 +116,17 @@ class Split:
         rows of an epoch; none in one process)."""
         # Widths come from a numpy copy of the lengths: host arithmetic, never a tensor read.
         lengths = self.features["lengths"].cpu().numpy() if self.is_text else None
+        widest = self.features["tokens"].shape[1] if self.is_text else 0
         mine: list[Tensor] = []
         planned: list[tuple[int, float]] = []
         for rows in self.batch_indices(batch_size, generator):
             if len(rows) < world_size:
                 continue
             part = rows.tensor_split(world_size)[rank]
-            width = int(lengths[part.numpy()].max()) if lengths is not None else 0
+            width = 0
+            if lengths is not None:
+                longest = int(lengths[part.numpy()].max())
+                width = min(-(-longest // WIDTH_STEP) * WIDTH_STEP, widest)
             mine.append(part)
             planned.append((width, len(part) * world_size / len(rows)))
         if not mine:
@@ -134,29 +144,62 @@ class Split:
 
 
 def load_split(prepared_dir: Path, split: str, channels_last: bool = False) -> Split:
-    """Read `<prepared_dir>/<split>.npz` written by a prepare stage (images uint8 [N, C, H, W], or
-    tokens and lengths), its bytes checked against the folder's SHA256SUMS (and the small files
-    beside it, meta.json and tokenizer.json, which the stages read next); a changed or incomplete
-    folder is one DlpipeError line."""
+    """Memory-map `<prepared_dir>/<split>.npz` written by a prepare stage (images uint8
+    [N, C, H, W], or tokens and lengths), its bytes first checked against the folder's SHA256SUMS
+    (and the small files beside it, meta.json and tokenizer.json, which the stages read next); a
+    changed or incomplete folder is one DlpipeError line. Mapped, a split costs page cache the
+    kernel can drop, not memory the process holds, however many rows it has."""
     path = prepared_dir / f"{split}.npz"
     rerun = f"dvc repro prepare@{prepared_dir.name}"
     if not path.exists():
         raise DlpipeError(f"{path}: missing; run the prepare stage first (dvc repro)")
-    data = read_verified(path, rerun)
+    verify_file(path, rerun)
     verify_listed(prepared_dir, rerun, skip_suffix=".npz")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            labels = torch.from_numpy(arrays["labels"].astype(np.int64))
-            if "tokens" in arrays:
-                features = {
-                    "tokens": torch.from_numpy(arrays["tokens"]),
-                    "lengths": torch.from_numpy(arrays["lengths"].astype(np.int64)).clamp_(min=1),
-                }
-            else:
-                images = arrays["images"]
-                if images.ndim != 4:
-                    raise ValueError(f"images of shape {images.shape}, expected [N, C, H, W]")
-                features = {"images": torch.from_numpy(images)}
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError) as err:
+        arrays = map_npz(path)
+        labels = torch.from_numpy(arrays["labels"].astype(np.int64))
+        if "tokens" in arrays:
+            features = {
+                "tokens": torch.from_numpy(arrays["tokens"]),
+                "lengths": torch.from_numpy(arrays["lengths"].astype(np.int64)).clamp_(min=1),
+            }
+        else:
+            images = arrays["images"]
+            if images.ndim != 4:
+                raise ValueError(f"images of shape {images.shape}, expected [N, C, H, W]")
+            features = {"images": torch.from_numpy(images)}
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, struct.error) as err:
         raise DlpipeError(f"{path}: not a prepared split ({err}); rerun `{rerun}`") from None
     return Split(features, labels, channels_last=channels_last)
+
+
+def map_npz(path: Path) -> dict[str, np.ndarray]:
+    """Each `<name>.npy` member of an uncompressed .npz (np.savez's) memory-mapped by name.
+
+    Copy-on-write, so that torch can wrap the arrays; nothing writes to them."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ValueError(f"member {info.filename!r} is not an uncompressed .npy")
+            handle.seek(info.header_offset)
+            local = handle.read(30)  # the local file header; its name and extra field follow
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            handle.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(handle)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }[version]
+            shape, fortran_order, dtype = read_header(handle)
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename!r} holds Python objects")
+            arrays[info.filename.removesuffix(".npy")] = np.memmap(
+                path,
+                dtype=dtype,
+                mode="c",
+                offset=handle.tell(),
+                shape=shape,
+                order="F" if fortran_order else "C",
+            )
+    return arrays

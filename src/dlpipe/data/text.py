@@ -5,19 +5,28 @@ here.
 
 The normaliser lives inside `tokenizer.json`, so any text given to the saved tokenizer later (the
 CLI, a served model) is cleaned exactly as the training data was.
+
+Texts stream: a split's texts are read from their table a record batch at a time whenever they
+are needed (learning the vocabulary, counting co-occurrences, encoding), and the token arrays are
+written a block of rows at a time, so memory holds a few batches, not the corpus.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+import itertools
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import IO, TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from dlpipe.data.columns import batches
 from dlpipe.data.splits import class_counts
 from dlpipe.datasets import DatasetSettings
 from dlpipe.errors import DlpipeError
@@ -31,7 +40,7 @@ from dlpipe.inputs.tokens import (
     truncate,
 )
 from dlpipe.integrity import remove_manifest, write_manifest_of
-from dlpipe.io import atomic_path, write_json_atomic, write_npz_atomic
+from dlpipe.io import Blocks, atomic_path, write_json_atomic, write_npz_atomic
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -50,6 +59,65 @@ class TextSettings(DatasetSettings):
     truncation: Literal["head", "tail", "head+tail"] = "head+tail"
     word_vectors_dim: Annotated[int, Field(ge=0, le=1024)] = 128  # PPMI-SVD vectors; 0: none
     word_vectors_window: Annotated[int, Field(ge=1, le=20)] = 5  # tokens either side that count
+
+
+@dataclass(frozen=True)
+class TextColumn:
+    """Some rows of a table's text column, read again a record batch at a time each time they
+    are iterated: `read` gives every row's text batch by batch, in file order; `rows` are the
+    positions kept, sorted."""
+
+    read: Callable[[], Iterator[Sequence[str]]]
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, texts: Sequence[str]) -> TextColumn:
+        """Texts already in memory."""
+        return cls(lambda: iter([texts]), np.arange(len(texts)))
+
+    @classmethod
+    def in_table(cls, path: Path, column: str, rows: np.ndarray) -> TextColumn:
+        """Rows `rows` of the column `column` of the table file `path`."""
+
+        def read() -> Iterator[Sequence[str]]:
+            for batch in batches(path, [column]):
+                yield batch[column].astype(str).tolist()
+
+        return cls(read, np.asarray(rows, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, positions: np.ndarray) -> TextColumn:
+        """The rows at `positions` (sorted) of these rows."""
+        return replace(self, rows=self.rows[positions])
+
+    def __iter__(self) -> Iterator[str]:
+        start = 0
+        for texts in self.read():
+            end = start + len(texts)
+            first, last = np.searchsorted(self.rows, (start, end))
+            for row in self.rows[first:last]:
+                yield texts[row - start]
+            start = end
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    """One split's rows: their ids, their integer labels and their texts."""
+
+    row_id: np.ndarray
+    labels: np.ndarray
+    texts: TextColumn
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, positions: np.ndarray) -> LabelledTexts:
+        """The rows at `positions` (sorted)."""
+        return LabelledTexts(
+            self.row_id[positions], self.labels[positions], self.texts.take(positions)
+        )
 
 
 def new_tokenizer(config: TextSettings) -> tuple[Tokenizer, trainers.Trainer]:
@@ -112,14 +180,14 @@ ENCODE_CHUNK = 4096  # texts tokenized at once: the tokenizer's Encoding objects
 def token_ids(tokenizer: Tokenizer, texts: Iterable[str]) -> Iterator[np.ndarray]:
     """Each text's int32 token ids, tokenized a chunk at a time (in parallel within a chunk), so
     memory holds one chunk's Encoding objects, not the whole corpus's."""
-    chunk: list[str] = []
-    for text in texts:
-        chunk.append(text)
-        if len(chunk) == ENCODE_CHUNK:
-            yield from _encode_chunk(tokenizer, chunk)
-            chunk = []
-    if chunk:
+    for chunk in _chunks(texts, ENCODE_CHUNK):
         yield from _encode_chunk(tokenizer, chunk)
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> Iterator[np.ndarray]:
@@ -127,20 +195,59 @@ def _encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> Iterator[np.ndarray
         yield np.asarray(encoding.ids, dtype=np.int32)
 
 
-def encode(
-    tokenizer: Tokenizer, texts: list[str], max_len: int, policy: str
-) -> dict[str, np.ndarray]:
-    """Token ids padded with PAD_ID to the longest kept text, lengths, and full lengths."""
-    full_lengths = np.zeros(len(texts), dtype=np.int32)
-    kept: list[np.ndarray] = []
-    for row, ids in enumerate(token_ids(tokenizer, texts)):
-        full_lengths[row] = len(ids)
-        kept.append(np.asarray(truncate(ids.tolist(), max_len, policy), dtype=np.int32))
-    lengths = np.fromiter((len(ids) for ids in kept), dtype=np.int32, count=len(texts))
-    tokens = np.full((len(texts), max(1, int(lengths.max(initial=1)))), PAD_ID, dtype=np.int32)
-    for row, ids in enumerate(kept):
-        tokens[row, : len(ids)] = ids
-    return {"tokens": tokens, "lengths": lengths, "full_lengths": full_lengths}
+@dataclass
+class _Spilled:
+    """A split's kept token ids, written one after another to a spill file, and their lengths."""
+
+    lengths: np.ndarray
+    full_lengths: np.ndarray
+    unk: int
+
+    @property
+    def width(self) -> int:
+        return max(1, int(self.lengths.max(initial=1)))
+
+    def blocks(self, spill: IO[bytes]) -> Iterator[np.ndarray]:
+        """The padded rows [rows, width], ENCODE_CHUNK rows a block, read back from the spill."""
+        spill.seek(0)
+        columns = np.arange(self.width)
+        for start in range(0, len(self.lengths), ENCODE_CHUNK):
+            lengths = self.lengths[start : start + ENCODE_CHUNK]
+            ids = np.frombuffer(spill.read(4 * int(lengths.sum())), dtype=np.int32)
+            block = np.full((len(lengths), self.width), PAD_ID, dtype=np.int32)
+            block[columns[None, :] < lengths[:, None]] = ids  # row by row, left to right
+            yield block
+
+
+def _spill(
+    tokenizer: Tokenizer,
+    texts: Iterable[str],
+    count: int,
+    max_len: int,
+    policy: str,
+    spill: IO[bytes],
+    each_chunk: Callable[[int, list[str]], None] | None = None,
+) -> _Spilled:
+    """Tokenize `count` texts a chunk at a time, writing each one's kept ids to `spill`
+    (`each_chunk(first row, texts)` sees every chunk of texts)."""
+    lengths = np.zeros(count, dtype=np.int32)
+    full_lengths = np.zeros(count, dtype=np.int32)
+    unk, row = 0, 0
+    for chunk in _chunks(texts, ENCODE_CHUNK):
+        if each_chunk is not None:
+            each_chunk(row, chunk)
+        kept = []
+        for ids in _encode_chunk(tokenizer, chunk):
+            full_lengths[row] = len(ids)
+            kept.append(np.asarray(truncate(ids.tolist(), max_len, policy), dtype=np.int32))
+            lengths[row] = len(kept[-1])
+            row += 1
+        flat = np.concatenate([np.zeros(0, np.int32), *kept])
+        unk += int((flat == UNK_ID).sum())
+        spill.write(flat.tobytes())
+    if row != count:
+        raise DlpipeError(f"expected {count} texts, read {row}: did a table change while read?")
+    return _Spilled(lengths, full_lengths, unk)
 
 
 COUNT_CHUNK_TOKENS = 1 << 22  # tokens whose pairs are counted at once (~4M: a few hundred MB)
@@ -223,12 +330,9 @@ def word_vectors(
 
 
 def _split_card(
-    encoded: dict[str, np.ndarray], labels: np.ndarray, max_len: int, num_classes: int
+    encoded: _Spilled, labels: np.ndarray, max_len: int, num_classes: int
 ) -> dict[str, Any]:
-    full = encoded["full_lengths"]
-    tokens, lengths = encoded["tokens"], encoded["lengths"]
-    real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    unk = int(((tokens == UNK_ID) & real).sum())
+    full, lengths = encoded.full_lengths, encoded.lengths
     return {
         "count": len(labels),
         "class_counts": class_counts(labels, num_classes),
@@ -238,28 +342,68 @@ def _split_card(
         },
         "mean_length": round(float(full.mean()), 1) if len(full) else 0.0,
         "truncation_rate": round(float((full > max_len).mean()), 4) if len(full) else 0.0,
-        "unk_rate": round(unk / max(1, int(lengths.sum())), 6),
+        "unk_rate": round(encoded.unk / max(1, int(lengths.sum())), 6),
     }
 
 
+TEXTS_GROUP_ROWS = 1 << 16  # rows of texts.parquet written at once (one Parquet row group)
+
+
+class _TextsWriter:
+    """texts.parquet (`row_id`, `text`, `split`: every split's raw texts), written a row group
+    at a time as the splits are encoded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pending: list[pd.DataFrame] = []
+        self.writer: Any = None
+
+    def add(self, split: str, row_ids: np.ndarray, first: int, texts: list[str]) -> None:
+        """Rows first.. of `split` (whose ids are `row_ids`) have `texts`."""
+        ids = row_ids[first : first + len(texts)]
+        self.pending.append(pd.DataFrame({"row_id": ids, "text": texts, "split": split}))
+        if sum(map(len, self.pending)) >= TEXTS_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.pending:
+            return
+        table = pa.Table.from_pandas(pd.concat(self.pending).astype(str), preserve_index=False)
+        self.pending = []
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="snappy")
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+
 def prepare_texts(
-    splits: dict[str, pd.DataFrame],
-    unlabeled: list[str],
+    splits: Mapping[str, LabelledTexts],
+    unlabeled: Sequence[TextColumn],
     label_names: Sequence[str],
     config: TextSettings,
     out_dir: Path,
     seed: int,
 ) -> dict[str, Any]:
-    """Write the prepared text dataset: `splits` are the train, val and test frames (`row_id`,
-    `text`, integer `label`), `unlabeled` more texts for the vocabulary and the word vectors.
-    The tokenizer and the vectors learn from the training split and `unlabeled` only, never
-    validation or test text. Returns the data card."""
-    corpus = [*splits["train"]["text"], *unlabeled]
-    tokenizer = train_tokenizer(corpus, config)
+    """Write the prepared text dataset: `splits` are the train, val and test rows, `unlabeled`
+    more texts for the vocabulary and the word vectors. The tokenizer and the vectors learn from
+    the training split and `unlabeled` only, never validation or test text. Returns the data
+    card."""
+
+    def corpus() -> Iterator[str]:
+        return itertools.chain(splits["train"].texts, *unlabeled)
+
+    tokenizer = train_tokenizer(corpus(), config)
     vectors = None
     if config.word_vectors_dim:  # from the tokenizer's texts: the training split (+ unlabeled)
         vectors = word_vectors(
-            token_ids(tokenizer, corpus),
+            token_ids(tokenizer, corpus()),
             tokenizer.get_vocab_size(),
             config.word_vectors_dim,
             config.word_vectors_window,
@@ -277,22 +421,31 @@ def prepare_texts(
         "max_len": config.max_len,
         "truncation": config.truncation,
     }
-    for name, frame in splits.items():
-        labels = frame["label"].to_numpy(dtype=np.int64)
-        encoded = encode(tokenizer, list(frame["text"]), config.max_len, config.truncation)
-        write_npz_atomic(
-            out_dir / f"{name}.npz",
-            tokens=encoded["tokens"],
-            lengths=encoded["lengths"],
-            labels=labels,
-            row_id=frame["row_id"].to_numpy(dtype=str),
-        )
-        card[name] = _split_card(encoded, labels, config.max_len, num_classes)
-    texts = pd.concat(
-        [frame[["row_id", "text"]].assign(split=name) for name, frame in splits.items()]
-    )
-    with atomic_path(out_dir / TEXTS_FILE) as tmp:
-        texts.astype(str).to_parquet(tmp, index=False, engine="pyarrow")
+    with atomic_path(out_dir / TEXTS_FILE) as texts_path:
+        texts = _TextsWriter(texts_path)
+        for name, split in splits.items():
+            with tempfile.TemporaryFile(dir=out_dir) as spill:
+                encoded = _spill(
+                    tokenizer,
+                    split.texts,
+                    len(split),
+                    config.max_len,
+                    config.truncation,
+                    spill,
+                    functools.partial(texts.add, name, split.row_id),
+                )
+                tokens = Blocks(
+                    (len(split), encoded.width), np.dtype(np.int32), encoded.blocks(spill)
+                )
+                write_npz_atomic(
+                    out_dir / f"{name}.npz",
+                    tokens=tokens,
+                    lengths=encoded.lengths,
+                    labels=split.labels.astype(np.int64),
+                    row_id=np.asarray(split.row_id, dtype=str),
+                )
+            card[name] = _split_card(encoded, split.labels, config.max_len, num_classes)
+        texts.close()
     with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
         tokenizer.save(str(tmp))
     written = [*(f"{name}.npz" for name in splits), TEXTS_FILE, TOKENIZER_FILE, "meta.json"]
@@ -304,8 +457,8 @@ def prepare_texts(
         card["word_vectors"] = {
             "dim": config.word_vectors_dim,
             "window": config.word_vectors_window,
-            "texts": len(corpus),
-            "unlabeled": len(unlabeled),
+            "texts": len(splits["train"]) + sum(map(len, unlabeled)),
+            "unlabeled": sum(map(len, unlabeled)),
         }
     meta = {
         "inputs": "tokens",

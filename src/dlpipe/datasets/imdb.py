@@ -25,6 +25,7 @@ import pandas as pd
 from pydantic import Field
 from tqdm import tqdm
 
+from dlpipe.data.columns import batches, check_columns
 from dlpipe.data.download import (
     RemoteFile,
     SourcesExhaustedError,
@@ -33,7 +34,7 @@ from dlpipe.data.download import (
     origin,
 )
 from dlpipe.data.splits import stratified_split, stratified_subset
-from dlpipe.data.text import TextSettings, prepare_texts
+from dlpipe.data.text import LabelledTexts, TextColumn, TextSettings, prepare_texts
 from dlpipe.datasets import DatasetFormat, FetchContext
 from dlpipe.errors import DlpipeError
 from dlpipe.inputs.tokens import TOKENS
@@ -259,40 +260,33 @@ def _from_csv(
     return {split: read_imdb_csv(paths[split], split) for split in SPLIT_FOLDERS}, used
 
 
-def read_raw(raw_dir: Path, split: str) -> pd.DataFrame:
+def read_raw(raw_dir: Path, split: str) -> LabelledTexts:
+    """One fetched split: its ids and labels read, its texts left in the file to stream."""
     path = raw_dir / f"{split}.parquet"
     if not path.exists():
         raise DlpipeError(f"{path}: missing; run the fetch stage first (dvc repro fetch)")
-    frame = pd.read_parquet(path)
-    missing = {"review_id", "label", "text"} - set(frame.columns)
-    if missing:
-        raise DlpipeError(f"{path}: missing columns {sorted(missing)}")
-    return frame
+    rows = pd.concat(list(batches(path, ["review_id", "label"])), ignore_index=True)
+    check_columns(path, ["text"])
+    return LabelledTexts(
+        rows["review_id"].to_numpy(dtype=str),
+        rows["label"].to_numpy(dtype=np.int64),
+        TextColumn.in_table(path, "text", np.arange(len(rows))),
+    )
 
 
 def prepare(settings: ImdbSettings, raw_dir: Path, out_dir: Path, seed: int) -> dict[str, Any]:
     """Split train into train/val, then prepare the texts (the tokenizer and the word vectors
     learn from the training split and, with train_on_unsup, the unlabeled reviews)."""
     train_all, test = read_raw(raw_dir, "train"), read_raw(raw_dir, "test")
-    train_all = train_all.iloc[
-        stratified_subset(train_all["label"].to_numpy(), settings.max_train, seed)
-    ]
-    test = test.iloc[stratified_subset(test["label"].to_numpy(), settings.max_test, seed)]
-    for name, frame in (("train", train_all), ("test", test)):
-        if not frame["label"].isin([0, 1]).all():
+    train_all = train_all.take(stratified_subset(train_all.labels, settings.max_train, seed))
+    test = test.take(stratified_subset(test.labels, settings.max_test, seed))
+    for name, rows in (("train", train_all), ("test", test)):
+        if not np.isin(rows.labels, [0, 1]).all():
             raise DlpipeError(f"{raw_dir / name}.parquet: labels must be 0 or 1")
-    keep, val = stratified_split(train_all["label"].to_numpy(), settings.val_size, seed)
-    splits = {
-        name: frame.rename(columns={"review_id": "row_id"})[["row_id", "text", "label"]]
-        for name, frame in (
-            ("train", train_all.iloc[keep]),
-            ("val", train_all.iloc[val]),
-            ("test", test),
-        )
-    }
-    unlabeled = list(read_raw(raw_dir, "unsup")["text"]) if settings.train_on_unsup else []
-    card = prepare_texts(splits, unlabeled, LABEL_NAMES, settings, out_dir, seed)
-    return card
+    keep, val = stratified_split(train_all.labels, settings.val_size, seed)
+    splits = {"train": train_all.take(keep), "val": train_all.take(val), "test": test}
+    unlabeled = [read_raw(raw_dir, "unsup").texts] if settings.train_on_unsup else []
+    return prepare_texts(splits, unlabeled, LABEL_NAMES, settings, out_dir, seed)
 
 
 FORMAT = DatasetFormat(

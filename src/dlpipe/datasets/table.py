@@ -14,8 +14,6 @@ table is the test split; without one, `test_size` rows are held out, seeded and 
 
 from __future__ import annotations
 
-import gzip
-import io
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,13 +22,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from dlpipe.data.columns import batches, check_table
 from dlpipe.data.splits import stratified_split, stratified_subset
-from dlpipe.data.text import TextSettings, prepare_texts
+from dlpipe.data.text import LabelledTexts, TextColumn, TextSettings, prepare_texts
 from dlpipe.datasets import DatasetFormat, SplitSize
 from dlpipe.errors import DlpipeError
 from dlpipe.inputs.tokens import TOKENS
 
-READERS = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 Column = Annotated[str, Field(min_length=1)]
 
 
@@ -47,88 +45,61 @@ class TableSettings(TextSettings):
     on_empty_text: Literal["fail", "skip"] = "fail"  # skip: leave the row out, counted in the card
 
 
-def _kind(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    kind = suffixes[-1] if suffixes else ""
-    if kind not in READERS:
-        raise DlpipeError(
-            f"{path}: unknown table type {kind or '(none)'!r}; use {', '.join(READERS)}"
-        )
-    return kind
-
-
-def _utf8(data: bytes, path: Path) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DlpipeError(
-            f"{path}: line {line} is not UTF-8 text ({err.reason} at byte {err.start}); "
-            "save the file as UTF-8"
-        ) from None
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """A table file as a frame of strings and numbers; unreadable is one DlpipeError line."""
-    if not path.is_file():
-        raise DlpipeError(f"{path}: {'a folder' if path.exists() else 'no such file'}")
-    kind = _kind(path)
-    try:
-        data = path.read_bytes()
-        if path.suffix.lower() == ".gz":
-            data = gzip.decompress(data)
-        if kind == ".parquet":
-            return pd.read_parquet(io.BytesIO(data))
-        text = _utf8(data, path)
-        if kind in (".jsonl", ".ndjson"):
-            return pd.read_json(io.StringIO(text), lines=True, dtype=False)
-        sep = "\t" if kind == ".tsv" else ","
-        return pd.read_csv(io.StringIO(text), sep=sep, keep_default_na=False, na_values=[""])
-    except DlpipeError:
-        raise
-    except Exception as err:  # pandas and pyarrow raise many kinds
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DlpipeError(f"{path}: cannot read as a {kind[1:]} table ({first})") from None
-
-
-def _column(frame: pd.DataFrame, name: str, key: str, path: Path) -> pd.Series:
-    if name not in frame.columns:
-        columns = ", ".join(map(str, frame.columns)) or "none"
-        raise DlpipeError(f"{path}: no column {name!r} (set {key}); its columns: {columns}")
-    return frame[name]
-
-
 def _rows(
     path: Path, settings: TableSettings, name: str, labelled: bool = True
-) -> tuple[pd.DataFrame, list[str], int]:
-    """(labelled rows: row_id, text, label; unlabeled texts; rows skipped for empty text)."""
-    frame = read_table(path)
-    if frame.empty:
+) -> tuple[pd.DataFrame, TextColumn, int]:
+    """(labelled rows: row_id, raw label, a hash of the text and the row's position in the
+    file; the unlabeled texts; the rows skipped for an empty text), from one pass over the
+    table a batch at a time: its texts stay in the file until they are prepared."""
+    check_table(path)
+    keys = {settings.text: f"datasets.{name}.text"}
+    if labelled:
+        keys[settings.label] = f"datasets.{name}.label"
+    if settings.id:
+        keys[settings.id] = f"datasets.{name}.id"
+    parts = []
+    for batch in batches(path, list(keys), keys):
+        texts = batch[settings.text]
+        parts.append(
+            pd.DataFrame(
+                {
+                    "empty": (texts.isna() | texts.astype(str).str.strip().eq("")).to_numpy(),
+                    "hash": pd.util.hash_pandas_object(texts.astype(str), index=False).to_numpy(),
+                    "label": batch[settings.label] if labelled else None,
+                    "row_id": batch[settings.id].astype(str) if settings.id else None,
+                }
+            )
+        )
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if rows.empty:
         raise DlpipeError(f"{path}: no rows")
-    texts = _column(frame, settings.text, f"datasets.{name}.text", path)
-    empty = texts.isna() | texts.astype(str).str.strip().eq("")
+    rows["pos"] = np.arange(len(rows))
+    if not settings.id:
+        rows["row_id"] = [f"{path.name}:{i + 1}" for i in range(len(rows))]
+    empty = rows["empty"].to_numpy()
     if empty.any() and settings.on_empty_text == "fail":
-        first = int(np.flatnonzero(empty.to_numpy())[0]) + 1
         raise DlpipeError(
             f"{path}: {int(empty.sum())} row(s) have an empty {settings.text!r}, the first is "
-            f"row {first}; remove them or set on_empty_text: skip"
+            f"row {int(np.flatnonzero(empty)[0]) + 1}; remove them or set on_empty_text: skip"
         )
-    ids = (
-        _column(frame, settings.id, f"datasets.{name}.id", path).astype(str)
-        if settings.id
-        else pd.Series([f"{path.name}:{i + 1}" for i in range(len(frame))], index=frame.index)
-    )
-    if not labelled:
-        return pd.DataFrame(), texts[~empty].astype(str).tolist(), int(empty.sum())
-    labels = _column(frame, settings.label, f"datasets.{name}.label", path)
-    missing = labels.isna() | labels.astype(str).str.strip().eq("")
-    rows = pd.DataFrame(
-        {"row_id": ids, "text": texts.astype(str), "label": labels}, index=frame.index
-    )[~empty & ~missing]
-    unlabeled = texts[~empty & missing].astype(str).tolist()
-    return rows, unlabeled, int(empty.sum())
+    missing = (
+        rows["label"].isna() | rows["label"].astype(str).str.strip().eq("")
+        if labelled
+        else pd.Series(True, index=rows.index)
+    ).to_numpy()
+    unlabeled = TextColumn.in_table(path, settings.text, np.flatnonzero(~empty & missing))
+    labelled_rows = rows[~empty & ~missing].drop(columns="empty")
+    labelled_rows["label"] = _typed(labelled_rows["label"])
+    return labelled_rows, unlabeled, int(empty.sum())
+
+
+def _typed(labels: pd.Series) -> pd.Series:
+    """A label column's values, decided once over the whole column: numbers (integers where
+    every one is whole) when every label is one, else strings."""
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if len(labels) and numbers.notna().all():
+        return numbers.astype(np.int64) if (numbers % 1 == 0).all() else numbers
+    return labels.astype(str)
 
 
 def _class_names(labels: pd.Series) -> list[Any]:
@@ -137,33 +108,40 @@ def _class_names(labels: pd.Series) -> list[Any]:
     return sorted(values) if numeric else sorted(values, key=str)
 
 
+def _split(rows: pd.DataFrame, path: Path, settings: TableSettings) -> LabelledTexts:
+    return LabelledTexts(
+        rows["row_id"].to_numpy(dtype=str),
+        rows["label"].to_numpy(dtype=np.int64),
+        TextColumn.in_table(path, settings.text, rows["pos"].to_numpy()),
+    )
+
+
 def prepare(settings: TableSettings, raw_dir: Path, out_dir: Path, seed: int) -> dict[str, Any]:
     """Read the table(s), split, prepare the texts; return the data card."""
     name = out_dir.name
-    rows, unlabeled, skipped = _rows(raw_dir, settings, name)
+    rows, unlabeled_rows, skipped = _rows(raw_dir, settings, name)
+    unlabeled = [unlabeled_rows]
     if rows.empty:
         raise DlpipeError(f"{raw_dir}: no labelled rows (column {settings.label!r} is empty)")
-    if pd.api.types.is_float_dtype(rows["label"]) and (rows["label"] % 1 == 0).all():
-        rows["label"] = rows["label"].astype(np.int64)  # integers, read as floats beside blanks
     classes = _class_names(rows["label"])
     if len(classes) < 2:
         raise DlpipeError(
             f"{raw_dir}: every row has label {classes[0]!r}; a classifier needs two or more classes"
         )
-    index = {value: i for i, value in enumerate(classes)}
     label_names = [str(value) for value in classes]
-    rows["label"] = rows["label"].map(index).astype(np.int64)
+    rows["label"] = rows["label"].map({value: i for i, value in enumerate(classes)})
+    test_path = Path(settings.test) if settings.test else raw_dir
     if settings.test:
-        test_path = Path(settings.test)
         test, more, dropped = _rows(test_path, settings, name)
+        unlabeled.append(more)
         skipped += dropped
         unseen = sorted({str(v) for v in test["label"].unique()} - set(label_names))
         if unseen:
             raise DlpipeError(
                 f"{test_path}: labels {unseen} never occur in {raw_dir}: no model can learn them"
             )
-        lookup = {str(value): i for i, value in enumerate(classes)}
-        test["label"] = test["label"].astype(str).map(lookup).astype(np.int64)
+        lookup = {label: i for i, label in enumerate(label_names)}
+        test["label"] = test["label"].astype(str).map(lookup)
     else:
         labels = rows["label"].to_numpy()
         keep, held = stratified_split(
@@ -172,15 +150,14 @@ def prepare(settings: TableSettings, raw_dir: Path, out_dir: Path, seed: int) ->
         rows, test = rows.iloc[keep], rows.iloc[held]
     if settings.unlabeled:
         _, more, dropped = _rows(Path(settings.unlabeled), settings, name, labelled=False)
-        unlabeled += more
+        unlabeled.append(more)
         skipped += dropped
     rows = rows.iloc[stratified_subset(rows["label"].to_numpy(), settings.max_train, seed)]
     test = test.iloc[stratified_subset(test["label"].to_numpy(), settings.max_test, seed)]
     keep, val = stratified_split(
         rows["label"].to_numpy(), settings.val_size, seed, label_names, f"datasets.{name}.val_size"
     )
-    splits = {"train": rows.iloc[keep], "val": rows.iloc[val], "test": test}
-    leaked = int(test["text"].isin(set(splits["train"]["text"])).sum())
+    leaked = int(np.isin(test["hash"].to_numpy(), rows.iloc[keep]["hash"].to_numpy()).sum())
     if leaked:
         print(
             f"prepare: warning: {leaked} test text(s) also occur in the training split: "
@@ -189,6 +166,11 @@ def prepare(settings: TableSettings, raw_dir: Path, out_dir: Path, seed: int) ->
         )
     if skipped:
         print(f"prepare: warning: skipped {skipped} row(s) with an empty text", file=sys.stderr)
+    splits = {
+        "train": _split(rows.iloc[keep], raw_dir, settings),
+        "val": _split(rows.iloc[val], raw_dir, settings),
+        "test": _split(test, test_path, settings),
+    }
     card = prepare_texts(splits, unlabeled, label_names, settings, out_dir, seed)
     return {**card, "skipped_rows": skipped, "test_texts_also_in_train": leaked}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from dlpipe.config import parse_params
+from dlpipe.config import parse_params, set_dotted
 from dlpipe.datasets import get_format
 from dlpipe.errors import DlpipeError
 from dlpipe.family import get_family
@@ -43,11 +43,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise DlpipeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.cnn.epochs=2")
-        node = updates
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        set_dotted(updates, key.strip(), yaml.safe_load(value))
     return updates
 
 

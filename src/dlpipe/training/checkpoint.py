@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dlpipe.integrity import sha256_hex
 from dlpipe.io import atomic_path
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class CheckpointStore:
         data = self.path.read_bytes()
         if not self.checksum.is_file():
             problem = f"has no {CHECKSUM_FILE}"
-        elif hashlib.sha256(data).hexdigest() not in self._listed():
+        elif sha256_hex(data) not in self._listed():
             problem = "is corrupted (checksum mismatch)"
         else:
             try:
@@ -106,7 +107,7 @@ class CheckpointStore:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_hex(data)
         # While last.pt is replaced the checksum file lists the old and the new checksum: an
         # interruption between the two writes leaves a last.pt that matches one of them.
         self._write_checksums([digest, *self._listed()])
