@@ -11,7 +11,7 @@ WORKFLOWS := $(wildcard .github/workflows/*.yml)
 # Stages run `python ...`: put the venv first on PATH so DVC and mlflow find its tools.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-all docs smoke gpu-check check sweep exp-show bench bench-scale lint format typecheck lock push pull mlflow-server mlflow-ui clean
+.PHONY: repro test test-integration test-all docs smoke gpu-check check sweep exp-show bench bench-scale lint format typecheck lock push pull mlflow-server mlflow-ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,11 @@ $(STAMP): requirements.lock pyproject.toml
 repro: $(STAMP)  ## run the whole DVC pipeline (fetch, prepare, train)
 	$(BIN)/dvc repro
 
-test: $(STAMP)  ## fast tests (not slow, not gpu)
+test: $(STAMP)  ## fast unit tests (not slow, not gpu, not integration)
 	$(BIN)/pytest -n auto  # pytest-xdist: one worker per core
+
+test-integration: $(STAMP)  ## integration tests: real DVC, real MLflow servers (not slow)
+	$(BIN)/pytest -n auto -m "integration and not slow and not gpu"
 
 test-all: $(STAMP)  ## every test, slow ones included (gpu tests skip without CUDA)
 	$(BIN)/pytest -m "slow or not slow"
@@ -97,7 +100,7 @@ pull: $(STAMP)  ## fetch them into this checkout: then `dvc repro` reruns nothin
 	$(BIN)/dvc pull
 
 mlflow-server: $(STAMP)  ## a shared tracking server: PostgreSQL if DLPIPE_MLFLOW_BACKEND_URI, else sqlite
-	$(BIN)/python -m dlpipe.server
+	$(BIN)/python -m dlpipe.team_server
 
 mlflow-ui: $(STAMP)  ## browse runs at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000

@@ -43,10 +43,20 @@ PROGRAMS: dict[str, tuple[str, str, str]] = {
     "cnn": ("mnist", "cnn", "dlpipe"),
     "tfidf": ("imdb", "linear", "python"),
     "tfidf-20k": ("imdb", "linear", "python"),
+    "nbsvm": ("imdb", "linear", "python"),
+    "nbsvm-20k": ("imdb", "linear", "python"),
     "keras-bilstm": ("imdb", "rnn", "keras"),
     "rnn": ("imdb", "rnn", "dlpipe"),
     "keras-transformer": ("imdb", "transformer", "keras"),
     "transformer": ("imdb", "transformer", "dlpipe"),
+}
+
+
+# Each text model's points over the best linear model fit on all 25k training reviews, and on the
+# 20k that dlpipe's models train on.
+LINEAR_YARDSTICKS = {
+    "points_over_linear": ("tfidf", "nbsvm"),
+    "points_over_linear_20k": ("tfidf-20k", "nbsvm-20k"),
 }
 
 
@@ -230,12 +240,12 @@ def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
         first = yardstick.setdefault(row["kind"], name)
         row["time_vs_yardstick"] = round(row["train_time_s"] / rows[first]["train_time_s"], 3)
         row["yardstick"] = first
-    for baseline, key in (("tfidf", "points_over_tfidf"), ("tfidf-20k", "points_over_tfidf_20k")):
-        if baseline in rows:
+    for key, linear in LINEAR_YARDSTICKS.items():
+        accuracies = [rows[name]["test_accuracy"] for name in linear if name in rows]
+        if accuracies:
             for row in rows.values():
                 if row["dataset"] == "imdb":
-                    delta = row["test_accuracy"] - rows[baseline]["test_accuracy"]
-                    row[key] = round(100 * delta, 2)
+                    row[key] = round(100 * (row["test_accuracy"] - max(accuracies)), 2)
 
 
 def noop_repro_s() -> float | None:
@@ -330,20 +340,20 @@ def targets(
     if cnn and loop:
         ratio = cnn["samples_per_s"] / loop["samples_per_s"]
         checks.append((f"cnn samples/s {ratio:.1f}x the tutorial loop's >= 3x", ratio >= 3))
-    for name, floor in (("rnn", 0.895), ("transformer", 0.90)):
+    for name, floor in (("rnn", 0.92), ("transformer", 0.92)):
         if name in rows:
             acc = rows[name]["test_accuracy"]
             checks.append(
                 (f"{name} test accuracy {100 * acc:.2f} % >= {100 * floor:.1f} %", acc >= floor)
             )
-            for baseline, key, data in (
-                ("tfidf-20k", "points_over_tfidf_20k", "the same 20k reviews"),
-                ("tfidf", "points_over_tfidf", "all 25k training reviews"),
+            for key, data in (
+                ("points_over_linear_20k", "the same 20k reviews"),
+                ("points_over_linear", "all 25k training reviews"),
             ):
-                if baseline in rows:
+                if key in rows[name]:
                     points = rows[name][key]
-                    what = f"{name} beats TF-IDF fit on {data} ({points:+.2f} points)"
-                    checks.append((what, points > 0))
+                    what = f"{name} >= 0.5 points over the best linear model fit on {data}"
+                    checks.append((f"{what} ({points:+.2f} points)", points >= 0.5))
     for name, row in rows.items():
         if row.get("mlflow_logging_s") is not None:
             share = row["mlflow_logging_s"] / row["train_time_s"]
@@ -372,13 +382,11 @@ def markdown(result: dict[str, Any]) -> str:
         "(scripts/bench.py): one run, one program at a time; compare ratios, not seconds.",
         "",
         "| program | what | epochs | median epoch | samples/s | train time | to best | "
-        "test acc | vs TF-IDF 25k / 20k | peak RSS | time vs yardstick |",
+        "test acc | vs best linear 25k / 20k | peak RSS | time vs yardstick |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["programs"].items():
-        points = " / ".join(
-            f"{r[key]:+.2f}" for key in ("points_over_tfidf", "points_over_tfidf_20k") if key in r
-        )
+        points = " / ".join(f"{r[key]:+.2f}" for key in LINEAR_YARDSTICKS if key in r)
         lines.append(
             f"| {name} | {r['program']} | {r['epochs']} | {r['median_epoch_s']:.1f} s | "
             f"{r['samples_per_s']:,} | {r['train_time_s']:.1f} s | {r['time_to_best_s']:.1f} s "
@@ -386,7 +394,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{points + ' pt' if points else ''} | {rss(r['peak_rss_mib'])} | "
             f"{r['time_vs_yardstick']:.2f}x {r['yardstick']} |"
         )
-    lines += ["", "Targets (issue #13), judged from the rows above:", ""]
+    lines += ["", "Targets (issues #13 and #23), judged from the rows above:", ""]
     verdicts = targets(result["programs"], result["noop_repro_s"])
     lines += [f"- {'met' if ok else 'MISSED'}: {what}" for what, ok in verdicts]
     lines += ["", "Pipeline costs:", ""]

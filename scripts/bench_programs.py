@@ -14,9 +14,10 @@ validation split), the held-out accuracy after each epoch and the final test acc
     embedding 128, 2x BiLSTM 64, batch 32, 2 epochs);
   - keras-transformer: the Keras "Text classification with Transformer" example (20k words, 200
     words, embedding 32, 2 heads, feed-forward 32, batch 32, 2 epochs);
-  - tfidf: the pipeline's own linear baseline (dlpipe.baselines.tokens), fit on the 25k training
-    reviews;
-  - tfidf-20k: the same, fit on the 20k of them that dlpipe's models train on (prepare's split).
+  - tfidf, nbsvm: the pipeline's own linear models (dlpipe.linear.tfidf_logreg and .nbsvm, with
+    their default settings), fit on the 25k training reviews;
+  - tfidf-20k, nbsvm-20k: the same, fit on the 20k of them that dlpipe's models train on
+    (prepare's split).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def imdb(raw: Path, split: str, limit: int) -> tuple[list[str], np.ndarray]:
 
 
 def without_markup(texts: list[str]) -> list[str]:
-    """The reviews as the baseline stage reads them (dlpipe.baselines.tokens.split_texts): line
+    """The reviews as the linear stage reads them (dlpipe.inputs.tokens.labelled_texts): line
     breaks ("<br />") as spaces, not the word "br"."""
     from dlpipe.inputs.tokens import clean_markup
 
@@ -251,51 +252,60 @@ def keras_transformer(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str,
     return result(recorder, len(x), f"Keras {keras.__version__} Transformer example, fp32")
 
 
-def fit_tfidf(
-    texts: list[str], y: np.ndarray, test_texts: list[str], y_test: np.ndarray
+def fit_linear(
+    name: str, texts: list[str], y: np.ndarray, test_texts: list[str], y_test: np.ndarray
 ) -> dict[str, Any]:
+    """dlpipe's linear model `name` (a module of dlpipe.linear) with its default settings."""
+    import importlib
+
     import sklearn
 
-    from dlpipe.baselines.tokens import make_model
-    from dlpipe.config import TextBaselineConfig
+    from dlpipe.config import LinearConfig
 
-    model = make_model(TextBaselineConfig(), seed=0)
+    module = importlib.import_module(f"dlpipe.linear.{name}")
+    model = module.make_model(getattr(LinearConfig(), name), seed=0)
     texts, test_texts = without_markup(texts), without_markup(test_texts)
-    recorder = EpochRecorder(lambda: float((model.predict(test_texts) == y_test).mean()))
+    recorder = EpochRecorder(
+        lambda: float((model.predict_proba(test_texts).argmax(1) == y_test).mean())
+    )
     recorder.begin()
     model.fit(texts, y)
     recorder.end()
-    return result(recorder, len(texts), f"scikit-learn {sklearn.__version__} TF-IDF + LR")
-
-
-def tfidf(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str, Any]:
-    """dlpipe's baseline model, fit on the official training reviews (all 25k, as the others)."""
-    limit = (8000, 2000) if quick else (0, 0)
-    (texts, y), (test_texts, y_test) = (
-        imdb(imdb_raw, s, n) for s, n in zip(("train", "test"), limit, strict=True)
+    return result(
+        recorder, len(texts), f"scikit-learn {sklearn.__version__} {module.__doc__.split(':')[0]}"
     )
-    return fit_tfidf(texts, y, test_texts, y_test)
 
 
-def tfidf_20k(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str, Any]:
-    """The same, fit on the rows dlpipe's models train on: prepare's split of the training
-    reviews (params.yaml's val_size and seed), so the comparison holds the data fixed."""
+def reviews_25k(imdb_raw: Path, quick: bool) -> tuple[tuple[list[str], np.ndarray], ...]:
+    """The official training and test reviews (all 25k each, as the other programs)."""
+    limit = (8000, 2000) if quick else (0, 0)
+    return tuple(imdb(imdb_raw, s, n) for s, n in zip(("train", "test"), limit, strict=True))
+
+
+def reviews_20k(imdb_raw: Path, quick: bool) -> tuple[tuple[list[str], np.ndarray], ...]:
+    """The rows dlpipe's models train on: prepare's split of the training reviews (params.yaml's
+    val_size and seed), so the comparison holds the data fixed; the same test reviews."""
     import yaml
 
     from dlpipe.config import parse_params
     from dlpipe.data.splits import stratified_split, stratified_subset
 
     params = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
-    limit = (8000, 2000) if quick else (0, 0)
-    (texts, y), (test_texts, y_test) = (
-        imdb(imdb_raw, s, n) for s, n in zip(("train", "test"), limit, strict=True)
-    )
+    (texts, y), test = reviews_25k(imdb_raw, quick)
     config, seed = params.datasets["imdb"], params.seed
     max_train, val_size = config.model_dump()["max_train"], config.model_dump()["val_size"]
     rows = np.arange(len(y)) if quick else stratified_subset(y, max_train, seed)
     val_size = len(rows) // 5 if quick else val_size
     keep = rows[stratified_split(y[rows], val_size, seed)[0]]
-    return fit_tfidf([texts[i] for i in keep], y[keep], test_texts, y_test)
+    return ([texts[i] for i in keep], y[keep]), test
+
+
+def linear_program(name: str, reviews: Callable[..., Any]) -> Callable[..., dict[str, Any]]:
+    def run(mnist_raw: Path, imdb_raw: Path, quick: bool) -> dict[str, Any]:
+        (texts, y), (test_texts, y_test) = reviews(imdb_raw, quick)
+        return fit_linear(name, texts, y, test_texts, y_test)
+
+    return run
 
 
 def result(recorder: EpochRecorder, samples: int, program: str) -> dict[str, Any]:
@@ -314,8 +324,10 @@ PROGRAMS = {
     "torch-cnn": torch_cnn,
     "keras-bilstm": keras_bilstm,
     "keras-transformer": keras_transformer,
-    "tfidf": tfidf,
-    "tfidf-20k": tfidf_20k,
+    "tfidf": linear_program("tfidf_logreg", reviews_25k),
+    "tfidf-20k": linear_program("tfidf_logreg", reviews_20k),
+    "nbsvm": linear_program("nbsvm", reviews_25k),
+    "nbsvm-20k": linear_program("nbsvm", reviews_20k),
 }
 
 

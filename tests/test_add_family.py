@@ -94,7 +94,7 @@ def test_the_new_family_s_stages_come_from_its_params_section(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     models, stage_names = done.stdout.splitlines()
     assert models == "['cnn', 'mlp', 'rnn', 'transformer'] mlp"
-    assert {"train@mlp", "evaluate@mlp", "baseline@mnist"} <= set(stage_names.split())
+    assert {"train@mlp", "evaluate@mlp", "linear@mnist"} <= set(stage_names.split())
     assert set(stage_names.split()) <= set(stages)  # every stage the smoke run expects exists
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY_IMDB
+from support.archives import TINY_IMDB
 
 from dlpipe.datasets.imdb import frame, read_aclimdb_archive, read_imdb_csv
 from dlpipe.errors import DlpipeError

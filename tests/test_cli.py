@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, RegistryStore, TrainedFolders
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
+from support.families import REPO_ROOT
+from support.trained import RegistryStore, TrainedFolders
 
-from dlpipe.cli import format_compare, main
+from dlpipe.cli import COLUMNS, format_compare, main
 from dlpipe.config import Params
 from dlpipe.serving import Predictor
 
@@ -336,9 +337,20 @@ def runs_store(
     experiment = client.create_experiment("cmp", (tmp_path / "art").as_uri())
 
     def run(
-        model: str, start: int, status: str, metrics: dict[str, float], family: str = ""
+        model: str,
+        start: int,
+        status: str,
+        metrics: dict[str, float],
+        family: str = "",
+        linear: str = "",
     ) -> str:
+        """A run of `model`; with `linear`, a linear model's run on that dataset."""
         tags = {"model": model, "model_family": family or model, "device": "cpu"}
+        tags |= (
+            {"dataset": linear, "linear": "true"}
+            if linear
+            else {"dataset": datasets.get(model, "")}
+        )
         run_id = client.create_run(experiment, start_time=start, tags=tags).info.run_id
         for epoch, (acc, seconds, speed) in enumerate(
             [(0.90, 10.0, 1000.0), (0.95, 12.0, 1200.0), (0.93, 14.0, 1400.0)], 1
@@ -363,10 +375,25 @@ def runs_store(
         "cnn_old": run("cnn", 1_000, "FINISHED", {"test_accuracy": 0.5}),
         "cnn": run("cnn", 2_000, "FINISHED", tested),
         "cnn_failed": run("cnn", 3_000, "FAILED", {"test_accuracy": 0.1}),
-        "transformer": run("transformer", 2_500, "FINISHED", {"parameters": 1_500_000}),
-        # a baseline run is found by its model tag, baseline@<dataset>, not by its family
-        "baseline_imdb": run(
-            "baseline@imdb", 2_600, "FINISHED", {"test_accuracy": 0.9035}, family="tfidf_logreg"
+        "transformer": run(
+            "transformer", 2_500, "FINISHED", {"parameters": 1_500_000, "test_accuracy": 0.92}
+        ),
+        # a linear model's run is found by its model tag, <name>@<dataset>, not by its family
+        "tfidf_imdb": run(
+            "tfidf_logreg@imdb",
+            2_600,
+            "FINISHED",
+            {"test_accuracy": 0.9035},
+            family="tfidf_logreg",
+            linear="imdb",
+        ),
+        "nbsvm_imdb": run(
+            "nbsvm@imdb",
+            2_700,
+            "FINISHED",
+            {"test_accuracy": 0.9100},
+            family="nbsvm",
+            linear="imdb",
         ),
         # another model of the cnn family: not one of params.yaml's, never a cnn row
         "cnn_other": run("wide", 5_000, "FINISHED", {"test_accuracy": 0.2}, family="cnn"),
@@ -383,18 +410,29 @@ def test_compare_shows_the_latest_finished_run_of_each_model(
     result = cli("compare", "--json")
     assert result.code == 0, result.err
     rows = {row["model"]: row for row in json.loads(result.out)}
-    # the models, then each dataset's baseline
-    assert list(rows) == ["cnn", "rnn", "transformer", "baseline@mnist", "baseline@imdb"]
+    # the models, then each dataset's linear models
+    assert list(rows) == [
+        "cnn",
+        "rnn",
+        "transformer",
+        "pixels_logreg@mnist",
+        "nbsvm@imdb",
+        "tfidf_logreg@imdb",
+    ]
     cnn = rows["cnn"]
     assert cnn["run_id"] == runs_store["cnn"]
     assert cnn["epochs"] == 3 and cnn["val_accuracy"] == 0.95  # the best epoch's value
     assert cnn["train_time_s"] == 36.0 and cnn["samples_per_s"] == 1200.0
     assert (cnn["test_accuracy"], cnn["latency_b1_ms"], cnn["device"]) == (0.9876, 1.234, "cpu")
     assert set(rows["rnn"].values()) == {"rnn", None}
-    assert set(rows["baseline@mnist"].values()) == {"baseline@mnist", None}  # no run logged
-    assert rows["baseline@imdb"]["run_id"] == runs_store["baseline_imdb"]
-    assert rows["baseline@imdb"]["test_accuracy"] == 0.9035
-    assert rows["transformer"]["test_accuracy"] is None
+    assert set(rows["pixels_logreg@mnist"].values()) == {"pixels_logreg@mnist", None}  # no run
+    assert rows["tfidf_logreg@imdb"]["run_id"] == runs_store["tfidf_imdb"]
+    assert rows["tfidf_logreg@imdb"]["test_accuracy"] == 0.9035
+    # points over the best linear model of the same dataset (nbsvm's 0.9100 here)
+    assert rows["tfidf_logreg@imdb"]["over_linear"] is None  # linear models get no such value
+    assert rows["transformer"]["test_accuracy"] == 0.92
+    assert rows["transformer"]["over_linear"] == pytest.approx(1.0)
+    assert rows["cnn"]["over_linear"] is None  # mnist's linear model has no run
     assert rows["transformer"]["val_accuracy"] == 0.93  # no best_epoch: the last value
 
 
@@ -415,12 +453,17 @@ def test_compare_table(runs_store: dict[str, str], cli: Cli) -> None:
         "0.9500",
         "0.9876",
         "0.9871",
+        "-",  # no linear model of mnist has a run
         "1.23",
         "0.36",
         "cpu",
     ]
-    assert table["rnn"] == ["rnn"] + ["-"] * 11
-    assert table["transformer"][2] == "1.5M" and table["transformer"][7:11] == ["-"] * 4
+    assert table["rnn"] == ["rnn"] + ["-"] * 12
+    assert table["transformer"][2] == "1.5M" and table["transformer"][7:10] == [
+        "0.9200",
+        "-",
+        "+1.00",
+    ]
 
 
 def test_compare_lineage_shows_where_each_run_came_from(
@@ -475,4 +518,4 @@ def test_compare_errors(
 def test_format_table_shows_missing_values_as_dashes() -> None:
     text = format_compare([{"model": "cnn", "test_accuracy": float("nan")}])
     assert set(text.splitlines()[1]) <= {"-", " "}  # the rule under the header
-    assert text.splitlines()[2].split() == ["cnn"] + ["-"] * 11
+    assert text.splitlines()[2].split() == ["cnn"] + ["-"] * (len(COLUMNS) - 1)

@@ -17,14 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    REPO_ROOT,
-    RegistryStore,
-    TinyProject,
-    TrainedFolders,
-    hook_after_epoch,
-    run_stage_here,
-)
+from support.families import REPO_ROOT
+from support.tiny import TinyProject, hook_after_epoch, run_stage_here
+from support.trained import RegistryStore, TrainedFolders
 
 from dlpipe.cli import main as cli_main
 from dlpipe.data import pictures
@@ -266,7 +261,7 @@ def test_the_logged_pyfunc_carries_and_checks_the_checksums(
     registry_store: RegistryStore, tmp_path: Path
 ) -> None:
     import mlflow
-    from conftest import mlflow_tracking
+    from support.trained import mlflow_tracking
 
     with mlflow_tracking(registry_store.uri):
         local = Path(

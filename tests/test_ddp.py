@@ -21,8 +21,9 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from conftest import REPO_ROOT, TinyProject, family_model
 from mlflow.tracking import MlflowClient
+from support.families import REPO_ROOT, family_model
+from support.tiny import TinyProject
 
 from dlpipe.config import train_config
 from dlpipe.data.tensors import WIDTH_STEP, Batch, Split, load_split
@@ -193,6 +194,7 @@ def runs_of(project: TinyProject) -> list[Any]:
     return [] if experiment is None else client.search_runs([experiment.experiment_id])
 
 
+@pytest.mark.integration
 def test_two_processes_train_the_weights_of_one(tiny_project: TinyProject) -> None:
     """Global batch 32 as 2 x 16 (gloo, fp32): the same weights as one process within float
     tolerance (measured: 2e-6 at most), one more MLflow run, with world_size 2."""
@@ -245,6 +247,18 @@ def worker(launcher: subprocess.Popen[str], rank: int) -> psutil.Process:
     raise AssertionError(f"no worker with RANK={rank}")
 
 
+def stopped_mid_training(folders: Path, code: int, output: str) -> dict[str, Any]:
+    """The stage failed between epochs 1 and 4: its checkpoint, and no final output written."""
+    assert code != 0, output[-3000:]
+    [folder] = folders.glob("cnn-*")
+    state = CheckpointStore(folder).load()
+    assert state is not None and 1 <= state["epoch"] < 4, output[-3000:]
+    for output_path in ("data/models/cnn/model.pt", "reports/models/cnn/train.json"):
+        assert not Path(output_path).exists(), output_path
+    return state
+
+
+@pytest.mark.integration
 def test_a_killed_process_fails_the_stage_cleanly_and_the_rerun_resumes(
     tiny_project: TinyProject,
 ) -> None:
@@ -260,15 +274,10 @@ def test_a_killed_process_fails_the_stage_cleanly_and_the_rerun_resumes(
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert code != 0, output[-3000:]
-    [folder] = folders.glob("cnn-*")
-    state = CheckpointStore(folder).load()
-    assert state is not None and 1 <= state["epoch"] < 4, output[-3000:]
+    state = stopped_mid_training(folders, code, output)
     assert len(state["rng"]) == 2  # both processes' generators
     [killed] = runs_of(tiny_project)
     assert killed.info.status in ("FAILED", "KILLED"), output[-5000:]
-    for output_path in ("data/models/cnn/model.pt", "reports/models/cnn/train.json"):
-        assert not Path(output_path).exists(), output_path
     assert not list(Path(".").rglob(".*.tmp"))  # no half-written file
 
     code, output = finish(stage(tiny_project))
@@ -284,6 +293,94 @@ def test_a_killed_process_fails_the_stage_cleanly_and_the_rerun_resumes(
     assert not any(folders.glob("cnn-*"))  # cleared after success
 
 
+def node(project: TinyProject, port: int) -> subprocess.Popen[str]:
+    """One of two "machines": a torchrun launcher with one process, meeting the other launcher
+    at a c10d rendezvous on 127.0.0.1:`port`, as `torchrun --nnodes=2` runs on each machine."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=dlpipe-test",
+        "--max-restarts=0",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [*launcher, str(STAGE), "cnn"],
+        cwd=project.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.integration
+def test_two_machines_train_the_weights_of_one(tiny_project: TinyProject) -> None:
+    """Two launchers as two nodes (`--nnodes=2`, c10d rendezvous, one process each): the weights
+    one process trains, within float tolerance, and one MLflow run of world size 2."""
+    from support.servers import free_port
+
+    params = tiny_project.with_train("cnn", epochs=2, batch_size=32)
+    run_module.train("cnn", params)
+    single = torch.load("data/models/cnn/model.pt", weights_only=True)
+
+    tiny_project.write_params(params)  # nproc 1: the outer launchers set the world
+    port = free_port()
+    nodes = [node(tiny_project, port) for _ in range(2)]
+    try:
+        results = [finish(launcher, timeout=180) for launcher in nodes]
+    finally:
+        for launcher in nodes:
+            if launcher.poll() is None:
+                launcher.kill()
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    assert sum(output.count("cnn epoch 2/2") for _, output in results) == 1  # rank 0 alone
+
+    double = torch.load("data/models/cnn/model.pt", weights_only=True)
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=2e-5, msg=key)
+    runs = runs_of(tiny_project)
+    assert len(runs) == 2  # the one-process run and exactly one for the two machines
+    [ddp] = [r for r in runs if r.data.params["world_size"] == "2"]
+    assert ddp.info.status == "FINISHED"
+
+
+@pytest.mark.integration
+def test_a_killed_machine_fails_the_stage_cleanly_and_the_rerun_resumes(
+    tiny_project: TinyProject,
+) -> None:
+    """One of two nodes killed mid-epoch (its launcher and its worker, as a machine going down):
+    the other node's stage fails without outputs, and a rerun resumes the checkpoint."""
+    from support.servers import free_port
+
+    tiny_project.write_params(tiny_project.with_train("cnn", epochs=4, batch_size=4))
+    folders = tiny_project.root / ".dlpipe" / "checkpoints"
+    port = free_port()
+    survivor, doomed = node(tiny_project, port), node(tiny_project, port)
+    try:
+        wait_for(lambda: any(folders.glob("cnn-*/last.pt")), 120, "the first checkpoint")
+        time.sleep(0.1)  # into the next epoch
+        for process in [*psutil.Process(doomed.pid).children(recursive=True), doomed]:
+            process.kill()
+        code, output = finish(survivor, timeout=180)
+    finally:
+        for launcher in (survivor, doomed):
+            if launcher.poll() is None:
+                launcher.kill()
+    state = stopped_mid_training(folders, code, output)
+
+    code, output = finish(stage(tiny_project))  # rerun here, on one machine
+    assert code == 0, output[-3000:]
+    assert f"resuming from epoch {state['epoch']}" in output
+    assert json.loads(Path("reports/models/cnn/train.json").read_text())["epochs"] == 4
+
+
+@pytest.mark.integration
 def test_a_batch_that_does_not_divide_stops_before_torchrun(tiny_project: TinyProject) -> None:
     tiny_project.write_params(tiny_project.with_train("cnn", batch_size=32, nproc=3))
     code, output = finish(stage(tiny_project))

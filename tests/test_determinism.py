@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TinyProject, hook_after_epoch
 from mlflow.tracking import MlflowClient
+from support.families import REPO_ROOT
+from support.tiny import TinyProject, hook_after_epoch
 
 from dlpipe.training import run as run_module
 from dlpipe.training import runtime as runtime_module

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pooch.core
 import pytest
 import requests
-from conftest import Route
+from support.servers import Route
 
 from dlpipe.config import FetchConfig
 from dlpipe.data.download import (
@@ -24,7 +24,7 @@ from dlpipe.data.download import (
 )
 
 if TYPE_CHECKING:
-    from conftest import Server
+    from support.servers import Server
 
 GOOD = b"the real bytes " * 1000
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()

@@ -15,17 +15,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import (
-    REPO_ROOT,
-    MlflowServer,
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from support.families import REPO_ROOT
+from support.servers import MlflowServer
+from support.tiny import (
     TinyProject,
     hook_after_epoch,
     run_stage_here,
     tiny_imdb_arrays,
     tiny_mnist_arrays,
 )
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from dlpipe import serving
 from dlpipe.evaluation.metrics import classification_report, expected_calibration_error

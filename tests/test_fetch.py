@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import pooch.core
 import pytest
-from conftest import TINY_IMDB
+from support.archives import TINY_IMDB
 
 from dlpipe.config import FetchConfig, load_params, parse_params
 from dlpipe.data.download import MIRROR_HINT, ChecksumError, RemoteFile, SourcesExhaustedError
@@ -28,7 +28,7 @@ from dlpipe.datasets.mnist import MNIST_FILES, MnistSources
 from dlpipe.errors import DlpipeError
 
 if TYPE_CHECKING:
-    from conftest import Server
+    from support.servers import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = FetchConfig(connect_timeout_s=1.0, read_timeout_s=1.0, retries=1)

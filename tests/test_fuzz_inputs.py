@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, TrainedFolders
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
+from support.families import REPO_ROOT
+from support.trained import TrainedFolders
 
 from dlpipe.cli import main
 from dlpipe.errors import DlpipeError

@@ -16,8 +16,9 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import MODELS, TinyProject, dataset_of, family_model, hook_after_epoch
 from mlflow.tracking import MlflowClient
+from support.families import MODELS, dataset_of, family_model
+from support.tiny import TinyProject, hook_after_epoch
 from test_ddp import finish, stage
 
 from dlpipe.config import train_config

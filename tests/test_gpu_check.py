@@ -16,7 +16,7 @@ from types import ModuleType
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT
+from support.families import REPO_ROOT
 
 from dlpipe.smoke.params import smoke_params
 

@@ -27,8 +27,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TinyProject, dataset_of
 from mlflow.tracking import MlflowClient
+from support.families import REPO_ROOT, dataset_of
+from support.tiny import TinyProject
 
 from dlpipe.data.tensors import load_split
 from dlpipe.training.checkpoint import CheckpointStore

@@ -12,14 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import TinyProject, tiny_mnist_arrays
 from mlflow.tracking import MlflowClient
+from support.tiny import TinyProject, tiny_mnist_arrays
 
 from dlpipe import lineage
 from dlpipe.evaluation.run import evaluate
 from dlpipe.integrity import seal
 from dlpipe.io import read_json
-from dlpipe.tracking import TrainingRun, git_state
+from dlpipe.lineage import git_state
+from dlpipe.tracking.run import StageRun
 from dlpipe.training.run import train
 
 
@@ -109,14 +110,14 @@ def test_dvc_lock_hashes_of_the_data_and_the_train_stage(tmp_path: Path) -> None
 
 def test_a_reopened_run_keeps_its_end_time(tiny_project: TinyProject) -> None:
     client = MlflowClient(tiny_project.tracking_uri)
-    run = TrainingRun(tiny_project.tracking_uri, required=True)
+    run = StageRun(tiny_project.tracking_uri, required=True)
     run.start("lineage", "r", None, {}, {}, 1.0)
     run.end("FINISHED")
     assert run.run_id is not None
     ended = client.get_run(run.run_id).info.end_time
     time.sleep(0.05)
 
-    later = TrainingRun(tiny_project.tracking_uri, required=True)
+    later = StageRun(tiny_project.tracking_uri, required=True)
     later.reopen(run.run_id)
     later.log_metrics({"test_accuracy": 0.9})
     later.end("FINISHED")

@@ -115,12 +115,10 @@ def test_own_pictures_and_texts_train_with_params_entries_alone(tmp_path: Path) 
         registry = json.loads((reports / "models" / model / "registry.json").read_text())
         assert registry["registered_model"] == f"dlpipe-{model}"
         print(f"{model}: test accuracy {evaluation['test_accuracy']:.4f}")
-    for dataset, baseline in (("shapes", "pixels_logreg"), ("tickets", "tfidf_logreg")):
-        assert json.loads((reports / "baselines" / dataset / "eval.json").read_text())["model"] == (
-            baseline
-        )
+    for dataset, linear in (("shapes", ["pixels_logreg"]), ("tickets", ["nbsvm", "tfidf_logreg"])):
+        assert list(json.loads((reports / "linear" / f"{dataset}.json").read_text())) == linear
     summary = (reports / "summary.md").read_text()
-    for name in ("shapes_cnn", "tickets_transformer", "pixels_logreg", "tfidf_logreg"):
+    for name in ("shapes_cnn", "tickets_transformer", "pixels_logreg", "tfidf_logreg", "nbsvm"):
         assert name in summary
     assert (reports / "models/shapes_cnn/mistakes/mistakes.png").is_file()
     with Image.open(reports / "models/shapes_cnn/mistakes/mistakes.png") as figure:

@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import MNIST_META, REPO_ROOT, TINY_IMDB, run_stage_here
+from support.archives import TINY_IMDB
+from support.families import REPO_ROOT
+from support.tiny import MNIST_META, run_stage_here
 from tokenizers import Tokenizer
 
 from dlpipe.data import text
@@ -428,7 +430,8 @@ def test_splits_are_padded_with_zero_and_carry_their_lengths_and_texts(tmp_path:
 
     def split(rows: list[str], prefix: str) -> text.LabelledTexts:
         ids = np.array([f"{prefix}{i}" for i in range(len(rows))])
-        return text.LabelledTexts(ids, np.arange(len(rows)) % 2, text.TextColumn.of(rows))
+        column = text.TextColumn(lambda: iter([rows]), np.arange(len(rows)))  # held in memory
+        return text.LabelledTexts(ids, np.arange(len(rows)) % 2, column)
 
     splits = {
         "train": split(TOKENIZER_TEXTS, "a"),
@@ -580,7 +583,7 @@ def test_prepare_imdb(raw_imdb: RawImdb, tmp_path: Path, kind: str) -> None:
         assert tokens.shape == (count, int(lengths.max()))
         assert lengths.shape == labels.shape == (count,)
         assert arrays["row_id"].tolist() == source["review_id"].tolist()
-        # The raw texts by row id, for the baseline and the mistakes table.
+        # The raw texts by row id, for the linear models and the mistakes table.
         rows = texts_file[texts_file["split"] == split]
         assert rows["row_id"].tolist() == source["review_id"].tolist()
         assert rows["text"].tolist() == source["text"].tolist()

@@ -22,17 +22,20 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MNIST_META, mlflow_tracking
 from PIL import Image
+from support.tiny import MNIST_META
+from support.trained import mlflow_tracking
 from torch import nn
 
 from dlpipe.cli import main
+from dlpipe.config import TrainConfig
 from dlpipe.datasets.mnist import read_idx
 from dlpipe.family import DataMeta, get_family
 from dlpipe.inputs.images import preprocess_digit
-from dlpipe.io import write_json_atomic
 from dlpipe.models.cnn import CNNConfig
 from dlpipe.serving import Predictor, log_raw_input_model
+from dlpipe.training.outputs import write_model_folder
+from dlpipe.training.run import Model
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES, EPOCHS, TEST_IMAGES, SEED = 6000, 2, 1000, 0
@@ -52,21 +55,16 @@ def mnist_dir(mirror: str) -> Path:
 def save_like_train_stage(
     model: nn.Module, model_dir: Path, config: CNNConfig, data_info: dict[str, Any]
 ) -> Path:
-    """The train stage's output layout (training/run.py `write_outputs`): model.pt and a
-    config.json with model, family, dataset, model_config and data (the prepared meta.json). The
-    one place to adapt if it moves."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, model_dir / "model.pt")
-    write_json_atomic(
-        model_dir / "config.json",
-        {
-            "model": "cnn",
-            "family": "cnn",
-            "dataset": data_info["dataset"],
-            "model_config": config.model_dump(),
-            "data": data_info,
-        },
+    """The train stage's own model folder (training/outputs.py `write_model_folder`), sealed
+    with its checksums, for a training that logged no MLflow run."""
+    trained = Model(
+        "cnn",
+        get_family("cnn"),
+        data_info["dataset"],
+        TrainConfig(family="cnn", dataset=data_info["dataset"]),
     )
+    no_run = {"run_id": None, "experiment_id": None, "tracking_uri": None}
+    write_model_folder(model_dir, trained, config, model, data_info, model_dir.parent, no_run)
     return model_dir
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyProject, dataset_of, family_model
+from support.families import dataset_of, family_model
+from support.tiny import TinyProject
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dlpipe import paths

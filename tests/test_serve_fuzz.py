@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import RegistryStore, start_model_server, stop_process_group, wait_for_ping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from support.servers import start_model_server, stop_process_group, wait_for_ping
+from support.trained import RegistryStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

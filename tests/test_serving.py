@@ -13,16 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import (
-    SERVING_DATA_MAX_LEN,
-    RegistryStore,
-    TrainedFolders,
-    mlflow_tracking,
-    start_model_server,
-    stop_process_group,
-    wait_for_ping,
-)
 from PIL import Image, ImageDraw
+from support.servers import start_model_server, stop_process_group, wait_for_ping
+from support.trained import SERVING_DATA_MAX_LEN, RegistryStore, TrainedFolders, mlflow_tracking
 
 from dlpipe.data.text import TextSettings, train_tokenizer
 from dlpipe.errors import DlpipeError

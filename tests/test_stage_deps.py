@@ -1,10 +1,10 @@
 """Each DVC stage's `deps` name exactly the code it runs: every dlpipe module a stage imports is
 a dependency (so editing it reruns the stage), and every source file it lists is imported (so
 editing another family's module reruns nothing of this one). A folder dep (src/dlpipe/inputs,
-src/dlpipe/baselines, ...) covers every module under it, imported or not.
+src/dlpipe/linear, ...) covers every module under it, imported or not.
 
 train@<model> and evaluate@<model> run the family that params.yaml's train.<model>.family names;
-baseline@<dataset> runs the yardstick of the dataset's input kind (dlpipe.baselines.<inputs>)."""
+linear@<dataset> runs the linear models of the dataset's input kind (dlpipe.linear.<name>)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MODELS
+from support.families import MODELS
 
 from dlpipe.config import load_params
 from dlpipe.datasets import get_format
@@ -33,9 +33,10 @@ STAGE_IMPORTS = {
         "dlpipe.serving",
         "dlpipe.registry",
         "dlpipe.evaluation.figures",
-        "dlpipe.tracking",
+        "dlpipe.tracking.run",
+        "dlpipe.tracking.spool",
     ],
-    "baseline": ["dlpipe.baselines", "dlpipe.tracking"],
+    "linear": ["dlpipe.linear", "dlpipe.tracking.run", "dlpipe.lineage"],
 }
 
 
@@ -45,14 +46,16 @@ def family_of(model: str) -> str:
 
 
 def inputs_of(dataset: str) -> str:
-    """The input kind of a dataset's format ("images", "tokens"): its baseline's module."""
+    """The input kind of a dataset's format ("images", "tokens"): which linear models it gets."""
     return get_format(PARAMS.datasets[dataset].format).inputs.name
 
 
 def stage_modules(stage: str, item: str) -> list[str]:
-    """The modules stage@item runs: the stage's own, plus the family or the baseline module."""
-    if stage == "baseline":
-        return [*STAGE_IMPORTS[stage], f"dlpipe.baselines.{inputs_of(item)}"]
+    """The modules stage@item runs: the stage's own, plus the family or the linear models."""
+    if stage == "linear":
+        from dlpipe.linear import models_for
+
+        return [*STAGE_IMPORTS[stage], *(m.__name__ for m in models_for(inputs_of(item)))]
     return [*STAGE_IMPORTS[stage], f"dlpipe.models.{family_of(item)}"]
 
 
@@ -96,7 +99,7 @@ def has_code(path: str) -> bool:
     ("stage", "item"),
     [
         *((s, m) for s in ("train", "evaluate") for m in MODELS),
-        *(("baseline", d) for d in DATASETS),
+        *(("linear", d) for d in DATASETS),
     ],
 )
 def test_stage_deps_are_exactly_the_code_it_imports(stage: str, item: str) -> None:

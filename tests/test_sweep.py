@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
 from mlflow.tracking import MlflowClient
+from support.families import REPO_ROOT
 
 from dlpipe.cli import main
 from dlpipe.errors import DlpipeError

@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, free_port, running_mlflow_server
+from support.families import REPO_ROOT
+from support.servers import free_port, running_mlflow_server
 
+from dlpipe.cli import compared
 from dlpipe.config import load_params
 
 
@@ -79,7 +81,7 @@ def postgres_uri() -> Iterator[str]:
 
 def test_the_server_refuses_postgres_without_its_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     from dlpipe.errors import DlpipeError
-    from dlpipe.server import server_command
+    from dlpipe.team_server import server_command
 
     monkeypatch.setitem(sys.modules, "psycopg2", None)  # import fails as if not installed
     with pytest.raises(DlpipeError, match=r"psycopg2://\*\*\*@h/db: PostgreSQL needs"):
@@ -117,14 +119,14 @@ def test_smoke_pipeline_through_a_shared_server_on_postgres(
         found = client.get_experiment_by_name(experiment)
         assert found is not None
         logged = client.search_runs([found.experiment_id])
-        runs = [run for run in logged if run.data.tags.get("baseline") != "true"]
+        runs = [run for run in logged if run.data.tags.get("linear") != "true"]
         params = load_params(REPO_ROOT / "params.yaml")
-        baselines = [run for run in logged if run not in runs]  # each dataset's linear model
-        assert sorted(run.data.tags["model"] for run in baselines) == sorted(
-            f"baseline@{dataset}" for dataset in params.datasets
+        linear = [run for run in logged if run not in runs]  # each dataset's linear models
+        assert sorted(run.data.tags["model"] for run in linear) == sorted(
+            name for name in compared(params) if name not in params.train
         )
-        for baseline in baselines:
-            assert baseline.info.status == "FINISHED" and "test_accuracy" in baseline.data.metrics
+        for run in linear:
+            assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
         assert sorted(r.data.tags["model"] for r in runs) == sorted(params.train)
         for run in runs:
             assert run.info.status == "FINISHED"

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,33 +23,23 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    REPO_ROOT,
-    MlflowServer,
-    TinyProject,
-    dataset_of,
-    hook_after_epoch,
-    use_tiny_project,
-)
 from mlflow.entities import DatasetInput, LoggedModelOutput, Run
 from mlflow.tracking import MlflowClient
+from support.families import REPO_ROOT, dataset_of
+from support.servers import MlflowServer
+from support.tiny import TinyProject, hook_after_epoch, use_tiny_project
 
 from dlpipe.cli import main as cli_main
-from dlpipe.config import train_config
+from dlpipe.config import flatten, train_config
 from dlpipe.data.tensors import load_split
 from dlpipe.errors import DlpipeError, redact
 from dlpipe.family import load_trained
+from dlpipe.integrity import listed_digest
 from dlpipe.paths import project_root
-from dlpipe.tracking import (
-    TrainingRun,
-    check_reachable,
-    flatten,
-    recorded_store,
-    sync,
-    tracking_uri,
-)
+from dlpipe.tracking.run import StageRun
+from dlpipe.tracking.spool import sync
+from dlpipe.tracking.store import check_store, recorded_store, tracking_uri
 from dlpipe.training import run as run_module
-from dlpipe.training.checkpoint import file_digest
 
 EPOCH_METRICS = [
     "train_loss",
@@ -225,8 +216,8 @@ def test_the_training_data_is_logged_as_an_input(trained: Trained) -> None:
     assert item.dataset.name == "imdb-train"
     prepared = trained.project.root / "data/prepared/imdb"
     # The word vectors a text model starts from are part of what it was trained on.
-    files = [prepared / "train.npz", prepared / "val.npz", prepared / "word_vectors.npy"]
-    assert item.dataset.digest == file_digest(files)[:12]
+    files = ["train.npz", "val.npz", "word_vectors.npy"]
+    assert item.dataset.digest == listed_digest(prepared, files, "rerun")[:12]
     assert {t.key: t.value for t in item.tags}["mlflow.data.context"] == "training"
 
 
@@ -356,7 +347,7 @@ def test_stage_script_reports_an_unreachable_server_in_one_line(
 def test_an_unwritable_sqlite_folder_is_a_user_error(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}"
     with pytest.raises(DlpipeError, match="missing or not writable") as err:
-        check_reachable(uri)
+        check_store(uri)
     assert uri in str(err.value)
 
 
@@ -515,7 +506,7 @@ def test_tracking_uri_defaults_to_sqlite_under_the_project_root(
 
 def test_training_run_without_a_store_is_inert(closed_port: int) -> None:
     with pytest.warns(UserWarning, match="training without MLflow tracking"):
-        run = TrainingRun(f"http://127.0.0.1:{closed_port}", required=False)
+        run = StageRun(f"http://127.0.0.1:{closed_port}", required=False)
     run.start("x", "y", None, {}, {"a": 1}, 1.0)
     run.log_metrics({"m": 1.0}, step=1)
     run.end()
@@ -608,6 +599,7 @@ def test_metrics_survive_a_dead_tracking_server_and_are_synced_once(
     assert "MLflow" in summary["tracking"] and "dlpipe sync" in summary["tracking"]
     assert str(spool.relative_to(tiny_project.root)) in summary["tracking"]
     capsys.readouterr()
+    tiny_project.write_params()
 
     with pytest.raises(SystemExit) as down:  # still dead: one line, the spool is kept
         cli_main(["sync"])
@@ -631,7 +623,7 @@ def test_metrics_survive_a_dead_tracking_server_and_are_synced_once(
     assert run.info.status == "FINISHED"
     assert spool_files(tiny_project.root) == []
     assert cli_main(["sync"]) == 0  # nothing left: nothing logged twice
-    assert "nothing to sync" in capsys.readouterr().out
+    assert "nothing to deliver" in capsys.readouterr().out
     assert metric_steps(client, run_id, "train_loss") == [1, 2, 3]
 
 
@@ -675,13 +667,86 @@ def test_a_failure_after_the_run_started_ends_it_failed(
     assert run.info.status == "FAILED"
 
 
+# --- no orphans: a run a killed process left RUNNING is ended KILLED ------------------------------
+
+
+def orphan_of_a_killed_process(project: TinyProject, model: str) -> str:
+    """A run of `model` started by a process that is then killed with SIGKILL: RUNNING for good,
+    unless something ends it. Returns its id."""
+    code = (
+        "import os, signal\n"
+        "from dlpipe.tracking.run import StageRun\n"
+        f"run = StageRun({project.tracking_uri!r}, required=True)\n"
+        f"run.start({project.params.mlflow.experiment!r}, 'doomed', None, {{'model': {model!r}}},"
+        " {}, 5.0)\n"
+        "print(run.run_id, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=project.root
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    run_id = done.stdout.split()[-1]
+    assert MlflowClient(project.tracking_uri).get_run(run_id).info.status == "RUNNING"
+    return run_id
+
+
+def test_the_next_training_ends_a_killed_training_s_run_whatever_its_key(
+    tiny_project: TinyProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    orphan = orphan_of_a_killed_process(tiny_project, "cnn")
+    other = orphan_of_a_killed_process(tiny_project, "transformer")  # another model's: kept
+    run_module.train("cnn", tiny_project.with_train("cnn", epochs=1, lr=0.003))  # another key
+    client = MlflowClient(tiny_project.tracking_uri)
+    ended = client.get_run(orphan)
+    assert ended.info.status == "KILLED"
+    assert "is gone" in ended.data.tags["killed_reason"]
+    assert f"MLflow run {orphan} of cnn left RUNNING: marked KILLED" in capsys.readouterr().out
+    assert client.get_run(other).info.status == "RUNNING"
+    tiny_project.write_params()
+    assert cli_main(["sync"]) == 0  # sync ends every model's
+    assert client.get_run(other).info.status == "KILLED"
+    assert "of transformer left RUNNING: marked KILLED" in capsys.readouterr().out
+
+
+def test_a_live_owner_s_run_is_kept_and_a_silent_remote_one_ended(
+    tiny_project: TinyProject,
+) -> None:
+    """Never the run of a process still at work; a run owned on another machine only after
+    `orphan_after_s` of silence."""
+    from dlpipe.tracking.orphans import OWNER_TAG, end_orphans, owner
+
+    client = MlflowClient(tiny_project.tracking_uri)
+    experiment = client.create_experiment("orphans")
+    now = int(time.time() * 1000)
+
+    def running(tag: str, started_s_ago: float) -> str:
+        start = now - int(started_s_ago * 1000)
+        tags = {"model": "cnn", OWNER_TAG: tag}
+        return client.create_run(experiment, start_time=start, tags=tags).info.run_id
+
+    mine = running(owner(), 3600)
+    remote_busy = running("elsewhere:123:456", 30)
+    remote_silent = running("elsewhere:123:456", 3600)
+    client.log_metric(remote_busy, "system/cpu_utilization_percentage", 50.0, timestamp=now)
+    lines = end_orphans(client, experiment, "cnn", set(), stale_after_s=900)
+    assert [client.get_run(r).info.status for r in (mine, remote_busy, remote_silent)] == [
+        "RUNNING",
+        "RUNNING",
+        "KILLED",
+    ]
+    reason = client.get_run(remote_silent).data.tags["killed_reason"]
+    assert reason.startswith("nothing logged for 36") and "(owner: elsewhere:123:456)" in reason
+    assert len(lines) == 1 and remote_silent in lines[0]
+
+
 def test_requirement_check_skips_the_module_scan(monkeypatch: pytest.MonkeyPatch) -> None:
     """skip_module_scan spares MLflow's scan of every installed file, and a pin this environment
     does not satisfy is still reported (the check reads the installed version, not the scan)."""
     import importlib_metadata
     from mlflow.utils import requirements_utils
 
-    from dlpipe.tracking import skip_module_scan
+    from dlpipe.tracking.requirements import skip_module_scan
 
     def scan() -> None:
         raise AssertionError("packages_distributions() ran")

@@ -1,7 +1,7 @@
 """The training loop and the train stage: determinism, exact resume, schedules, early stopping,
 length bucketing, end-to-end outputs, and interruption (SIGTERM / Ctrl-C) with MLflow resume.
 
-Everything runs on the CPU on the tiny synthetic data of `tiny_project` (conftest.py).
+Everything runs on the CPU on the tiny synthetic data of `tiny_project` (tests/support/tiny.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TinyProject, dataset_of, family_model, hook_after_epoch, tiny_mnist_arrays
 from mlflow.tracking import MlflowClient
+from support.families import dataset_of, family_model
+from support.tiny import TinyProject, hook_after_epoch, tiny_mnist_arrays
 from torch import Tensor
 
 from dlpipe import paths
@@ -30,13 +31,14 @@ from dlpipe.config import Params, TrainConfig, parse_params, train_config
 from dlpipe.data.tensors import BUCKET_POOL_BATCHES, Split, load_split
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, model_family, validate_models
-from dlpipe.integrity import seal
+from dlpipe.integrity import listed_digest, seal, write_manifest_of
 from dlpipe.io import read_json
-from dlpipe.tracking import TrainingRun
+from dlpipe.tracking.run import StageRun
 from dlpipe.training import run as run_module
-from dlpipe.training.checkpoint import CheckpointStore, file_digest, training_key
+from dlpipe.training.checkpoint import CheckpointStore, training_key
 from dlpipe.training.runtime import make_runtime, seed_everything
 from dlpipe.training.schedule import make_optimizer, make_scheduler
+from dlpipe.training.signals import signals_deferred
 from dlpipe.training.trainer import EpochCallback, Trainer
 
 TIMING_KEYS = {"epoch_time_s", "samples_per_s"}
@@ -437,14 +439,23 @@ def test_training_key_changes_with_params_and_data(tmp_path: Path) -> None:
     assert training_key("cnn", settings, "digest-a", "code-b") != base
     assert training_key("rnn", settings, "digest-a", "code-a") != base
 
-    a, b = tmp_path / "train.npz", tmp_path / "val.npz"
-    a.write_bytes(b"one")
-    b.write_bytes(b"two")
-    digest = file_digest([a, b])
-    assert file_digest([a, b]) == digest
-    assert file_digest([b, a]) != digest
-    b.write_bytes(b"two!")
-    assert file_digest([a, b]) != digest
+
+def test_the_data_digest_comes_from_the_checksums_and_changes_with_the_files(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint key's data digest reads the folder's SHA256SUMS (the split loader checks
+    the bytes against it), not the files a second time; it follows their contents and order."""
+    (tmp_path / "train.npz").write_bytes(b"one")
+    (tmp_path / "val.npz").write_bytes(b"two")
+    write_manifest_of(tmp_path, ["train.npz", "val.npz"])
+    digest = listed_digest(tmp_path, ["train.npz", "val.npz"], "rerun")
+    assert listed_digest(tmp_path, ["train.npz", "val.npz"], "rerun") == digest
+    assert listed_digest(tmp_path, ["val.npz", "train.npz"], "rerun") != digest
+    (tmp_path / "val.npz").write_bytes(b"two!")
+    write_manifest_of(tmp_path, ["train.npz", "val.npz"])
+    assert listed_digest(tmp_path, ["train.npz", "val.npz"], "rerun") != digest
+    with pytest.raises(DlpipeError, match="word_vectors.npy: not listed in .*SHA256SUMS"):
+        listed_digest(tmp_path, ["train.npz", "word_vectors.npy"], "rerun")
 
 
 def test_checkpoint_store_round_trip_and_clear(tmp_path: Path) -> None:
@@ -709,16 +720,16 @@ def test_an_epoch_interrupted_while_logging_is_logged_on_resume(
 ) -> None:
     """SIGTERM during the MLflow call of epoch 2, which is already checkpointed: the rerun starts
     at epoch 3, and logs epoch 2 first, so that the run still has every step once."""
-    real_log_metrics = TrainingRun.log_metrics
+    real_log_metrics = StageRun.log_metrics
 
-    def interrupted(self: TrainingRun, metrics: dict[str, float], step: int | None = None) -> None:
+    def interrupted(self: StageRun, metrics: dict[str, float], step: int | None = None) -> None:
         if step == 2:
             raise KeyboardInterrupt
         real_log_metrics(self, metrics, step)
 
     params = tiny_project.with_train("cnn", epochs=3)
     with monkeypatch.context() as patch:
-        patch.setattr(TrainingRun, "log_metrics", interrupted)
+        patch.setattr(StageRun, "log_metrics", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_module.train("cnn", params)
     [folder] = checkpoint_folders(tiny_project.root, "cnn")
@@ -759,12 +770,12 @@ def test_a_stop_asked_for_while_outputs_are_written_waits_for_them() -> None:
         finished = False
         with (
             pytest.raises(KeyboardInterrupt, match=f"signal {int(sig)}"),
-            run_module.signals_deferred(),
+            signals_deferred(),
         ):
             os.kill(os.getpid(), sig)
             time.sleep(0.05)  # the handler has run by now; an unheld signal would have struck
             finished = True
         assert finished
         assert signal.getsignal(sig) == before  # the handler is restored
-    with run_module.signals_deferred():  # no signal: nothing raised
+    with signals_deferred():  # no signal: nothing raised
         pass

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pandas as pd
 
 from dlpipe import gates, paths
-from dlpipe.config import load_params
+from dlpipe.config import Params, load_params
 from dlpipe.errors import DlpipeError, exit_on_user_error, first_line
 from dlpipe.family import model_family
 from dlpipe.tables import format_table
@@ -49,21 +49,6 @@ class _Parser(argparse.ArgumentParser):
 # --- predict -------------------------------------------------------------------------------------
 
 
-def _check_store(uri: str) -> None:
-    """One clear line when the tracking store is absent or unreachable, before MLflow retries."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        if not db.is_file():
-            raise DlpipeError(
-                f"MLflow store {uri}: no such database (train a model first, or set "
-                "MLFLOW_TRACKING_URI)"
-            )
-    elif uri.startswith(("http://", "https://")):
-        from dlpipe.tracking import check_server
-
-        check_server(uri, "start it or fix MLFLOW_TRACKING_URI")
-
-
 def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFrame:
     """Load any MLflow pyfunc (e.g. models:/dlpipe-rnn@champion) and predict a one-column frame."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -72,11 +57,11 @@ def _pyfunc_predict(model_uri: str, column: str, inputs: list[Any]) -> pd.DataFr
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from dlpipe.tracking import tracking_uri
+    from dlpipe.tracking.store import check_store, tracking_uri
 
     store = tracking_uri()
     if model_uri.startswith(("models:/", "runs:/")):
-        _check_store(store)
+        check_store(store, reading=True)
     mlflow.set_tracking_uri(store)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     try:
@@ -168,6 +153,7 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("val_accuracy", "val acc", lambda v: f"{v:.4f}"),
     ("test_accuracy", "test acc", lambda v: f"{v:.4f}"),
     ("test_macro_f1", "macro-F1", lambda v: f"{v:.4f}"),
+    ("over_linear", "vs best linear (pts)", lambda v: f"{v:+.2f}"),
     ("latency_b1_ms", "latency b1 (ms)", lambda v: f"{v:.2f}"),
     ("model_size_mb", "size (MB)", lambda v: f"{v:.2f}"),
     ("device", "device", str),
@@ -193,8 +179,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 
 def compare_row(client: MlflowClient, experiment_id: str, model: str) -> dict[str, Any]:
-    """The latest FINISHED run of one model (or `baseline@<dataset>`), as the values
-    `dlpipe compare` shows."""
+    """The latest FINISHED run of one model (or linear model, `<name>@<dataset>`), as the
+    values `dlpipe compare` shows."""
     row: dict[str, Any] = dict.fromkeys(key for key, _, _ in COLUMNS + LINEAGE)
     row["model"] = model
     runs = client.search_runs(
@@ -208,6 +194,7 @@ def compare_row(client: MlflowClient, experiment_id: str, model: str) -> dict[st
     run = runs[0]
     metrics, run_id = run.data.metrics, run.info.run_id
     row["run_id"], row["device"] = run_id, run.data.tags.get("device")
+    row["dataset"], row["linear"] = run.data.tags.get("dataset"), run.data.tags.get("linear")
     for key, _, _ in LINEAGE[2:]:
         row[key] = run.data.tags.get(key)
     for key in ("parameters", "test_accuracy", "test_macro_f1", "latency_b1_ms", "model_size_mb"):
@@ -239,21 +226,48 @@ def format_compare(rows: list[dict[str, Any]], lineage: bool = False) -> str:
     return format_table(header, [[cell(row.get(k), fmt) for k, _, fmt in columns] for row in rows])
 
 
+def compared(params: Params) -> list[str]:
+    """The models `dlpipe compare` shows: params.yaml's, then each dataset's linear models."""
+    from dlpipe.datasets import get_format
+    from dlpipe.linear import models_for, run_name
+
+    linear = [
+        run_name(model.NAME, dataset)
+        for dataset, entry in params.datasets.items()
+        for model in models_for(get_format(entry.format).inputs.name)
+    ]
+    return [*params.models, *linear]
+
+
+def over_best_linear(rows: list[dict[str, Any]]) -> None:
+    """Each deep model's test-accuracy points over the best linear model of its dataset."""
+    for row in rows:
+        linear = [
+            r["test_accuracy"]
+            for r in rows
+            if r.get("linear") == "true"
+            and r.get("dataset") == row.get("dataset")
+            and r["test_accuracy"] is not None
+        ]
+        if row.get("linear") != "true" and linear and row["test_accuracy"] is not None:
+            row["over_linear"] = 100 * (row["test_accuracy"] - max(linear))
+
+
 def compare(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from dlpipe.tracking import tracking_uri
+    from dlpipe.tracking.store import check_store, tracking_uri
 
     params = load_params(args.params)
     experiment = args.experiment or params.mlflow.experiment
     store = tracking_uri()
-    _check_store(store)
+    check_store(store, reading=True)
     client = MlflowClient(store)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise DlpipeError(f"no experiment {experiment!r} in {store}; train a model first")
-    names = [*params.models, *(f"baseline@{dataset}" for dataset in params.datasets)]
-    rows = [compare_row(client, found.experiment_id, name) for name in names]
+    rows = [compare_row(client, found.experiment_id, name) for name in compared(params)]
+    over_best_linear(rows)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -265,12 +279,28 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def sync(args: argparse.Namespace) -> int:
-    """Deliver the metrics trainings kept on disk while MLflow was unreachable."""
-    from dlpipe.tracking import spool_dir
-    from dlpipe.tracking import sync as deliver
+    """Deliver the metrics trainings kept on disk while MLflow was unreachable, and end as
+    KILLED the runs that killed processes left RUNNING."""
+    from mlflow.tracking import MlflowClient
 
-    lines = deliver()
-    for line in lines or [f"nothing to sync ({spool_dir()} holds no undelivered metrics)"]:
+    from dlpipe.tracking.orphans import end_orphans
+    from dlpipe.tracking.spool import spool_dir
+    from dlpipe.tracking.spool import sync as deliver
+    from dlpipe.tracking.store import check_store, tracking_uri
+
+    params = load_params(args.params)
+    lines = deliver() or [f"nothing to deliver ({spool_dir()} holds no undelivered metrics)"]
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file():
+        check_store(uri, reading=True)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(params.mlflow.experiment)
+        if experiment is not None:
+            ended = end_orphans(
+                client, experiment.experiment_id, None, set(), params.mlflow.orphan_after_s
+            )
+            lines += ended or ["no run left RUNNING by a killed process"]
+    for line in lines:
         print(line)
     return 0
 
@@ -319,7 +349,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     p.set_defaults(handler=predict)
 
     c = commands.add_parser(
-        "compare", help="the latest finished run of each model and of each dataset's baseline"
+        "compare", help="the latest finished run of each model and of each dataset's linear models"
     )
     c.add_argument("--experiment", help="default: mlflow.experiment in params.yaml")
     c.add_argument("--params", default="params.yaml", help="default params.yaml")
@@ -332,11 +362,14 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     c.set_defaults(handler=compare)
 
-    g = commands.add_parser("check", help="metric gates: floors and regressions vs a baseline")
+    g = commands.add_parser("check", help="metric gates: floors, and regressions vs a git revision")
     gates.build_parser(g)
     g.set_defaults(handler=check)
 
-    s = commands.add_parser("sync", help="deliver metrics kept while MLflow was unreachable")
+    s = commands.add_parser(
+        "sync", help="deliver metrics kept while MLflow was unreachable; end orphaned runs"
+    )
+    s.add_argument("--params", default="params.yaml", help="default params.yaml")
     s.set_defaults(handler=sync)
     w = commands.add_parser("sweep", help="a grid of one family's params as queued DVC experiments")
     w.add_argument("model", nargs="?", metavar="MODEL", help="the family the grid trains")

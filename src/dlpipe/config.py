@@ -78,8 +78,8 @@ class TrainConfig(Strict):
     model: dict[str, Any] = {}
 
 
-class TextBaselineConfig(Strict):
-    """The linear yardstick of every text dataset: TF-IDF word n-grams + logistic regression."""
+class TfidfLogregConfig(Strict):
+    """TF-IDF word n-grams + logistic regression, a linear model of every text dataset."""
 
     ngram_max: Annotated[int, Field(ge=1, le=3)] = 2
     min_df: Annotated[int, Field(ge=1)] = 2
@@ -88,18 +88,30 @@ class TextBaselineConfig(Strict):
     max_iter: Annotated[int, Field(ge=10, le=100000)] = 1000
 
 
-class ImageBaselineConfig(Strict):
-    """The linear yardstick of every image dataset: logistic regression on the pixels."""
+class NbsvmConfig(Strict):
+    """NBSVM (naive-Bayes-scaled binary n-grams + logistic regression), a linear model of every
+    text dataset."""
+
+    ngram_max: Annotated[int, Field(ge=1, le=3)] = 3
+    features: Annotated[int, Field(ge=2**10, le=2**26)] = 2**23  # hashed n-gram buckets
+    alpha: Annotated[float, Field(gt=0.0)] = 1.0  # count smoothing
+    C: Annotated[float, Field(gt=0.0)] = 0.3
+    max_iter: Annotated[int, Field(ge=10, le=100000)] = 1000
+
+
+class PixelsLogregConfig(Strict):
+    """Logistic regression on the pixels, the linear model of every image dataset."""
 
     C: Annotated[float, Field(gt=0.0)] = 0.1
     max_iter: Annotated[int, Field(ge=10, le=100000)] = 200
 
 
-class BaselineConfig(Strict):
-    """The linear model fit beside the deep ones on each dataset, by its input kind."""
+class LinearConfig(Strict):
+    """The linear models fit beside the deep ones on each dataset of their input kind."""
 
-    tokens: TextBaselineConfig = TextBaselineConfig()
-    images: ImageBaselineConfig = ImageBaselineConfig()
+    tfidf_logreg: TfidfLogregConfig = TfidfLogregConfig()
+    nbsvm: NbsvmConfig = NbsvmConfig()
+    pixels_logreg: PixelsLogregConfig = PixelsLogregConfig()
 
 
 class EvaluateConfig(Strict):
@@ -123,6 +135,9 @@ class MlflowConfig(Strict):
     experiment: Annotated[str, Field(min_length=1)] = "dlpipe"
     require_tracking: bool = True
     system_metrics_interval_s: Annotated[float, Field(ge=1.0)] = 5.0
+    # A RUNNING run owned on another machine and silent this long is taken for a killed one's
+    # (dlpipe.tracking.orphans). Not a dep of any stage: it changes no output.
+    orphan_after_s: Annotated[float, Field(ge=60.0)] = 900.0
     # The MLflow run a training is nested under: `dlpipe sweep` sets it for each trial. Only a
     # tag, so no stage depends on it (the same training in or out of a sweep is the same).
     sweep_parent: Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]*$", max_length=64)] = ""
@@ -147,7 +162,7 @@ class Params(Strict):
     fetch: FetchConfig = FetchConfig()
     datasets: dict[Name, DatasetEntry] = {}
     train: dict[Name, TrainConfig] = {}
-    baseline: BaselineConfig = BaselineConfig()
+    linear: LinearConfig = LinearConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     mlflow: MlflowConfig = MlflowConfig()
@@ -255,3 +270,15 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         raw = raw.setdefault(part, {})
     raw[leaf] = value
+
+
+def flatten(prefix: str, mapping: dict[str, Any]) -> dict[str, Any]:
+    """`{'model': {'d_model': 128}}` -> `{'<prefix>.model.d_model': 128}`."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat |= flatten(name, value)
+        else:
+            flat[name] = value
+    return flat

@@ -138,3 +138,17 @@ def verify_listed(folder: Path, rerun: str, skip_suffix: str) -> None:
     for name in read_manifest(folder, rerun) or {}:
         if not name.endswith(skip_suffix):
             read_verified(folder / name, rerun)
+
+
+def listed_digest(folder: Path, names: Iterable[str], rerun: str) -> str:
+    """One sha256 for the named files of `folder`, made from the sha256s its SHA256SUMS lists
+    (the files' readers check their bytes against them): the files' identity without reading
+    them a second time."""
+    digests = read_manifest(folder, rerun) or {}
+    lines = []
+    for name in names:
+        if name not in digests:
+            listed = folder / MANIFEST
+            raise DlpipeError(f"{folder / name}: not listed in {listed}; rerun `{rerun}`")
+        lines.append(f"{digests[name]}  {name}\n")
+    return sha256_hex("".join(lines).encode())

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,32 @@ def train_stage_tags(model: str, lock: Path = LOCK_FILE) -> dict[str, str]:
     if md5:
         tags["dvc_model_md5"] = md5
     return tags
+
+
+# Changed tracked files that are not code: params.yaml (what `dvc exp run -S` writes: its own
+# flag), and what DVC itself writes, dvc.lock and the uncached outputs under reports/.
+PARAMS_FILE = "params.yaml"
+DVC_RECORDS = ("dvc.lock", f"{paths.REPORTS_DIR.as_posix()}/")
+
+
+def git_state() -> dict[str, str]:
+    """The commit being run and two dirty flags ('unknown' outside a git checkout): `git_dirty`
+    for edited code (any tracked file but params.yaml and DVC's records), `params_dirty` for an
+    edited params.yaml, so a DVC experiment's overrides do not look like a code change."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        changed = git("diff", "--name-only", "--no-renames", "HEAD").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": "unknown", "git_dirty": "unknown", "params_dirty": "unknown"}
+    code = [f for f in changed if f != PARAMS_FILE and not f.startswith(DVC_RECORDS)]
+    return {
+        "git_sha": sha,
+        "git_dirty": str(bool(code)).lower(),
+        "params_dirty": str(PARAMS_FILE in changed).lower(),
+    }

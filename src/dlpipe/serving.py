@@ -145,7 +145,7 @@ class RawInputModel(PythonModel):
 
 
 def pip_requirements() -> list[str]:
-    """Pinned to this environment: given explicitly, MLflow skips its ~10 s inference."""
+    """Pinned to this environment: given explicitly, MLflow skips its slow inference of them."""
     from importlib.metadata import version
 
     packages = ("torch", "numpy", "pandas", "pillow", "tokenizers")
@@ -159,7 +159,7 @@ def log_raw_input_model(model_dir: Path) -> str:
     from mlflow.types import ColSpec, DataType, Schema, TensorSpec
     from mlflow.types.schema import Array
 
-    from dlpipe.tracking import skip_module_scan  # not at the top: it sets MLflow client settings
+    from dlpipe.tracking.requirements import skip_module_scan
 
     if mlflow.active_run() is None:
         raise DlpipeError("log_raw_input_model needs an active MLflow run")

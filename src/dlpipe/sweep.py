@@ -245,8 +245,10 @@ def queue_trials(
 def run_sweep(model: str, grid_items: Sequence[str], jobs: int, params_path: str) -> int:
     """Queue, run and wait for the grid; 0 when every trial finished, 1 otherwise."""
     from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
 
-    from dlpipe import tracking
+    from dlpipe.lineage import git_state
+    from dlpipe.tracking.store import check_store, experiment_id, tracking_uri
 
     if jobs < 1:
         raise DlpipeError(f"--jobs {jobs}: must be at least 1")
@@ -259,15 +261,15 @@ def run_sweep(model: str, grid_items: Sequence[str], jobs: int, params_path: str
     axes = parse_grid(grid_items)
     grid = trials(raw, model, axes)
     check_baseline(dataset)
-    uri = tracking.tracking_uri()
-    tracking.check_reachable(uri)
-    client = tracking.MlflowClient(uri)
+    uri = tracking_uri()
+    check_store(uri)
+    client = MlflowClient(uri)
 
-    experiment = tracking.experiment_id(params.mlflow.experiment, uri)
+    experiment = experiment_id(params.mlflow.experiment, uri)
     parent = client.create_run(
         experiment,
         run_name=f"sweep-{model}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"sweep_family": model, **tracking.git_state()},
+        tags={"sweep_family": model, **git_state()},
     ).info.run_id
     names = [f"{model}-{parent[:6]}-{n}" for n in range(1, len(grid) + 1)]
     client.log_batch(
@@ -353,7 +355,7 @@ class ExpRow:
 
 def exp_rows(shown: list[dict[str, Any]]) -> list[ExpRow]:
     """The rows of `dvc exp show --json`: each commit, then its experiments."""
-    from dlpipe.tracking import flatten
+    from dlpipe.config import flatten
 
     def row(entry: dict[str, Any], name: str, state: str) -> ExpRow:
         data = entry.get("data") or {}
@@ -426,17 +428,16 @@ def format_rows(rows: Sequence[ExpRow], families: Sequence[str], runs: dict[str,
 def mlflow_runs(names: Collection[str], family: str | None, params: Params) -> dict[str, str]:
     """Experiment name -> the short ids of the runs tagged with it (latest first). The table is
     DVC's and the run ids a convenience: without a reachable store there are none."""
-    from dlpipe.tracking import MlflowClient, check_server, tracking_uri
+    from mlflow.tracking import MlflowClient
+
+    from dlpipe.tracking.store import check_store, tracking_uri
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    try:
+        check_store(uri, reading=True)
+    except DlpipeError as err:
+        print(f"warning: {err}; showing no MLflow runs", file=sys.stderr)
         return {}
-    if uri.startswith(("http://", "https://")):
-        try:
-            check_server(uri, "showing no MLflow runs")
-        except DlpipeError as err:
-            print(f"warning: {err}", file=sys.stderr)
-            return {}
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     if experiment is None or not names:

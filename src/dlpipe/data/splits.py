@@ -38,8 +38,8 @@ def stratified_split(
             f"{counts[rarest]} example(s), and each side needs one of every class "
             f"({len(present)} classes)"
         )
-    # Imported here, not at the top: only prepare splits, and scikit-learn's model_selection
-    # costs every train stage, which imports this module, 1 s of start-up.
+    # Imported here, not at the top: only prepare splits, and importing scikit-learn's
+    # model_selection would slow the start of every train stage, which imports this module.
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))

@@ -71,11 +71,6 @@ class TextColumn:
     rows: np.ndarray
 
     @classmethod
-    def of(cls, texts: Sequence[str]) -> TextColumn:
-        """Texts already in memory."""
-        return cls(lambda: iter([texts]), np.arange(len(texts)))
-
-    @classmethod
     def in_table(cls, path: Path, column: str, rows: np.ndarray) -> TextColumn:
         """Rows `rows` of the column `column` of the table file `path`."""
 
@@ -356,13 +351,15 @@ class _TextsWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.pending: list[pd.DataFrame] = []
+        self.pending_rows = 0
         self.writer: Any = None
 
     def add(self, split: str, row_ids: np.ndarray, first: int, texts: list[str]) -> None:
         """Rows first.. of `split` (whose ids are `row_ids`) have `texts`."""
         ids = row_ids[first : first + len(texts)]
         self.pending.append(pd.DataFrame({"row_id": ids, "text": texts, "split": split}))
-        if sum(map(len, self.pending)) >= TEXTS_GROUP_ROWS:
+        self.pending_rows += len(texts)
+        if self.pending_rows >= TEXTS_GROUP_ROWS:
             self.flush()
 
     def flush(self) -> None:
@@ -372,7 +369,7 @@ class _TextsWriter:
         if not self.pending:
             return
         table = pa.Table.from_pandas(pd.concat(self.pending).astype(str), preserve_index=False)
-        self.pending = []
+        self.pending, self.pending_rows = [], 0
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema, compression="snappy")
         self.writer.write_table(table)

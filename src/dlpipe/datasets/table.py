@@ -60,11 +60,12 @@ def _rows(
     parts = []
     for batch in batches(path, list(keys), keys):
         texts = batch[settings.text]
+        strings = texts.astype(str)
         parts.append(
             pd.DataFrame(
                 {
-                    "empty": (texts.isna() | texts.astype(str).str.strip().eq("")).to_numpy(),
-                    "hash": pd.util.hash_pandas_object(texts.astype(str), index=False).to_numpy(),
+                    "empty": (texts.isna() | strings.str.strip().eq("")).to_numpy(),
+                    "hash": pd.util.hash_pandas_object(strings, index=False).to_numpy(),
                     "label": batch[settings.label] if labelled else None,
                     "row_id": batch[settings.id].astype(str) if settings.id else None,
                 }

@@ -70,8 +70,11 @@ def _log_to_mlflow(
 
     Returns the registry decision; any failure is one DlpipeError line."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    from dlpipe import registry, serving, tracking
+    from dlpipe import registry, serving
+    from dlpipe.tracking import spool, store
+    from dlpipe.tracking.run import StageRun
 
     model_dir = paths.MODELS_DIR / name
     if (model_dir / "mlflow_run.json").is_file():  # the run to log to: checked like the model
@@ -80,11 +83,9 @@ def _log_to_mlflow(
     run_id = info.get("run_id")
     if not run_id:
         raise DlpipeError("the training ran without MLflow tracking: there is no run to log to")
-    uri = tracking.recorded_store(
-        info.get("tracking_uri"), str(model_dir / "mlflow_run.json"), run_id
-    )
-    run = tracking.TrainingRun(uri, True, True)
-    for line in tracking.sync(run_id):  # metrics the training could not deliver come first
+    uri = store.recorded_store(info.get("tracking_uri"), str(model_dir / "mlflow_run.json"), run_id)
+    run = StageRun(uri, True, True, params.mlflow.orphan_after_s)
+    for line in spool.sync(run_id):  # metrics the training could not deliver come first
         print(f"evaluate@{name}: {line}")
     run.reopen(run_id)
     try:
@@ -103,7 +104,7 @@ def _log_to_mlflow(
             run_id,
             scalars,
             params.registry,
-            tracking.MlflowClient(run.uri),
+            MlflowClient(run.uri),
             split_identity(family, train_config(params, name).dataset, params),
         )
         return {"registered": True, **decision}

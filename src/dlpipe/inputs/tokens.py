@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 TOKENIZER_FILE = "tokenizer.json"
 WORD_VECTORS_FILE = "word_vectors.npy"
-TEXTS_FILE = "texts.parquet"  # every split's raw texts by row id: baselines and mistakes read it
+TEXTS_FILE = (
+    "texts.parquet"  # every split's raw texts by row id: linear models and mistakes read it
+)
 PAD_ID, UNK_ID = 0, 1
 MARKUP = r"(?i)<br\s*/?>"  # line breaks as HTML leaves them in scraped text
 SHOWN = 50  # characters of a text printed by `dlpipe predict`
@@ -74,6 +76,25 @@ def read_texts(prepared_dir: Path, split: str) -> dict[str, str]:
     frame = pd.read_parquet(io.BytesIO(read_verified(path, rerun)))
     rows = frame[frame["split"] == split]
     return dict(zip(rows["row_id"], rows["text"], strict=True))
+
+
+def labelled_texts(prepared_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
+    """The raw texts of a prepared split in its row order, markup as spaces, with its labels:
+    what the linear models read."""
+    import io
+
+    from dlpipe.integrity import read_verified
+
+    path = prepared_dir / f"{split}.npz"
+    rerun = f"dvc repro prepare@{prepared_dir.name}"
+    if not path.is_file():
+        raise DlpipeError(f"{path}: missing; run `{rerun}` first")
+    with np.load(io.BytesIO(read_verified(path, rerun))) as arrays:
+        if "row_id" not in arrays:  # written by a prepare stage older than the row ids
+            raise DlpipeError(f"{path}: no row ids; rerun `{rerun}`")
+        ids, labels = arrays["row_id"], arrays["labels"].astype(np.int64)
+    texts = read_texts(prepared_dir, split)
+    return [clean_markup(texts[row]) for row in ids], labels
 
 
 def check_vocab(meta: DataMeta) -> None:

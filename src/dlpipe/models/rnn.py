@@ -6,7 +6,8 @@ Padding never changes the result: batches are padded on the right, so a forward 
 each review's real tokens before any pad, and the backward direction reads every review reversed
 within its own length (`reverse_within_length`). That gives the same outputs as a packed sequence,
 but runs on padded tensors: on the CPU, PyTorch's packed RNN backward materialises a gradient the
-size of the whole batch at every time step, which made an epoch of 512-token reviews 3-4x slower.
+size of the whole batch at every time step, which made epochs of long reviews several times
+slower.
 
 Under CUDA autocast the recurrence runs in fp32: autocast's wrapper for cuDNN's RNN was written for
 float16 and may hand cuDNN float16 under a bf16 policy (with no loss scaling), while the run says
@@ -114,7 +115,7 @@ class RNNClassifier(nn.Module):
 FAMILY = Family(
     name="rnn",
     inputs=TOKENS,
-    cpu_bf16=False,  # narrow matmuls: 1.4x faster in fp32 than under autocast (AMX CPU, width 64)
+    cpu_bf16=False,  # its narrow matmuls run faster in fp32 than under autocast on CPUs
     config=RNNConfig,
     build=RNNClassifier,
     smoke={

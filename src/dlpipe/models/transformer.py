@@ -54,7 +54,8 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention. No dropout on the attention weights: on the CPU it forces the
-    unfused kernel to materialise a [B, H, T, T] mask (3x slower); the residual dropout remains."""
+    unfused kernel to materialise a [B, H, T, T] mask (much slower); the residual dropout
+    remains."""
 
     def __init__(self, d_model: int, heads: int) -> None:
         super().__init__()
@@ -145,7 +146,7 @@ class TransformerClassifier(nn.Module):
 FAMILY = Family(
     name="transformer",
     inputs=TOKENS,
-    cpu_bf16=False,  # its d-64 matmuls train 1.5x faster in fp32 on an AMX CPU than under autocast
+    cpu_bf16=False,  # its narrow matmuls run faster in fp32 than under autocast on CPUs
     config=TransformerConfig,
     build=TransformerClassifier,
     smoke={

@@ -27,7 +27,7 @@ def expected_stages(params: Params) -> list[str]:
         *(f"prepare@{d}" for d in params.datasets),
         *(f"train@{m}" for m in params.models),
         *(f"evaluate@{m}" for m in params.models),
-        *(f"baseline@{d}" for d in params.datasets),
+        *(f"linear@{d}" for d in params.datasets),
         "report",
     ]
 
@@ -145,18 +145,19 @@ def _finite(values: Sequence[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def check_baselines(repo: Path, runs: list[Any]) -> list[str]:
-    """Each baseline's eval.json has its FINISHED run, with the same test accuracy."""
+def check_linear(repo: Path, runs: list[Any]) -> list[str]:
+    """Each linear model in reports/linear/<dataset>.json has its FINISHED run, with the same
+    test accuracy."""
     problems = []
     logged = {run.data.tags.get("model"): run for run in runs}
-    for path in sorted((repo / paths.REPORTS_DIR / "baselines").glob("*/eval.json")):
-        evaluation = json.loads(path.read_text())
-        name = f"baseline@{evaluation['dataset']}"
-        run = logged.get(name)
-        if run is None or run.info.status != "FINISHED":
-            problems.append(f"MLflow: no finished run of {name}")
-        elif abs(run.data.metrics.get("test_accuracy", -1) - evaluation["test_accuracy"]) > 1e-6:
-            problems.append(f"MLflow: {name} test_accuracy differs")
+    for path in sorted((repo / paths.REPORTS_DIR / "linear").glob("*.json")):
+        for result in json.loads(path.read_text()).values():
+            name = f"{result['model']}@{result['dataset']}"
+            run = logged.get(name)
+            if run is None or run.info.status != "FINISHED":
+                problems.append(f"MLflow: no finished run of {name}")
+            elif abs(run.data.metrics.get("test_accuracy", -1) - result["test_accuracy"]) > 1e-6:
+                problems.append(f"MLflow: {name} test_accuracy differs")
     return problems
 
 
@@ -170,11 +171,11 @@ def check_mlflow(uri: str, params: Params, repo: Path) -> dict[str, str]:
     if experiment is None:
         raise SmokeFailure(f"MLflow: no experiment {params.mlflow.experiment!r} in {uri}")
     found = client.search_runs([experiment.experiment_id], max_results=100)
-    runs = [run for run in found if run.data.tags.get("baseline") != "true"]
+    runs = [run for run in found if run.data.tags.get("linear") != "true"]
     by_model: dict[str, list[Any]] = {}
     for run in runs:
         by_model.setdefault(run.data.tags.get("model", "?"), []).append(run)
-    problems = check_baselines(repo, [run for run in found if run not in runs])
+    problems = check_linear(repo, [run for run in found if run not in runs])
     if sorted(by_model) != sorted(params.models) or len(runs) != len(params.models):
         counts = {model: len(found) for model, found in by_model.items()}
         raise SmokeFailure(f"MLflow: expected one run per model, found {counts}")

@@ -92,7 +92,8 @@ def isolated_env(repo: Path, state: Path, mirror: str | None) -> dict[str, str]:
     for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT", "GIT_DIR", "GIT_WORK_TREE"):
         env.pop(var, None)
     # One compute thread per process unless the caller chose: on a busy 2-core machine two
-    # OpenMP threads made the GRU's training ~100x slower (spinning workers starve each other).
+    # OpenMP threads per process made the GRU's training crawl (spinning workers starve each
+    # other).
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")
     if mirror:

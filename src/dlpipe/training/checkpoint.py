@@ -37,17 +37,6 @@ CHECKSUM_FILE = "last.pt.sha256"
 CORRUPT_FOLDER = "corrupt"  # beside the checkpoint folders: kept when a training clears its own
 
 
-def file_digest(paths: list[Path]) -> str:
-    """sha256 over the named files' bytes, in order: the identity of a prepared dataset."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def code_digest(family: Family) -> str:
     """sha256 over the source that defines a training: the family's module, its input kind's
     module and the dlpipe.training package, so that an edit to any of them (even one that keeps

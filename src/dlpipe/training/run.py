@@ -15,32 +15,26 @@ it to the others), writes the outputs and checkpoints, and keeps the one MLflow 
 
 from __future__ import annotations
 
-import csv
 import os
-import shutil
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 
 from dlpipe import lineage, paths
-from dlpipe.config import Params, TrainConfig, train_config
+from dlpipe.config import Params, TrainConfig, flatten, train_config
 from dlpipe.data.tensors import Split
-from dlpipe.errors import DlpipeError, redact
+from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta, Family, model_family
-from dlpipe.integrity import seal
-from dlpipe.io import atomic_path, read_json, write_json_atomic
-from dlpipe.plots import plot_history
-from dlpipe.tracking import TrainingRun, flatten, git_state, skip_module_scan, tracking_uri
-from dlpipe.training.checkpoint import CheckpointStore, code_digest, file_digest, training_key
+from dlpipe.integrity import listed_digest
+from dlpipe.io import read_json
+from dlpipe.lineage import git_state
+from dlpipe.tracking.run import StageRun
+from dlpipe.tracking.store import tracking_uri
+from dlpipe.training.checkpoint import CheckpointStore, code_digest, training_key
 from dlpipe.training.distributed import (
     World,
     check_batch_size,
@@ -48,6 +42,7 @@ from dlpipe.training.distributed import (
     relaunch_under_torchrun,
     under_launcher,
 )
+from dlpipe.training.outputs import log_results, write_outputs
 from dlpipe.training.runtime import (
     Runtime,
     compute_dtypes,
@@ -58,9 +53,8 @@ from dlpipe.training.runtime import (
     select_device,
     watch_nondeterminism,
 )
-from dlpipe.training.trainer import FitResult, Trainer
-
-PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+from dlpipe.training.signals import signals_deferred, signals_ignored, sigterm_as_interrupt
+from dlpipe.training.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -70,7 +64,7 @@ class TrainingData:
     train: Split
     val: Split
     info: dict[str, Any]  # the prepared meta.json
-    digest: str  # sha256 of the train and val files: the data's identity in checkpoints
+    digest: str  # of the train and val files' sha256s: the data's identity in checkpoints
     folder: Path  # the prepared data's folder
 
     @property
@@ -104,10 +98,9 @@ def load_data(model: Model, runtime: Runtime) -> TrainingData:
         )
     train = kind.load_split(prepared, "train", runtime.device)
     val = kind.load_split(prepared, "val", runtime.device)
-    starts = [prepared / name for name in kind.start_files]
-    digest = file_digest(
-        [prepared / "train.npz", prepared / "val.npz", *filter(Path.exists, starts)]
-    )
+    starts = [name for name in kind.start_files if (prepared / name).exists()]
+    rerun = f"dvc repro prepare@{model.dataset}"
+    digest = listed_digest(prepared, ["train.npz", "val.npz", *starts], rerun)
     return TrainingData(train, val, info, digest, prepared)
 
 
@@ -194,11 +187,13 @@ def start_run(
     resume: Any,
     precision: MeasuredPrecision,
     world: World,
-) -> TrainingRun:
+) -> StageRun:
     """A new MLflow run, or the interrupted training's run when its checkpoint names one."""
     # "" when the interrupted training ran without tracking: then this one starts a new run.
     resume_run_id = (resume["extra"].get("mlflow_run_id") if resume else None) or None
-    run = TrainingRun(tracking_uri(), params.mlflow.require_tracking)
+    run = StageRun(
+        tracking_uri(), params.mlflow.require_tracking, orphan_after_s=params.mlflow.orphan_after_s
+    )
     exp_name = lineage.experiment_name()
     deterministic = train_config(params, model.name).deterministic
     tags = {
@@ -217,56 +212,12 @@ def start_run(
         params.mlflow.system_metrics_interval_s,
     )
     if not run.resumed:
-        source = paths.PREPARED_DIR / model.dataset / "train.npz"
+        source = data.folder / "train.npz"
         run.log_dataset(f"{model.dataset}-train", source, data.digest[:12], "training")
     return run
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """`kill` (SIGTERM) stops the training like Ctrl-C: checkpoint kept, run marked KILLED."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def signals_ignored() -> Iterator[None]:
-    """SIGTERM and SIGINT ignored for the block (a few database writes)."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGTERM and SIGINT held until the block ends, then acted on as Ctrl-C: a stop asked for
-    while the outputs are written leaves them whole, not a model without its config."""
-    caught: list[int] = []
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        caught.append(signum)
-
-    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:
-        raise KeyboardInterrupt(f"signal {caught[0]}")
-
-
-def end_run(run: TrainingRun, status: str) -> None:
+def end_run(run: StageRun, status: str) -> None:
     """Record how the run ended, uninterruptibly: when one process of a data-parallel training
     fails, torchrun sends the others SIGTERM, and one landing while rank 0 records FAILED would
     leave the run RUNNING."""
@@ -274,125 +225,20 @@ def end_run(run: TrainingRun, status: str) -> None:
         run.end(status)
 
 
-def write_outputs(
-    model: Model,
-    network: torch.nn.Module,
-    params: Params,
-    data: TrainingData,
-    result: FitResult,
-    run: TrainingRun,
-    runtime: Runtime,
-    wall_time_s: float,
-    precision: MeasuredPrecision,
-    world: World,
-) -> dict[str, Any]:
-    """data/models/<name>/ (weights, config, what raw inputs need) and reports/models/<name>/."""
-    models_dir = paths.MODELS_DIR / model.name
-    reports_dir = paths.MODEL_REPORTS_DIR / model.name
-    models_dir.mkdir(parents=True, exist_ok=True)
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    # Saved through a handle: given a path, torch.save names the archive's folder inside the
-    # file after it, and the temp file's random name would make every save's bytes differ.
-    with atomic_path(models_dir / "model.pt") as tmp, open(tmp, "wb") as handle:
-        torch.save({k: v.cpu() for k, v in network.state_dict().items()}, handle)
-    for name in model.family.inputs.bundled:
-        with atomic_path(models_dir / name) as tmp:
-            shutil.copyfile(paths.PREPARED_DIR / model.dataset / name, tmp)
-    write_json_atomic(
-        models_dir / "config.json",
-        {
-            "model": model.name,
-            "family": model.family.name,
-            "dataset": model.dataset,
-            "model_config": model.family.model_config(params, model.name).model_dump(),
-            "data": data.info,
-        },
-    )
-    write_json_atomic(
-        models_dir / "mlflow_run.json",
-        {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": redact(run.uri)},
-    )
-    # Last of the model files: the checksums load_trained (evaluate, predict, the pyfunc) checks,
-    # so a model file changed from now on is an error instead of wrong answers.
-    seal(models_dir)
-    last = result.history[-1]
-    best = result.history[result.best_epoch - 1]
-    summary = {
-        "model": model.name,
-        "dataset": model.dataset,
-        "device": runtime.device_name,
-        "precision": precision.label,
-        "compute_dtypes": precision.dtypes,
-        "world_size": world.size,
-        "parameters": sum(p.numel() for p in network.parameters()),
-        "epochs": len(result.history),
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "train_time_s": round(result.train_time_s, 2),
-        "wall_time_s": round(wall_time_s, 2),
-        "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in result.history])), 1),
-        "final": {k: round(v, 6) for k, v in last.items() if k.startswith(("train_", "val_"))},
-        "best": {k: round(v, 6) for k, v in best.items() if k.startswith(("train_", "val_"))},
-    }
-    write_json_atomic(reports_dir / "train.json", summary)
-    with atomic_path(reports_dir / "history.csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
-        writer.writeheader()
-        writer.writerows(result.history)
-    plot_history({model.name: result.history}, reports_dir / "learning_curves.png")
-    return summary
+@dataclass(frozen=True)
+class Training:
+    """What rank 0's steps share once its MLflow run has started: the model, its settings, the
+    data, where it trains, and the run it logs to."""
 
-
-def log_pytorch_model(model: Model, network: torch.nn.Module, data: TrainingData) -> None:
-    """Log the model (pickle format: `pt2` would freeze the example's sequence length), taking
-    the first batch tensor of two real validation rows as its input example."""
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
-    kind = model.family.inputs
-    module = kind.pytorch_model(network.cpu().float().eval(), data.meta.pad_id).eval()
-    inputs, _ = data.val.batch(torch.arange(2, device=data.val.labels.device))
-    example = inputs[0].contiguous().cpu().numpy()
-    with torch.no_grad():
-        output = module(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
-    schema = kind.tensor_schema()
-    if schema is not None:
-        signature.inputs = schema
-    skip_module_scan()
-    mlflow.pytorch.log_model(
-        module,
-        name="model",
-        serialization_format="pickle",
-        signature=signature,
-        input_example=example,
-        pip_requirements=PIP_REQUIREMENTS,
-    )
-
-
-def portable_model(
-    family: Family, model_config: Any, meta: DataMeta, trained: torch.nn.Module
-) -> torch.nn.Module:
-    """The trained weights in a fresh CPU build of the family's network: what serving gets, since
-    training may have swapped in modules that run on GPUs only (SyncBatchNorm)."""
-    network = family.build(model_config, meta)
-    network.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
-    return network.eval()
-
-
-def log_results(
-    model: Model,
-    run: TrainingRun,
-    network: torch.nn.Module,
-    data: TrainingData,
-    result: FitResult,
-    summary: dict[str, Any],
-) -> None:
-    start = time.perf_counter()
-    run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
-    run.log_artifact(paths.MODEL_REPORTS_DIR / model.name / "learning_curves.png")
-    run.call("log model", log_pytorch_model, model, network, data)
-    print(f"train@{model.name}: MLflow logging took {time.perf_counter() - start:.2f}s")
+    model: Model
+    model_config: Any  # the family's validated `model` section
+    params: Params
+    runtime: Runtime
+    world: World
+    data: TrainingData
+    precision: MeasuredPrecision
+    store: CheckpointStore
+    run: StageRun
 
 
 def launch(name: str, params: Params, argv: list[str]) -> None:
@@ -461,10 +307,11 @@ def train(name: str, params: Params) -> dict[str, Any] | None:
             run.call(
                 "tag the checkpoint folder", mlflow.set_tag, "checkpoint_dir", store.folder.name
             )
+            training = Training(
+                model, model_config, params, runtime, world, data, precision, store, run
+            )
             try:
-                summary = fit_and_record(
-                    model, params, runtime, world, data, network, store, resume, run, precision
-                )
+                summary = fit_and_record(training, network, resume)
             except BaseException as err:
                 interrupted = isinstance(err, KeyboardInterrupt)
                 if interrupted:
@@ -480,20 +327,16 @@ def train(name: str, params: Params) -> dict[str, Any] | None:
 
 
 def fit_and_record(
-    model: Model,
-    params: Params,
-    runtime: Runtime,
-    world: World,
-    data: TrainingData,
-    network: torch.nn.Module,
-    store: CheckpointStore,
-    resume: dict[str, Any] | None,
-    run: TrainingRun,
-    precision: MeasuredPrecision,
+    training: Training, network: torch.nn.Module, resume: dict[str, Any] | None
 ) -> dict[str, Any]:
     """Rank 0's training inside its MLflow run: every epoch logged, then the outputs written
     and the model logged; the summary (train.json)."""
-    name, config = model.name, train_config(params, model.name)
+    name, config, run, store = (
+        training.model.name,
+        training.model.config,
+        training.run,
+        training.store,
+    )
 
     def log_epoch(row: dict[str, float]) -> None:
         metrics = {k: v for k, v in row.items() if k != "epoch"}
@@ -505,24 +348,20 @@ def fit_and_record(
         for row in resume["history"]:
             if int(row["epoch"]) not in logged:
                 log_epoch(row)
+    seed = training.params.seed
     trainer = Trainer(
-        network, config, runtime, params.seed, store, log_epoch, label=name, world=world
+        network, config, training.runtime, seed, store, log_epoch, label=name, world=training.world
     )
     start = time.perf_counter()
+    extra = {"mlflow_run_id": run.run_id or ""}
     with watch_nondeterminism() as kernels:
-        result = trainer.fit(
-            data.train, data.val, resume, extra={"mlflow_run_id": run.run_id or ""}
-        )
+        result = trainer.fit(training.data.train, training.data.val, resume, extra=extra)
     wall = time.perf_counter() - start
     if kernels:  # deterministic asked for, but these kernels have no deterministic variant
         label = determinism_label(config.deterministic, kernels)
         print(f"train@{name}: deterministic: {label}")
         run.call("tag determinism", mlflow.set_tag, "deterministic", label)
     with signals_deferred():
-        summary = write_outputs(
-            model, trainer.model, params, data, result, run, runtime, wall, precision, world
-        )
-    model_config = model.family.model_config(params, name)
-    served = portable_model(model.family, model_config, data.meta, trainer.model)
-    log_results(model, run, served, data, result, summary)
+        summary = write_outputs(training, trainer.model, result, wall)
+    log_results(training, trainer.model, result, summary)
     return summary

@@ -95,7 +95,7 @@ class Runtime:
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU computes bf16 natively (AMX tiles or AVX512-BF16), where bf16 autocast
-    trains convolutions 1.5-2.5x faster than fp32 at the same accuracy (but not every model: see
+    trains convolutions faster than fp32 at the same accuracy (but not every model: see
     `Family.cpu_bf16`)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -1,4 +1,4 @@
-"""Logistic regression on the pixels (scaled to 0-1): the yardstick of every image dataset."""
+"""Logistic regression on the pixels (scaled to 0-1): the linear model of every image dataset."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dlpipe.baselines import Fitted
 from dlpipe.config import Params
 from dlpipe.data.tensors import load_split
+from dlpipe.linear import Fitted
 
 NAME = "pixels_logreg"
+INPUTS = "images"
 
 
 def _pixels(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -22,7 +23,7 @@ def _pixels(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 def fit(params: Params, prepared_dir: Path) -> Fitted:
     from sklearn.linear_model import LogisticRegression
 
-    config = params.baseline.images
+    config = params.linear.pixels_logreg
     train, val, test = (_pixels(prepared_dir, split) for split in ("train", "val", "test"))
     model = LogisticRegression(C=config.C, max_iter=config.max_iter, random_state=params.seed)
     return Fitted(model, train, val, test, features=lambda fitted: int(fitted.n_features_in_))

@@ -1,7 +1,7 @@
 """`make mlflow-server`: one MLflow tracking server a team (and CI) logs to.
 
-    python -m dlpipe.server                       sqlite store <project>/mlflow.db
-    DLPIPE_MLFLOW_BACKEND_URI=postgresql://user:pw@db.example/mlflow python -m dlpipe.server
+    python -m dlpipe.team_server                       sqlite store <project>/mlflow.db
+    DLPIPE_MLFLOW_BACKEND_URI=postgresql://user:pw@db.example/mlflow python -m dlpipe.team_server
 
 The backend store is the URI in DLPIPE_MLFLOW_BACKEND_URI (PostgreSQL for a team: the
 `postgres` extra installs the driver), else the project's sqlite file. Artifacts are proxied
@@ -67,7 +67,7 @@ def server_command(backend: str, artifacts: str, host: str, port: int, workers: 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     root = project_root()
-    parser = argparse.ArgumentParser(prog="python -m dlpipe.server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dlpipe.team_server", description=__doc__)
     parser.add_argument(
         "--backend-store-uri",
         default=os.environ.get("DLPIPE_MLFLOW_BACKEND_URI") or f"sqlite:///{root / 'mlflow.db'}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,6 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dlpipe.io import atomic_path  # noqa: E402
+
+TRAIN_STYLE: dict[str, Any] = {"linestyle": "--", "alpha": 0.7}
+VAL_STYLE: dict[str, Any] = {"marker": "o", "markersize": 4}
 
 
 def plot_history(histories: dict[str, list[dict[str, float]]], dest: Path) -> None:
@@ -19,22 +23,9 @@ def plot_history(histories: dict[str, list[dict[str, float]]], dest: Path) -> No
     for color, (name, rows) in zip(colors, histories.items(), strict=False):
         epochs = [int(r["epoch"]) for r in rows]
         for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-            ax.plot(
-                epochs,
-                [r[f"train_{metric}"] for r in rows],
-                "--",
-                color=color,
-                alpha=0.7,
-                label=f"{name} train",
-            )
-            ax.plot(
-                epochs,
-                [r[f"val_{metric}"] for r in rows],
-                "-o",
-                color=color,
-                ms=4,
-                label=f"{name} val",
-            )
+            for split, style in (("train", TRAIN_STYLE), ("val", VAL_STYLE)):
+                values = [r[f"{split}_{metric}"] for r in rows]
+                ax.plot(epochs, values, color=color, label=f"{name} {split}", **style)
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
