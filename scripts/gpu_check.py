@@ -2,7 +2,8 @@
 
 On a CUDA machine it runs, in order:
 
-1. the `gpu` tests (tests/test_gpu.py: real compute dtypes, CUDA vs CPU loss, MLflow GPU metrics);
+1. the `gpu` tests (tests/training/test_gpu.py: real compute dtypes, CUDA vs CPU loss, MLflow GPU
+   metrics);
 2. the whole pipeline on the full data with `device: cuda` for every family, in a throw-away copy
    of the working tree (`dlpipe.smoke`'s workspace, DVC run and checks, with the project's own
    params instead of the smoke slices);
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests/test_gpu.py"]
+    tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests/training/test_gpu.py"]
     passed = {"gpu tests": run_step("gpu tests", tests, ROOT, env, timeout=240)}
     rows: list[list[str]] = []
     work = Path(tempfile.mkdtemp(prefix="dlpipe-gpu-check-"))

@@ -96,6 +96,22 @@ def test_the_projects_params_yaml_sets_every_key() -> None:
     assert keys(raw) == keys(defaults)
 
 
+def test_params_yaml_states_the_schemas_defaults() -> None:
+    """One source of defaults: every value params.yaml gives outside the models' recipes (and
+    the gates' floors, one per model) is the schema's default, dataset entries included."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    defaults = Params().model_dump(mode="json")
+    for section, stated in raw.items():
+        if section == "gates":
+            stated = {k: v for k, v in stated.items() if not k.endswith("floors")}
+            assert stated.items() <= defaults["gates"].items()
+        elif section not in ("train", "datasets"):
+            assert stated == defaults[section], section
+    for entry in raw["datasets"].values():
+        settings = get_format(entry["format"]).settings(format=entry["format"], path=entry["path"])
+        assert entry == settings.model_dump(mode="json")
+
+
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
 def test_empty_file_gives_all_defaults(tmp_path: Path, text: str) -> None:
     assert load_params(write_params(tmp_path, text)).model_dump() == Params().model_dump()

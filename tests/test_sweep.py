@@ -21,7 +21,7 @@ from dlpipe.cli import main
 from dlpipe.errors import DlpipeError
 from dlpipe.smoke.params import smoke_params
 from dlpipe.smoke.workspace import isolated_env, workspace_files
-from dlpipe.sweep import Axis, exp_rows, format_rows, parse_grid, trial_env, trials
+from dlpipe.sweep import exp_show_args, trial_env, trial_overrides
 
 
 def raw_params() -> dict[str, Any]:
@@ -29,23 +29,31 @@ def raw_params() -> dict[str, Any]:
     return raw
 
 
+PARAMS = str(REPO_ROOT / "params.yaml")
+
+
 # --- the grid ------------------------------------------------------------------------------------
 
 
-def test_the_grid_reads_dvc_s_override_grammar() -> None:
-    axes = parse_grid(
-        [
-            "train.cnn.lr=0.001,0.002",
-            "train.cnn.batch_size=range(32,97,32)",
-            "evaluate.latency_batch_sizes=[1,256],[1]",
-            "train.cnn.optimizer=adamw",
-        ]
-    )
-    assert axes == [
-        Axis("train.cnn.lr", ("0.001", "0.002")),
-        Axis("train.cnn.batch_size", ("32", "64", "96")),
-        Axis("evaluate.latency_batch_sizes", ("[1,256]", "[1]")),
-        Axis("train.cnn.optimizer", ("adamw",)),
+def test_the_grid_is_dvcs_expansion_of_the_override_grammar() -> None:
+    grid = [
+        "train.cnn.lr=0.001,0.002",
+        "train.cnn.batch_size=range(32,97,32)",
+        "evaluate.latency_batch_sizes=[1,256],[1]",
+        "train.cnn.optimizer=adamw",
+    ]
+    trials = trial_overrides(PARAMS, "cnn", grid)
+    assert len(trials) == 2 * 3 * 2
+    assert trials[0] == [
+        "train.cnn.lr=0.001",
+        "train.cnn.batch_size=32",
+        "evaluate.latency_batch_sizes=[1,256]",
+        "train.cnn.optimizer=adamw",
+    ]
+    assert trials[-1][:3] == [
+        "train.cnn.lr=0.002",
+        "train.cnn.batch_size=96",
+        "evaluate.latency_batch_sizes=[1]",
     ]
 
 
@@ -54,24 +62,14 @@ def test_the_grid_reads_dvc_s_override_grammar() -> None:
     [
         ("+train.cnn.extra=1", "expected KEY=VALUES"),
         ("~train.cnn.lr", "expected KEY=VALUES"),
-        ("train.cnn.lr=interval(0,1)", "Can only enumerate"),
+        ("train.cnn.lr=interval(0,1)", "does not support sweep type"),
         ("train.cnn.lr=[1,", "-S train.cnn.lr=[1,:"),
     ],
 )
 def test_grid_syntax_errors_are_one_line(item: str, message: str) -> None:
     with pytest.raises(DlpipeError, match="-S") as caught:
-        parse_grid([item])
-    assert message in str(caught.value) and "\n" not in str(caught.value)
-
-
-def test_every_combination_is_a_trial() -> None:
-    axes = parse_grid(["train.cnn.lr=0.001,0.002", "train.cnn.batch_size=32,64"])
-    assert trials(raw_params(), "cnn", axes) == [
-        {"train.cnn.lr": "0.001", "train.cnn.batch_size": "32"},
-        {"train.cnn.lr": "0.001", "train.cnn.batch_size": "64"},
-        {"train.cnn.lr": "0.002", "train.cnn.batch_size": "32"},
-        {"train.cnn.lr": "0.002", "train.cnn.batch_size": "64"},
-    ]
+        trial_overrides(PARAMS, "cnn", [item])
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +77,7 @@ def test_every_combination_is_a_trial() -> None:
     [
         (["train.rnn.lr=0.1"], "a sweep of cnn varies train.cnn.* and evaluate.* only"),
         (["datasets.mnist.max_train=100"], "on the baseline's data"),
-        (["train.cnn.lrr=0.1"], "-S train.cnn.lrr: no such key in params.yaml"),
+        (["train.cnn.lrr=0.1"], "trial train.cnn.lrr=0.1: Could not override 'train.cnn.lrr'"),
         (["train.cnn.lr=0.1", "train.cnn.lr=0.2"], "-S train.cnn.lr is given twice"),
         (
             ["train.cnn.lr=0.001,-1"],
@@ -90,24 +88,25 @@ def test_every_combination_is_a_trial() -> None:
 )
 def test_a_bad_trial_is_one_line_before_anything_is_queued(items: list[str], message: str) -> None:
     with pytest.raises(DlpipeError) as caught:
-        trials(raw_params(), "cnn", parse_grid(items))
-    assert message in str(caught.value), str(caught.value)
+        trial_overrides(PARAMS, "cnn", items)
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
-def test_a_model_is_swept_by_its_name_and_checked_by_its_family() -> None:
+def test_a_model_is_swept_by_its_name_and_checked_by_its_family(tmp_path: Path) -> None:
     """A model is a family on a dataset: a second CNN model, `wide`, is swept as train.wide.*
     and its trials are checked against the cnn family's schema."""
     raw = raw_params()
     raw["train"]["wide"] = {**raw["train"]["cnn"], "model": {"width": 2}}
-    axes = parse_grid(["train.wide.model.width=2,3"])
-    assert trials(raw, "wide", axes) == [
-        {"train.wide.model.width": "2"},
-        {"train.wide.model.width": "3"},
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert trial_overrides(str(params), "wide", ["train.wide.model.width=2,3"]) == [
+        ["train.wide.model.width=2"],
+        ["train.wide.model.width=3"],
     ]
     with pytest.raises(DlpipeError, match="trial train.wide.model.width=0: train.wide.model.width"):
-        trials(raw, "wide", parse_grid(["train.wide.model.width=2,0"]))
+        trial_overrides(str(params), "wide", ["train.wide.model.width=2,0"])
     with pytest.raises(DlpipeError, match="a sweep of wide varies train.wide.\\* and evaluate"):
-        trials(raw, "wide", parse_grid(["train.cnn.lr=0.1"]))
+        trial_overrides(str(params), "wide", ["train.cnn.lr=0.1"])
 
 
 def test_trials_import_their_own_copy_and_share_the_cores(
@@ -163,8 +162,8 @@ def test_a_sweep_that_cannot_queue_every_trial_runs_none(
     capsys: pytest.CaptureFixture[str],
     _mlflow_db_template: Path,
 ) -> None:
-    """DVC refuses the second trial: the first is taken out of the queue again, and the parent
-    run ends FAILED with one error line."""
+    """DVC fails to queue the grid: every trial name is taken out of the queue again (a grid
+    queued halfway runs none), nothing runs, and the parent run ends FAILED with one error line."""
     from dlpipe import sweep
 
     for name in ("params.yaml", "dvc.yaml"):
@@ -175,21 +174,18 @@ def test_a_sweep_that_cannot_queue_every_trial_runs_none(
     monkeypatch.setattr(sweep, "check_baseline", lambda dataset: None)
     calls: list[tuple[str, ...]] = []
 
-    def dvc(*args: str, env: dict[str, str] | None = None) -> str:
+    def dvc(*args: str) -> str:
         calls.append(args)
-        if len(calls) == 2:
-            raise DlpipeError("`dvc exp run --queue ...` failed: ERROR: no space left")
-        return ""
+        raise DlpipeError(f"`dvc {' '.join(args[:3])} ...` failed: ERROR: no space left")
 
-    removed: list[list[str]] = []
     monkeypatch.setattr(sweep, "dvc", dvc)
-    monkeypatch.setattr(sweep, "remove_from_queue", lambda names: removed.append(list(names)))
     code, _, err = cli(capsys, "sweep", "cnn", "-S", "train.cnn.lr=0.001,0.002")
     assert code == 2 and err == "error: `dvc exp run --queue ...` failed: ERROR: no space left\n"
-    first = calls[0]
-    assert first[:5] == ("exp", "run", "--queue", "-f", "-s")
-    assert first[-2:] == ("train@cnn", "evaluate@cnn") and "train.cnn.lr=0.001" in first
-    assert removed == [[first[first.index("-n") + 1]]]
+    queued, removed = calls  # the whole grid in one `dvc exp run --queue`, DVC expanding it
+    assert queued[:5] == ("exp", "run", "--queue", "-f", "-s")
+    assert queued[-2:] == ("train@cnn", "evaluate@cnn") and "train.cnn.lr=0.001,0.002" in queued
+    prefix = queued[queued.index("-n") + 1]
+    assert removed == ("queue", "remove", f"{prefix}-1", f"{prefix}-2")
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("dlpipe")
@@ -201,75 +197,35 @@ def test_a_sweep_that_cannot_queue_every_trial_runs_none(
         "sweep.trials": "2",
         "sweep.jobs": "1",
     }
-    sweep_parent = [a for a in first if a.startswith("mlflow.sweep_parent=")]
+    assert prefix == f"cnn-{parent.info.run_id[:6]}"
+    sweep_parent = [a for a in queued if a.startswith("mlflow.sweep_parent=")]
     assert sweep_parent == [f"mlflow.sweep_parent='{parent.info.run_id}'"]
 
 
-# --- dvc exp show, readable ----------------------------------------------------------------------
+# --- dvc exp show, narrowed ----------------------------------------------------------------------
 
 
-def shown_entry(rev: str, name: str | None, lr: float, accuracy: float | None) -> dict[str, Any]:
-    """One entry of `dvc exp show --json`, as DVC 3 writes it."""
-    params = raw_params()
-    params["train"]["cnn"]["lr"] = lr
-    params["mlflow"]["sweep_parent"] = "f" * 32 if name else ""
-    metrics: dict[str, Any] = {
-        "reports/data/mnist.json": {"data": {"train": {"count": 5000, "pixel_mean": 0.13}}},
-        "reports/models/rnn/eval.json": {"error": {"type": "FileNotFoundError", "msg": "no"}},
-    }
-    if accuracy is not None:
-        metrics["reports/models/cnn/eval.json"] = {"data": {"test_accuracy": accuracy}}
-        metrics["reports/models/cnn/train.json"] = {
-            "data": {"train_time_s": 12.345, "best": {"val_accuracy": accuracy - 0.01}}
-        }
-    return {
-        "rev": rev,
-        "name": name,
-        "data": {
-            "rev": rev,
-            "params": {"params.yaml": {"data": params}},
-            "metrics": metrics,
-            "deps": {"data/prepared/mnist": {"hash": "md5", "size": 1}},
-            "outs": {},
-        },
-        "error": None,
-        "experiments": None,
-    }
-
-
-def test_exp_show_is_one_screen_of_what_varies_and_the_headline_metrics() -> None:
-    baseline = shown_entry("a" * 40, "main", 0.001, 0.95)
-    baseline["experiments"] = [
-        {
-            "name": "cnn-abc123-2",
-            "executor": None,
-            "revs": [shown_entry("b" * 40, "cnn-abc123-2", 0.002, 0.9612)],
-        },
-        {
-            "name": "cnn-abc123-3",
-            "executor": {"state": "queued"},
-            "revs": [{"rev": "c" * 40, "name": "cnn-abc123-3", "data": None}],
-        },
-    ]
-    rows = exp_rows([shown_entry("workspace", None, 0.001, 0.95), baseline])
-    assert [(r.name, r.state) for r in rows] == [
-        ("workspace", ""),
-        ("main", ""),
-        ("cnn-abc123-2", "done"),
-        ("cnn-abc123-3", "queued"),
-    ]
-    text = format_rows(rows, ["cnn", "rnn"], {"cnn-abc123-2": "0fa1b2c3"})
-    header, _, *lines = text.splitlines()
-    assert header.split() == [
-        "experiment", "rev", "state", "train.cnn.lr",
-        "cnn", "test", "acc", "cnn", "val", "acc", "cnn", "train", "s", "mlflow", "run",
-    ]  # fmt: skip
-    assert lines[2].split() == [
-        "cnn-abc123-2", "bbbbbbb", "done", "0.002", "0.9612", "0.9512", "12.3", "0fa1b2c3",
-    ]  # fmt: skip
-    assert lines[3].split()[2:] == ["queued", "-", "-", "-", "-", "-"]
-    assert "pixel_mean" not in text and "sweep_parent" not in text and "md5" not in text
-    assert len(header) < 120
+def test_exp_show_keeps_what_varies_and_the_headline_metrics() -> None:
+    """DVC's own table of this project's commit, narrowed: the experiment, when, and each
+    model's three headline metrics (nothing varies between the workspace and HEAD's params)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--md", *exp_show_args(["cnn", "rnn"])],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    header = [cell.strip() for cell in done.stdout.splitlines()[0].strip("|").split("|")]
+    assert header[:2] == ["Experiment", "Created"]
+    assert sorted(header[2:]) == sorted(
+        f"reports/models/{model}/{name}"
+        for model in ("cnn", "rnn")
+        for name in (
+            "eval.json:test_accuracy",
+            "train.json:best.val_accuracy",
+            "train.json:train_time_s",
+        )
+    )
 
 
 # --- a real sweep --------------------------------------------------------------------------------

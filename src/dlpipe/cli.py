@@ -8,7 +8,7 @@
     dlpipe check [--smoke] [--baseline REV]
     dlpipe sync                                      (metrics kept while MLflow was down)
     dlpipe sweep cnn -S train.cnn.lr=0.001,0.002 -S train.cnn.batch_size=32,64 --jobs 2
-    dlpipe sweep --show [MODEL]                       (dvc exp show on one screen)
+    dlpipe sweep --show [MODEL]                       (dvc exp show, narrowed)
 
 Predictions come from the local DVC outputs (data/models/<name> under the current folder: the
 weights and what reading raw inputs needs, such as the tokenizer) or from any MLflow pyfunc URI;

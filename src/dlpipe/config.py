@@ -1,7 +1,10 @@
 """The schema of params.yaml, validated on load.
 
-Every knob of the pipeline lives in params.yaml; this module says which keys exist, their types
-and their ranges. `load_params` turns any violation into one `DlpipeError` line naming the key path
+Every knob of the pipeline lives in params.yaml; this module says which keys exist, their types,
+their ranges and their defaults. The defaults are this schema's: params.yaml states each global
+one with the same value (tests/test_config.py keeps the two equal), and each built-in model's
+section states its own recipe, where a user's new model gets the family's defaults for any knob
+it leaves out. `load_params` turns any violation into one `DlpipeError` line naming the key path
 and what is allowed, so a typo in `dvc exp run -S` fails fast and readably.
 """
 

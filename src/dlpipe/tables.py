@@ -1,22 +1,21 @@
-"""One table renderer for every table dlpipe prints or writes (compare, gates, the report)."""
+"""One table renderer for every table dlpipe prints or writes (compare, gates, sweeps, the
+report, evaluation mistakes): tabulate's, with each cell shown as given."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tabulate import tabulate
+
 
 def format_table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False
+    header: Sequence[str], rows: Sequence[Sequence[object]], markdown: bool = False
 ) -> str:
-    """Columns padded to their widest cell: plain text with a rule under the header, or a
-    markdown table that also reads well as plain text."""
-    widths = [max(len(str(line[i])) for line in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True)]
-        return f"| {' | '.join(padded)} |" if markdown else "  ".join(padded).rstrip()
-
-    rule = ["-" * max(3, width) for width in widths] if markdown else ["-" * w for w in widths]
-    if markdown:
-        widths = [max(3, width) for width in widths]
-    return "\n".join([line(header), line(rule), *(line(row) for row in rows)])
+    """Plain text with a rule under the header, or a GitHub-flavoured markdown table (which
+    also reads well as plain text). Cells are never re-parsed as numbers: callers format them."""
+    return tabulate(
+        [[str(cell) for cell in row] for row in rows],
+        [str(name) for name in header],
+        tablefmt="github" if markdown else "simple",
+        disable_numparse=True,
+    )

@@ -25,6 +25,17 @@ from support.families import MODELS, REPO_ROOT
 TINY_VOCAB = 50
 TINY_MAX_TOKENS = 40
 SIGNAL_TOKEN = 2  # its presence makes a tiny-IMDB review positive
+# What prepare@imdb writes, sorted: the splits, the texts, the tokenizer and word vectors, the card.
+PREPARED_IMDB_FILES = [
+    "SHA256SUMS",
+    "meta.json",
+    "test.npz",
+    "texts.parquet",
+    "tokenizer.json",
+    "train.npz",
+    "val.npz",
+    "word_vectors.npy",
+]
 
 
 def tiny_mnist_arrays(n: int, seed: int) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dlpipe.io import atomic_path  # noqa: E402
+from dlpipe.tables import format_table  # noqa: E402
 
 
 def _save(fig: plt.Figure, dest: Path) -> None:
@@ -22,22 +23,28 @@ def _save(fig: plt.Figure, dest: Path) -> None:
 def plot_confusion(
     confusion: list[list[int]], label_names: list[str], title: str, dest: Path
 ) -> None:
-    """Counts with row-normalised shading, so small classes read as clearly as large ones."""
+    """scikit-learn's confusion-matrix display, shaded by each row's shares (so small classes
+    read as clearly as large ones) and labelled with the counts."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     counts = np.asarray(confusion)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 2.2 + 0.5 * len(label_names)
     fig, ax = plt.subplots(figsize=(size, size * 0.9), constrained_layout=True)
-    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    ticks = range(len(label_names))
-    ax.set_xticks(ticks, label_names, rotation=45 if len(label_names) > 5 else 0)
-    ax.set_yticks(ticks, label_names)
+    display = ConfusionMatrixDisplay(shares, display_labels=label_names)
+    display.plot(
+        ax=ax,
+        cmap="Blues",
+        colorbar=False,
+        im_kw={"vmin": 0, "vmax": 1},
+        xticks_rotation=45 if len(label_names) > 5 else "horizontal",
+        text_kw={"fontsize": 8},
+    )
+    for (i, j), text in np.ndenumerate(display.text_):
+        text.set_text(str(counts[i, j]))
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title(title)
-    for i in ticks:
-        for j in ticks:
-            color = "white" if shares[i, j] > 0.5 else "black"
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8, color=color)
     _save(fig, dest)
 
 
@@ -71,10 +78,11 @@ def plot_misclassified(
 
 def mistakes_markdown(rows: list[dict[str, str]], dest: Path) -> None:
     """The most confident text mistakes as a markdown table (text shortened)."""
-    lines = ["| text | actual | predicted | confidence |", "| --- | --- | --- | --- |"]
+    table = []
     for row in rows:
         text = " ".join(row["text"].split()).replace("|", "\\|")
         text = text if len(text) <= 200 else text[:197] + "..."
-        lines.append(f"| {text} | {row['actual']} | {row['predicted']} | {row['confidence']} |")
+        table.append([text, row["actual"], row["predicted"], row["confidence"]])
+    markdown = format_table(["text", "actual", "predicted", "confidence"], table, markdown=True)
     with atomic_path(dest) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.write_text(markdown + "\n", encoding="utf-8")

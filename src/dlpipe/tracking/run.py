@@ -1,4 +1,4 @@
-"""`StageRun`: the one MLflow run of a train or baseline stage, which the evaluate stage
+"""`StageRun`: the one MLflow run of a train or linear stage, which the evaluate stage
 continues; resumable, and never fatal once the stage's work has started."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dlpipe.tracking.store import check_store, experiment_id
 
 
 class StageRun:
-    """The MLflow run a stage logs to (a training's, a baseline's; the evaluate stage reopens
+    """The MLflow run a stage logs to (a training's, a linear model's; the evaluate stage reopens
     the training's): it survives interruptions and never takes the stage's work down with it.
 
     Starting is strict (an unusable store is an error before training, unless tracking is

@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from test_formats import COLOURS, TOPICS, picture, tickets
+from support.own_data import COLOURS, TOPICS, picture, tickets
 
 from dlpipe.smoke.workspace import workspace_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def copy_project(dest: Path) -> Path:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from support.tiny import PREPARED_IMDB_FILES
 
 from dlpipe.config import set_dotted
 from dlpipe.datasets.imdb import frame
@@ -36,7 +37,7 @@ from dlpipe.smoke.workspace import isolated_env
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA_STAGES = ("fetch", "prepare@mnist", "prepare@imdb")
 PREPARE_STAGES = DATA_STAGES[1:]
 UP_TO_DATE = "Data and pipelines are up to date."
@@ -184,16 +185,7 @@ def assert_outputs_exist(repo: DvcRepo) -> None:
         "train.npz",
         "val.npz",
     ]
-    assert sorted(p.name for p in (prepared / "imdb").iterdir()) == [
-        "SHA256SUMS",
-        "meta.json",
-        "test.npz",
-        "texts.parquet",
-        "tokenizer.json",
-        "train.npz",
-        "val.npz",
-        "word_vectors.npy",
-    ]
+    assert sorted(p.name for p in (prepared / "imdb").iterdir()) == PREPARED_IMDB_FILES
     lock = yaml.safe_load((repo.root / "dvc.lock").read_text(encoding="utf-8"))
     assert set(lock["stages"]) == set(DATA_STAGES)
     params = yaml.safe_load((repo.root / "params.yaml").read_text(encoding="utf-8"))

@@ -19,7 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from support.families import MODELS, dataset_of, family_model
 from support.tiny import TinyProject, hook_after_epoch
-from test_ddp import finish, stage
+from test_distributed import finish, stage
 
 from dlpipe.config import train_config
 from dlpipe.data.tensors import Split, load_split

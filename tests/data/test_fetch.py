@@ -9,7 +9,7 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -30,7 +30,7 @@ from dlpipe.errors import DlpipeError
 if TYPE_CHECKING:
     from support.servers import Server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = FetchConfig(connect_timeout_s=1.0, read_timeout_s=1.0, retries=1)
 # The built-in datasets the fetch stage downloads, in params.yaml's order.
 DATASETS: dict[str, DatasetFormat] = {"mnist": mnist.FORMAT, "imdb": imdb.FORMAT}
@@ -133,14 +133,19 @@ def test_fetch_from_csv_mirror(mirror: tuple[Path, Sources], tmp_path: Path) -> 
     assert cached == sorted([*TINY_MNIST, "test.csv.gz", "train.csv.gz", "unsup.csv.gz"])
 
 
+def serve_mirror(http_server: Server, imdb_files: Iterable[Path]) -> None:
+    """A URL mirror at /m: the tiny MNIST files, and these files as IMDB's."""
+    for name, data in TINY_MNIST.items():
+        http_server.serve(f"/m/mnist/{name}", data)
+    for path in imdb_files:
+        http_server.serve(f"/m/imdb/{path.name}", path.read_bytes())
+
+
 def test_second_fetch_uses_the_download_cache(
     mirror: tuple[Path, Sources], http_server: Server, tmp_path: Path
 ) -> None:
     folder, sources = mirror
-    for name, data in TINY_MNIST.items():
-        http_server.serve(f"/m/mnist/{name}", data)
-    for csv_file in (folder / "imdb").iterdir():
-        http_server.serve(f"/m/imdb/{csv_file.name}", csv_file.read_bytes())
+    serve_mirror(http_server, (folder / "imdb").iterdir())
     args = (CFG, http_server.url("/m"), DATASETS)
     first = fetch_all(tmp_path / "a", *args, sources=sources, cache_dir=tmp_path / "cache")
     assert first["mnist"]["origin"] == f"mirror {http_server.url('/m')}"
@@ -182,9 +187,7 @@ def test_url_mirror_without_csv_export_uses_its_archive(
     mirror: tuple[Path, Sources], http_server: Server, tmp_path: Path
 ) -> None:
     folder, sources = mirror
-    for name, data in TINY_MNIST.items():
-        http_server.serve(f"/m/mnist/{name}", data)
-    http_server.serve("/m/imdb/aclImdb_v1.tar.gz", (tmp_path / "aclImdb_v1.tar.gz").read_bytes())
+    serve_mirror(http_server, [tmp_path / "aclImdb_v1.tar.gz"])
     out_dir = tmp_path / "raw"
     summary = fetch_all(
         out_dir,

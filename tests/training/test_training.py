@@ -472,15 +472,23 @@ def test_checkpoint_store_round_trip_and_clear(tmp_path: Path) -> None:
     assert not store.folder.exists() and store.load() is None
 
 
-def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
-    tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    params = tiny_project.with_train("cnn", epochs=2, schedule="constant")
+def interrupted_after_epoch_1(
+    params: Params, tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Train the cnn of `params` until Ctrl-C after epoch 1; the checkpoint folder it leaves."""
     with monkeypatch.context() as patch:
         hook_after_epoch(patch, interrupt_at_epoch(1))
         with pytest.raises(KeyboardInterrupt):
             run_module.train("cnn", params)
     [stale] = checkpoint_folders(tiny_project.root, "cnn")
+    return stale
+
+
+def test_a_stale_checkpoint_is_not_resumed_after_a_param_or_data_change(
+    tiny_project: TinyProject, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = tiny_project.with_train("cnn", epochs=2, schedule="constant")
+    stale = interrupted_after_epoch_1(params, tiny_project, monkeypatch)
     capsys.readouterr()
 
     run_module.train("cnn", tiny_project.with_train("cnn", epochs=2, schedule="constant", lr=0.002))
@@ -527,11 +535,7 @@ def test_a_checkpoint_is_not_resumed_after_a_code_edit(
     """An edit to the model, its input kind or the trainer after an interruption starts over:
     weights trained by other code are never resumed (#10)."""
     params = tiny_project.with_train("cnn", epochs=2)
-    with monkeypatch.context() as patch:
-        hook_after_epoch(patch, interrupt_at_epoch(1))
-        with pytest.raises(KeyboardInterrupt):
-            run_module.train("cnn", params)
-    [stale] = checkpoint_folders(tiny_project.root, "cnn")
+    stale = interrupted_after_epoch_1(params, tiny_project, monkeypatch)
     capsys.readouterr()
 
     with monkeypatch.context() as patch:

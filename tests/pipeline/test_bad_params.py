@@ -31,7 +31,7 @@ from dlpipe.errors import USER_ERROR_EXIT, DlpipeError
 from dlpipe.family import DataMeta, model_family, validate_models
 from dlpipe.integrity import seal
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REAL = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 
 # (dotted key, the value put there, the key the error must name)

@@ -37,7 +37,7 @@ from dlpipe.serving import Predictor, log_raw_input_model
 from dlpipe.training.outputs import write_model_folder
 from dlpipe.training.run import Model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_IMAGES, EPOCHS, TEST_IMAGES, SEED = 6000, 2, 1000, 0
 FLOOR = 0.90  # the trained model reaches ~0.95; every raw-input path must keep >= 0.90 ...
 SLACK = 0.02  # ... and lose at most 2 points against the model on its own tensors

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from dlpipe.smoke.workspace import workspace_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_mlp_family(project: Path) -> list[str]:

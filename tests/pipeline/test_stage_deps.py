@@ -21,7 +21,7 @@ from support.families import MODELS
 from dlpipe.config import load_params
 from dlpipe.datasets import get_format
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARAMS = load_params(ROOT / "params.yaml")
 DATASETS = tuple(PARAMS.datasets)
 

@@ -11,24 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from support.own_data import CLASSES, COLOURS, TOPICS, picture, tickets
 
 from dlpipe.datasets import get_format
 from dlpipe.errors import DlpipeError
 from dlpipe.family import DataMeta
-
-CLASSES = ("cat", "dog", "fish", "owl")
-COLOURS = {"cat": (220, 40, 40), "dog": (40, 200, 40), "fish": (40, 40, 220), "owl": (230, 220, 30)}
-
-
-def picture(colour: tuple[int, int, int], size: tuple[int, int], seed: int) -> Image.Image:
-    """Noise around a square of the class's colour, at a random place."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    pixels = rng.integers(0, 90, size=(height, width, 3), dtype=np.uint8)
-    top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-    pixels[top : top + height // 2, left : left + width // 2] = colour
-    return Image.fromarray(pixels, "RGB")
 
 
 def image_folder(root: Path, per_class: int = 12, split: str = "") -> Path:
@@ -181,37 +168,6 @@ def test_an_image_size_too_small_for_the_cnn_names_the_smallest_that_works() -> 
 
 
 # --- table -------------------------------------------------------------------------------------
-
-TOPICS = {
-    "billing": ["invoice", "charged", "payment"],
-    "login": ["password", "locked", "signin"],
-    "shipping": ["parcel", "delivery", "courier"],
-    "refund": ["refund", "money", "return"],
-    "bug": ["crash", "error", "broken"],
-}
-FILLER = [
-    "please",
-    "help",
-    "my",
-    "account",
-    "the",
-    "order",
-    "today",
-    "again",
-    "thanks",
-    "hello",
-    "team",
-]
-
-
-def tickets(n_per_class: int = 12, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for topic, words in TOPICS.items():
-        for i in range(n_per_class):
-            text = " ".join([*rng.choice(FILLER, 6), words[i % 3], *rng.choice(FILLER, 3)])
-            rows.append({"id": f"{topic}-{i}", "body": f"{text} #{i}", "category": topic})
-    return pd.DataFrame(rows)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet", ".csv.gz"])

@@ -28,7 +28,7 @@ from dlpipe.smoke.checks import check_file, check_outputs
 from dlpipe.smoke.params import merge, parse_set, smoke_params
 from dlpipe.smoke.workspace import SmokeFailure, workspace_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def project_params() -> dict[str, object]:
