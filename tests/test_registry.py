@@ -20,9 +20,9 @@ from dlpipe.registry import SplitIdentity, beats, register_and_promote
 Register = Callable[..., dict[str, Any]]
 
 
-def make_register(client: MlflowClient, experiment_id: str, lock: Path) -> Register:
+def make_register(client: MlflowClient, experiment_id: str) -> Register:
     """register(value, metric=..., model=..., split=..., **config) -> decision, each from a new
-    run; promotions serialised by the file `lock`."""
+    run."""
 
     def register(
         value: float,
@@ -43,7 +43,6 @@ def make_register(client: MlflowClient, experiment_id: str, lock: Path) -> Regis
             RegistryConfig.model_validate({"metric": metric, **config}),
             client,
             split,
-            lock,
         )
 
     return register
@@ -58,7 +57,7 @@ def client(tmp_path: Path, _mlflow_db_template: Path) -> MlflowClient:
 @pytest.fixture
 def register(client: MlflowClient, tmp_path: Path) -> Register:
     experiment = client.create_experiment("registry", (tmp_path / "artifacts").as_uri())
-    return make_register(client, experiment, tmp_path / "registry.lock")
+    return make_register(client, experiment)
 
 
 def aliases(client: MlflowClient, name: str = "dlpipe-cnn") -> dict[str, int]:
@@ -182,7 +181,7 @@ def test_the_rule_against_a_tracking_server(mlflow_server: str, tmp_path: Path) 
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment("registry-http")
     )
-    register = make_register(client, experiment_id, tmp_path / "registry.lock")
+    register = make_register(client, experiment_id)
     assert register(0.8, model="http")["promoted"] is True
     assert register(0.7, model="http")["promoted"] is False
     assert aliases(client, "dlpipe-http") == {"candidate": 2, "champion": 1}
@@ -191,55 +190,78 @@ def test_the_rule_against_a_tracking_server(mlflow_server: str, tmp_path: Path) 
 # --- parallel evaluations -----------------------------------------------------------------------
 
 
-def test_parallel_promotions_never_crown_the_worse_model(
+def test_a_promotion_that_read_a_stale_registry_is_put_right(
     client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two evaluations (queued experiments) promote at once. Reading the champion is slowed, so
-    without the lock both would read v1 and the later, worse one would take the alias last."""
+    """Two evaluations promote at once, with no lock: the better one's first read of the
+    versions is slowed until the worse one has registered and settled, so the better one moves
+    the aliases from a stale read; its re-read after the write puts the champion right."""
     uri = client.tracking_uri
     experiment = client.create_experiment("parallel", (tmp_path / "artifacts").as_uri())
-    lock = tmp_path / "registry.lock"
-    make_register(client, experiment, lock)(0.90)
+    make_register(client, experiment)(0.90)
 
-    reading = threading.Event()
-    read_champion = registry._champion
+    worse_done, reads = threading.Event(), []
+    fold = registry.fold
 
-    def slow_champion(client: MlflowClient, name: str) -> Any:
-        reading.set()
-        found = read_champion(client, name)
-        time.sleep(0.5)
-        return found
+    def stale_first_fold(client: MlflowClient, name: str, versions: Any, config: Any) -> Any:
+        reads.append(len(versions))
+        if len(reads) == 1:  # the better one's first read: v1 and itself only
+            assert worse_done.wait(10)
+        return fold(client, name, versions, config)
 
-    monkeypatch.setattr(registry, "_champion", slow_champion)
+    monkeypatch.setattr(registry, "fold", stale_first_fold)
     decisions: dict[float, dict[str, Any]] = {}
 
     def evaluate(value: float) -> None:  # each evaluation has its own client, as processes do
-        decisions[value] = make_register(MlflowClient(uri), experiment, lock)(value)
+        decisions[value] = make_register(MlflowClient(uri), experiment)(value)
 
     better = threading.Thread(target=evaluate, args=(0.95,))
     better.start()
-    assert reading.wait(10)
-    worse = threading.Thread(target=evaluate, args=(0.92,))
-    worse.start()
+    while not reads:
+        time.sleep(0.01)
+    evaluate(0.92)
+    worse_done.set()
     better.join(30)
-    worse.join(30)
 
     assert decisions[0.95]["promoted"] and decisions[0.95]["champion_version_before"] == 1
-    assert not decisions[0.92]["promoted"], decisions[0.92]
-    assert decisions[0.92]["champion_value_before"] == 0.95  # re-read inside the lock
-    champion = client.get_model_version_by_alias("dlpipe-cnn", "champion")
-    assert int(champion.version) == decisions[0.95]["version"]
+    assert decisions[0.92]["version"] == 3 and not decisions[0.92]["promoted"], decisions
+    assert decisions[0.92]["champion_value_before"] == 0.95  # the fold is in version order
+    assert aliases(client) == {"candidate": 3, "champion": 2}
+    assert reads[0] == 2 and max(reads) == 3  # the stale read, then a re-read that saw v3
 
 
-def test_queued_experiments_share_the_checkout_s_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_excluded_version_takes_no_part(client: MlflowClient, register: Register) -> None:
+    """A rollback by hand: tag the champion `promotion_excluded=true`; the next promotion
+    settles on the best of the others."""
+    register(0.90)
+    register(0.95)
+    client.set_model_version_tag("dlpipe-cnn", "2", registry.EXCLUDED, "true")
+    decision = register(0.91)
+    assert decision["promoted"] and decision["champion_version_before"] == 1
+    assert aliases(client) == {"candidate": 3, "champion": 3}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_racing_promotions_from_separate_processes_always_settle_on_the_rule(
+    mlflow_server: str, tmp_path: Path
 ) -> None:
-    """A queued experiment runs in .dvc/tmp/exps/<tmp>: its lock is the checkout's."""
-    queued = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
-    queued.mkdir(parents=True)
-    monkeypatch.chdir(queued)
-    expected = tmp_path.resolve() / ".dlpipe" / "locks" / "registry-dlpipe-cnn.lock"
-    assert registry.lock_file("dlpipe-cnn") == expected
+    """Clones on separate machines share only the tracking server: three processes, each in its
+    own folder with its own client, register at once for 20 rounds, with random delays around
+    every registry call; after each round the champion is what the rule, applied one version at
+    a time in version order, gives, and the candidate is the newest version."""
+    from support.race import ROUNDS, WORKERS, run_race
+
+    name = "dlpipe-race"
+    client = MlflowClient(mlflow_server)
+    for round_, versions in enumerate(run_race(mlflow_server, tmp_path), start=1):
+        expected: Any = None
+        for version in versions:  # the rule, by hand: min_delta 0, one test split
+            if expected is None or version[1] > expected[1]:
+                expected = version
+        got = aliases(client, name)
+        assert got == {"candidate": versions[-1][0], "champion": expected[0]}, (round_, versions)
+    assert len(versions) == ROUNDS * WORKERS
 
 
 # --- scores on different test rows ---------------------------------------------------------------

@@ -8,32 +8,34 @@ value of the metric to compare, or the new value beats the champion's by more th
 scored on other rows stays a candidate, unless it was scored on the full test split and the
 champion on a sample of it (`datasets.<dataset>.max_test`).
 
-Reading the champion and moving the alias happen under one file lock in the project root's
-`.dlpipe/locks/`, so parallel evaluations (queued experiments) cannot both promote against the
-same old champion and leave the worse one on top. The lock spans one machine: clones on other
-machines logging to one tracking server are not serialised. Uses only the given `MlflowClient`
-otherwise, so it works the same against a sqlite store and a tracking server.
+No lock, so it is safe between machines that share only the tracking server: the champion is a
+function of the registered versions, the rule folded over them in version order (the server
+numbers versions atomically), and every promotion, after registering its version, re-reads the
+versions and the aliases and moves `champion` (and `candidate`, the newest version) until what it
+read agrees with the fold. Whatever the interleaving, the last process to write re-reads after
+its write, so the registry always settles on the fold over every version: what one process
+promoting them one at a time would have left. A version tagged `promotion_excluded=true` (a
+rollback by hand) takes no part; an alias moved by hand is moved back at the next promotion.
+Uses only the given `MlflowClient`, so it works the same against a sqlite store and a server.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dlpipe.config import RegistryConfig
 from dlpipe.errors import DlpipeError
-from dlpipe.paths import project_root
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 LOWER_IS_BETTER = frozenset({"test_log_loss"})
-LOCK_TIMEOUT_S = 600.0  # a promotion takes seconds; waiting longer means a stuck process
+EXCLUDED = "promotion_excluded"  # tag a version "true" to take it out of the running
+SETTLE_ROUNDS = 100  # re-reads before giving up: each is one write by a racing promotion
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,6 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
                 raise
 
 
-def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
 def _metric_of(client: MlflowClient, version: ModelVersion, metric: str) -> float | None:
     """The version's metric: its own tag first, else its run's logged value."""
     tagged = (version.tags or {}).get(metric)
@@ -125,11 +118,6 @@ def beats(new: float, old: float, metric: str, min_delta: float) -> bool:
     return new > old + min_delta
 
 
-def lock_file(name: str) -> Path:
-    """The lock serialising promotions of registered model `name` from this project."""
-    return project_root() / ".dlpipe" / "locks" / f"registry-{name}.lock"
-
-
 def register_and_promote(
     model: str,
     model_uri: str,
@@ -138,84 +126,92 @@ def register_and_promote(
     config: RegistryConfig,
     client: MlflowClient,
     split: SplitIdentity | None = None,
-    lock: Path | None = None,
 ) -> dict[str, Any]:
-    """Register `model_uri` as a new version (alias `candidate`); promote it if it wins against
-    the champion read under the lock (`lock`, default `lock_file(name)`). `split`: the test rows
-    `metrics` come from (None: compared whatever the champion's were, as before splits existed).
+    """Register `model_uri` as a new version, then settle the aliases on the fold of the rule
+    over every version (`settle`). `split`: the test rows `metrics` come from (None: compared
+    whatever the champion's were, as before splits existed).
 
-    Returns the decision: registered_model, version, metric, value, champion_version_before,
-    champion_value_before, promoted, reason."""
+    Returns the new version's decision, as the fold made it: registered_model, version, metric,
+    value, champion_version_before, champion_value_before, promoted, reason."""
     metric = config.metric
     if metric not in metrics or not math.isfinite(float(metrics[metric])):
         raise DlpipeError(f"registry.metric is {metric} but the evaluation gave no finite value")
-    value = float(metrics[metric])
     name = registered_name(model, config)
     _ensure_registered_model(client, name)
     tags = {key: repr(float(v)) for key, v in metrics.items() if isinstance(v, int | float)}
     tags |= split.tags() if split is not None else {}
-    path = lock or lock_file(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path, timeout=LOCK_TIMEOUT_S):
-        return _promote(client, name, model_uri, run_id, tags, value, split, config)
-
-
-def _promote(
-    client: MlflowClient,
-    name: str,
-    model_uri: str,
-    run_id: str,
-    tags: dict[str, str],
-    value: float,
-    split: SplitIdentity | None,
-    config: RegistryConfig,
-) -> dict[str, Any]:
-    """The new version and the decision; run under the lock, so the champion read here is
-    still the champion when the alias moves."""
-    metric = config.metric
-    champion = _champion(client, name)
-    champion_value = _metric_of(client, champion, metric) if champion is not None else None
-    champion_split = SplitIdentity.from_tags(champion.tags or {}) if champion else None
-
     version = client.create_model_version(
         name, source=model_uri, run_id=run_id, tags=tags, model_id=_model_id(model_uri)
-    )
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    ).version
+    decision = settle(client, name, config)[str(version)]
+    client.set_model_version_tag(name, str(version), "promotion", decision["reason"])
+    return decision
 
+
+def settle(client: MlflowClient, name: str, config: RegistryConfig) -> dict[str, dict[str, Any]]:
+    """Move `champion` and `candidate` until a read of the versions and the aliases agrees with
+    the fold; the fold's decision for each version."""
+    for _ in range(SETTLE_ROUNDS):
+        versions = sorted(
+            client.search_model_versions(f"name = '{name}'", max_results=10000),
+            key=lambda v: int(v.version),
+        )
+        decisions, champion = fold(client, name, versions, config)
+        aliases = client.get_registered_model(name).aliases
+        wanted = {CHAMPION: champion, CANDIDATE: str(versions[-1].version) if versions else None}
+        stale = {a: v for a, v in wanted.items() if v is not None and str(aliases.get(a)) != v}
+        if not stale:
+            return decisions
+        for alias, number in stale.items():
+            client.set_registered_model_alias(name, alias, number)
+    raise DlpipeError(f"the aliases of {name} did not settle after {SETTLE_ROUNDS} re-reads")
+
+
+def fold(
+    client: MlflowClient, name: str, versions: list[ModelVersion], config: RegistryConfig
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The rule applied to the versions one at a time, in version order: each one's decision,
+    and the champion it leaves."""
+    metric = config.metric
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
-    if champion is None:
-        promoted, reason = True, "no champion yet"
-    elif split and champion_split and not split.same_rows(champion_split):
-        promoted = split.full and not champion_split.full
-        verdict = "replaces" if promoted else "is not compared with"
-        reason = (
-            f"scored on {split.describe()}: {verdict} champion v{champion.version}, "
-            f"scored on {champion_split.describe()}"
-        )
-    elif champion_value is None:
-        promoted, reason = True, f"champion v{champion.version} has no {metric} to compare"
-    elif beats(value, champion_value, metric, config.min_delta):
-        promoted = True
-        reason = (
-            f"{metric} {value:.6g} beats champion v{champion.version} ({champion_value:.6g}) "
-            f"by more than {config.min_delta:g} ({direction} is better)"
-        )
-    else:
-        promoted = False
-        reason = (
-            f"{metric} {value:.6g} does not beat champion v{champion.version} "
-            f"({champion_value:.6g}) by more than {config.min_delta:g} ({direction} is better)"
-        )
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    client.set_model_version_tag(name, version.version, "promotion", reason)
-    return {
-        "registered_model": name,
-        "version": int(version.version),
-        "metric": metric,
-        "value": value,
-        "champion_version_before": int(champion.version) if champion is not None else None,
-        "champion_value_before": champion_value,
-        "promoted": promoted,
-        "reason": reason,
-    }
+    champion: tuple[ModelVersion, float, SplitIdentity | None] | None = None
+    decisions: dict[str, dict[str, Any]] = {}
+    for version in versions:
+        tags = version.tags or {}
+        value = _metric_of(client, version, metric)
+        split = SplitIdentity.from_tags(tags)
+        if tags.get(EXCLUDED) == "true":
+            promoted, reason = False, f"excluded ({EXCLUDED})"
+        elif value is None:
+            promoted, reason = False, f"has no {metric} to compare"
+        elif champion is None:
+            promoted, reason = True, "no champion yet"
+        else:
+            old, old_value, old_split = champion
+            if split and old_split and not split.same_rows(old_split):
+                promoted = split.full and not old_split.full
+                verdict = "replaces" if promoted else "is not compared with"
+                reason = (
+                    f"scored on {split.describe()}: {verdict} champion v{old.version}, "
+                    f"scored on {old_split.describe()}"
+                )
+            else:
+                promoted = beats(value, old_value, metric, config.min_delta)
+                reason = (
+                    f"{metric} {value:.6g} {'beats' if promoted else 'does not beat'} champion "
+                    f"v{old.version} ({old_value:.6g}) by more than {config.min_delta:g} "
+                    f"({direction} is better)"
+                )
+        decisions[str(version.version)] = {
+            "registered_model": name,
+            "version": int(version.version),
+            "metric": metric,
+            "value": value,
+            "champion_version_before": int(champion[0].version) if champion else None,
+            "champion_value_before": champion[1] if champion else None,
+            "promoted": promoted,
+            "reason": reason,
+        }
+        if promoted and value is not None:
+            champion = (version, value, split)
+    return decisions, str(champion[0].version) if champion else None
