@@ -4,14 +4,15 @@
     dlpipe sweep --show [cnn]
 
 DVC does the grid: `dvc exp run --queue -n NAME -S 'a=1,2' ...` queues one experiment per
-combination (named NAME-1 ... NAME-N) and `dvc exp run --run-all -j N` runs the queue. dlpipe
-checks every trial first (DVC's expansion and override code, then the params schema: one error
-line, nothing queued), runs `train@M evaluate@M` alone (`-s`, on the baseline's prepared data, so
-a grid varies `train.<model>.*` and `evaluate.*` only) and forced (`-f`: a trial that trains like
-another still trains as its own run), and keeps the grid in an MLflow parent run whose children
-are the trials' trainings (`mlflow.sweep_parent`); it ends FINISHED, with the best trial, when
-every trial succeeded and logged its run. Trials import their own copy's code (`PYTHONPATH=src`).
-`--show` is `dvc exp show` narrowed to what varies and the headline metrics, plus MLflow runs.
+combination (named NAME-1 ... NAME-N) and `dvc exp run --run-all -j N` runs the queue (watched:
+`dvc_queue`). dlpipe checks every trial first (DVC's expansion and override code, then the params
+schema: one error line, nothing queued), runs `train@M evaluate@M` alone (`-s`, on the baseline's
+prepared data, so a grid varies `train.<model>.*` and `evaluate.*` only) and forced (`-f`: a trial
+that trains like another still trains as its own run), and keeps the grid in an MLflow parent run
+whose children are the trials' trainings (`mlflow.sweep_parent`); it ends FINISHED, with the best
+trial, when every trial succeeded and logged its run. Trials import their own copy's code
+(`PYTHONPATH=src`). `--show` is `dvc exp show` narrowed to what varies and the headline metrics,
+plus MLflow runs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import yaml
 
 from dlpipe import lineage, paths
 from dlpipe.config import Params, load_params, parse_params, train_config
+from dlpipe.dvc_queue import run_queued
 from dlpipe.errors import DlpipeError
 from dlpipe.family import model_family
 from dlpipe.tables import format_table
@@ -117,7 +119,6 @@ def check_baseline(dataset: str) -> None:
 
 def run_sweep(model: str, grid: Sequence[str], jobs: int, params_path: str) -> int:
     """Queue and run the grid; 0 when every trial finished and logged its run, 1 otherwise."""
-    from dvc.repo import Repo
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
@@ -164,11 +165,7 @@ def run_sweep(model: str, grid: Sequence[str], jobs: int, params_path: str) -> i
                 dvc("queue", "remove", *names)
             raise
         env = trial_env(jobs) | {"MLFLOW_TRACKING_URI": uri}  # the parent's store, any cwd
-        cmd = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", str(jobs)]
-        subprocess.run(cmd, env=env)
-        with Repo(".") as repo:  # each trial's state in DVC's queue (Success, Failed, ...)
-            found = {e["name"]: str(e["status"]) for e in repo.experiments.celery_queue.status()}
-        states = {name: found.get(name, "Missing") for name in names}
+        states = run_queued(names, jobs, env)  # each trial's state: Success, Failed, ...
         runs = client.search_runs(
             [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000
         )
