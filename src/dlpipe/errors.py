@@ -7,6 +7,7 @@ line on stderr and exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -37,11 +38,30 @@ def redact(text: str) -> str:
 
 
 def first_line(err: BaseException) -> str:
-    """The gist of an exception in one line (MLflow puts its reason after "Error: ")."""
+    """The gist of an exception in one line (MLflow puts its reason after "Error: "; a tracking
+    server's refusal says who was refused)."""
+    status = getattr(err, "get_http_status_code", lambda: None)()
+    if status in (401, 403):
+        return refusal(status)
     text = str(err).strip()
     if "Error: " in text:
         text = text.rsplit("Error: ", 1)[1]
     return redact((text.splitlines() or [type(err).__name__])[0][:300])
+
+
+def refusal(status: int) -> str:
+    """A tracking server's 401 or 403, in words, naming the user (never the password)."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        given = f"the password of user {user} is wrong" if user else "no user was given"
+        return (
+            f"401 Unauthorized: {given} (set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or ~/.mlflow/credentials)"
+        )
+    return (
+        f"403 Permission denied for user {user or '(from ~/.mlflow/credentials)'}: an admin "
+        "grants it with `python -m dlpipe.team_users NAME --role trainer`"
+    )
 
 
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:

@@ -21,18 +21,15 @@ from support.families import REPO_ROOT
 from support.servers import MlflowServer
 from support.tiny import (
     TinyProject,
+    add_test_splits,
     hook_after_epoch,
     run_stage_here,
-    tiny_imdb_arrays,
-    tiny_mnist_arrays,
 )
 
 from dlpipe import serving
 from dlpipe.evaluation.metrics import classification_report, expected_calibration_error
 from dlpipe.evaluation.run import evaluate
 from dlpipe.family import load_trained
-from dlpipe.inputs.tokens import TEXTS_FILE
-from dlpipe.integrity import seal
 from dlpipe.report import _card_lines, write_report
 from dlpipe.training.run import train
 
@@ -130,33 +127,6 @@ def test_expected_calibration_error_depends_on_the_bins_by_hand() -> None:
     assert expected_calibration_error(np.array([0, 1]), edge, bins=2) == pytest.approx(0.7)
 
 
-def _add_test_splits(project: TinyProject) -> None:
-    """What prepare writes beyond the training fixture: test splits, the texts by row id
-    (texts.parquet, which the mistakes table reads), and the data cards."""
-    prepared = project.root / "data" / "prepared"
-    mnist = tiny_mnist_arrays(80, seed=5)
-    np.savez(prepared / "mnist" / "test.npz", **mnist)
-    imdb = tiny_imdb_arrays(80, seed=6)
-    row_ids = np.array([f"test/x/{i}" for i in range(80)])
-    np.savez(prepared / "imdb" / "test.npz", **imdb, row_id=row_ids)
-    texts = pd.DataFrame(
-        {
-            "split": "test",
-            "row_id": row_ids,
-            "text": [f"review number {i} | with a pipe" for i in range(80)],
-        }
-    )
-    texts.to_parquet(prepared / "imdb" / TEXTS_FILE, index=False)
-    for dataset in ("mnist", "imdb"):
-        seal(prepared / dataset)  # as prepare does: what evaluate reads is checked against it
-    reports_data = project.root / "reports" / "data"
-    reports_data.mkdir(parents=True)
-    for dataset, arrays in (("mnist", mnist), ("imdb", imdb)):
-        counts = np.bincount(arrays["labels"]).tolist()
-        card = {split: {"count": 80, "class_counts": counts} for split in ("train", "val", "test")}
-        (reports_data / f"{dataset}.json").write_text(json.dumps(card))
-
-
 def _accuracy_from_saved_files(name: str) -> tuple[float, int]:
     """Test accuracy and parameter count recomputed from model.pt and test.npz by plain torch,
     apart from the evaluate stage's code, so its scalars are checked and not just bounded."""
@@ -175,7 +145,7 @@ def _accuracy_from_saved_files(name: str) -> tuple[float, int]:
 
 @pytest.mark.integration
 def test_evaluate_and_report_end_to_end(tiny_project: TinyProject) -> None:
-    _add_test_splits(tiny_project)
+    add_test_splits(tiny_project)
     params = tiny_project.params
     results = {}
     for name in MODELS:
@@ -240,7 +210,7 @@ def fail_registering(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def trained_cnn(tiny_project: TinyProject) -> TinyProject:
     """A tiny project with test splits, a trained CNN, params.yaml and a stale registry.json."""
-    _add_test_splits(tiny_project)
+    add_test_splits(tiny_project)
     train("cnn", tiny_project.params)
     tiny_project.write_params()
     stale = Path("reports/models/cnn/registry.json")
@@ -316,7 +286,7 @@ def test_tracking_credentials_are_never_written_or_printed(
 ) -> None:
     """A tracking URI with `user:token@` trains and evaluates, but the token is in no output, no
     message and no run param or tag; evaluate finds the run through the current URI (#10)."""
-    _add_test_splits(tiny_project)
+    add_test_splits(tiny_project)
     tiny_project.write_params(tiny_project.with_train("cnn", epochs=1))
     uri = mlflow_server.replace("http://", f"http://alice:{SECRET}@")
     trained = run_stage("train", "cnn", tiny_project.root, uri)
@@ -369,7 +339,7 @@ def test_the_evaluate_stage_first_delivers_what_a_dead_server_missed(
     """The server dies in epoch 2: the train stage succeeds and its last line says what MLflow
     is missing; evaluate fails while the server is down, and delivers the metrics once it is
     back, before logging its own (#10)."""
-    _add_test_splits(tiny_project)
+    add_test_splits(tiny_project)
     server = killable_mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     tiny_project.write_params(tiny_project.with_train("cnn", epochs=3))

@@ -85,9 +85,7 @@ def run_race(uri: str, folder: Path) -> Iterator[list[tuple[int, float]]]:
             barrier.wait()  # go
             barrier.wait()  # every worker has promoted
             versions = client.search_model_versions(f"name = 'dlpipe-{MODEL}'")
-            yield sorted(
-                (int(v.version), float(v.tags["test_accuracy"])) for v in versions
-            )
+            yield sorted((int(v.version), float(v.tags["test_accuracy"])) for v in versions)
     finally:
         barrier.abort()  # a failed check must not leave the workers waiting for the next round
         for worker in workers:

@@ -151,6 +151,7 @@ class MlflowServer:
     backend: str = ""
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    admin_password: str = ""  # given: MLflow's basic-auth app, users in `folder`/auth.db
 
     @property
     def url(self) -> str:
@@ -166,7 +167,11 @@ class MlflowServer:
             "--workers", "1",
         ]  # fmt: skip
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
+        if self.admin_password:
+            command += ["--auth", "--auth-db-uri", f"sqlite:///{self.folder / 'auth.db'}"]
+            env["MLFLOW_AUTH_ADMIN_PASSWORD"] = self.admin_password
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.pop(name, None)
         with open(self.folder / "server.log", "ab") as log:
             self.process = subprocess.Popen(
                 command,

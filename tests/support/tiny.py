@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 from dlpipe.config import Params, load_params, parse_params
 from dlpipe.data.text import word_vectors
-from dlpipe.inputs.tokens import WORD_VECTORS_FILE
+from dlpipe.inputs.tokens import TEXTS_FILE, WORD_VECTORS_FILE
 from dlpipe.integrity import seal
 from support.families import MODELS, REPO_ROOT
 
@@ -271,3 +272,30 @@ SERVING_REVIEWS = [
     "The best movie I have seen this year.",
     "Terrible dialogue and a silly, predictable ending.",
 ]
+
+
+def add_test_splits(project: TinyProject) -> None:
+    """What prepare writes beyond the training fixture: test splits, the texts by row id
+    (texts.parquet, which the mistakes table reads), and the data cards."""
+    prepared = project.root / "data" / "prepared"
+    mnist = tiny_mnist_arrays(80, seed=5)
+    np.savez(prepared / "mnist" / "test.npz", **mnist)
+    imdb = tiny_imdb_arrays(80, seed=6)
+    row_ids = np.array([f"test/x/{i}" for i in range(80)])
+    np.savez(prepared / "imdb" / "test.npz", **imdb, row_id=row_ids)
+    texts = pd.DataFrame(
+        {
+            "split": "test",
+            "row_id": row_ids,
+            "text": [f"review number {i} | with a pipe" for i in range(80)],
+        }
+    )
+    texts.to_parquet(prepared / "imdb" / TEXTS_FILE, index=False)
+    for dataset in ("mnist", "imdb"):
+        seal(prepared / dataset)  # as prepare does: what evaluate reads is checked against it
+    reports_data = project.root / "reports" / "data"
+    reports_data.mkdir(parents=True)
+    for dataset, arrays in (("mnist", mnist), ("imdb", imdb)):
+        counts = np.bincount(arrays["labels"]).tolist()
+        card = {split: {"count": 80, "class_counts": counts} for split in ("train", "val", "test")}
+        (reports_data / f"{dataset}.json").write_text(json.dumps(card))

@@ -17,7 +17,7 @@ from dlpipe.errors import DlpipeError, first_line, redact
 from dlpipe.paths import project_root
 from dlpipe.tracking.orphans import OWNER_TAG, end_orphans, owner
 from dlpipe.tracking.spool import append, spool_dir
-from dlpipe.tracking.store import check_store, experiment_id
+from dlpipe.tracking.store import Refused, check_store, experiment_id
 
 
 class StageRun:
@@ -52,7 +52,7 @@ class StageRun:
         try:
             check_store(uri)
         except DlpipeError as err:
-            if required:
+            if required or isinstance(err, Refused):
                 raise
             warnings.warn(f"{err}; training without MLflow tracking", stacklevel=2)
             self._broken = True
@@ -129,6 +129,25 @@ class StageRun:
     ) -> None:
         if self._broken:
             return
+        try:
+            self._start(
+                experiment, run_name, resume_run_id, tags, params, system_metrics_interval_s
+            )
+        except Exception as err:  # any backend: its own exception types
+            status = getattr(err, "get_http_status_code", lambda: None)()
+            if status not in (401, 403):
+                raise
+            raise Refused(f"MLflow tracking server {redact(self.uri)}: {first_line(err)}") from None
+
+    def _start(
+        self,
+        experiment: str,
+        run_name: str,
+        resume_run_id: str | None,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        system_metrics_interval_s: float,
+    ) -> None:
         mlflow.set_tracking_uri(self.uri)
         self.experiment_id = experiment_id(experiment, self.uri)
         mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)

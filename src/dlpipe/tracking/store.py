@@ -53,6 +53,24 @@ def check_server(uri: str, advice: str) -> None:
         ) from None
 
 
+class Refused(DlpipeError):
+    """The tracking server refused these credentials: a setting to fix, never an outage to
+    train through (`mlflow.require_tracking: false` does not cover it)."""
+
+
+def check_credentials(uri: str) -> None:
+    """A server running MLflow's basic-auth app answers /health to anyone: one authenticated
+    read shows, before any work starts, whether it takes this user's credentials."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        if err.get_http_status_code() in (401, 403):
+            raise Refused(f"MLflow tracking server {redact(uri)}: {first_line(err)}") from None
+        raise DlpipeError(f"MLflow tracking server {redact(uri)}: {first_line(err)}") from None
+
+
 def check_store(uri: str, *, reading: bool = False) -> None:
     """One clear DlpipeError line when the store cannot be used, before MLflow retries or
     creates anything: for writing (a training), a local store's folder must be writable; for
@@ -77,6 +95,7 @@ def check_store(uri: str, *, reading: bool = False) -> None:
             check_server(
                 uri, "start it, fix MLFLOW_TRACKING_URI, or set mlflow.require_tracking: false"
             )
+        check_credentials(uri)
         return
     try:
         MlflowClient(uri).search_experiments(max_results=1)
