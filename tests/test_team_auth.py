@@ -15,7 +15,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from support.families import REPO_ROOT
-from support.servers import MlflowServer
+from support.servers import MlflowServer, started
 from support.tiny import TinyProject, add_test_splits, run_stage_here
 
 from dlpipe import team_server
@@ -53,13 +53,8 @@ def test_the_server_authenticates_beyond_loopback_and_needs_an_admin_password(
 
 @pytest.fixture
 def auth_server(tmp_path: Path) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path / "server", admin_password=ADMIN_PASSWORD)
-    server.folder.mkdir()
-    server.start()
-    try:
+    with started(MlflowServer(tmp_path / "server", admin_password=ADMIN_PASSWORD)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def as_user(monkeypatch: pytest.MonkeyPatch, name: str, password: str) -> None:

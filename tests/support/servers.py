@@ -152,6 +152,8 @@ class MlflowServer:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     admin_password: str = ""  # given: MLflow's basic-auth app, users in `folder`/auth.db
+    artifacts: str = ""  # where it keeps artifacts (default: `folder`/artifacts)
+    env: dict[str, str] = field(default_factory=dict)  # the server's own (storage credentials)
 
     @property
     def url(self) -> str:
@@ -162,11 +164,11 @@ class MlflowServer:
         command = [
             sys.executable, "-m", "dlpipe.team_server",
             "--backend-store-uri", self.backend or f"sqlite:///{self.folder / 'srv.db'}",
-            "--artifacts-destination", str(self.folder / "artifacts"),
+            "--artifacts-destination", self.artifacts or str(self.folder / "artifacts"),
             "--port", str(self.port),
             "--workers", "1",
         ]  # fmt: skip
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         if self.admin_password:
             command += ["--auth", "--auth-db-uri", f"sqlite:///{self.folder / 'auth.db'}"]
             env["MLFLOW_AUTH_ADMIN_PASSWORD"] = self.admin_password
@@ -226,13 +228,19 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-def killable_mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
-    """A started `mlflow server` of this test's own, to kill and restart at will."""
-    server = MlflowServer(tmp_path / "mlflow-server")
+@contextmanager
+def started(server: MlflowServer) -> Iterator[MlflowServer]:
+    """`server`, in a new folder of its own, started for the block."""
     server.folder.mkdir()
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def killable_mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A started `mlflow server` of this test's own, to kill and restart at will."""
+    with started(MlflowServer(tmp_path / "mlflow-server")) as server:
+        yield server

@@ -17,7 +17,7 @@ from dlpipe.errors import DlpipeError, first_line, redact
 from dlpipe.paths import project_root
 from dlpipe.tracking.orphans import OWNER_TAG, end_orphans, owner
 from dlpipe.tracking.spool import append, spool_dir
-from dlpipe.tracking.store import Refused, check_store, experiment_id
+from dlpipe.tracking.store import Refused, check_store, experiment_id, refused_as_error
 
 
 class StageRun:
@@ -129,49 +129,31 @@ class StageRun:
     ) -> None:
         if self._broken:
             return
-        try:
-            self._start(
-                experiment, run_name, resume_run_id, tags, params, system_metrics_interval_s
+        with refused_as_error(self.uri):  # a refusal is a setting to fix, in one line
+            mlflow.set_tracking_uri(self.uri)
+            self.experiment_id = experiment_id(experiment, self.uri)
+            mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
+            mlflow.set_system_metrics_samples_before_logging(1)
+            if resume_run_id is not None and not self._run_exists(resume_run_id):
+                print(
+                    f"warning: the checkpoint's MLflow run {resume_run_id} is not in "
+                    f"{redact(self.uri)}; "
+                    "starting a new run",
+                    file=sys.stderr,
+                )
+                resume_run_id = None
+            self.resumed = resume_run_id is not None
+            self._end_orphans(self.experiment_id, tags.get("model"), keep={resume_run_id or ""})
+            run = mlflow.start_run(
+                run_id=resume_run_id,
+                experiment_id=None if resume_run_id else self.experiment_id,
+                run_name=None if resume_run_id else run_name,
+                log_system_metrics=True,
             )
-        except Exception as err:  # any backend: its own exception types
-            status = getattr(err, "get_http_status_code", lambda: None)()
-            if status not in (401, 403):
-                raise
-            raise Refused(f"MLflow tracking server {redact(self.uri)}: {first_line(err)}") from None
-
-    def _start(
-        self,
-        experiment: str,
-        run_name: str,
-        resume_run_id: str | None,
-        tags: dict[str, str],
-        params: dict[str, Any],
-        system_metrics_interval_s: float,
-    ) -> None:
-        mlflow.set_tracking_uri(self.uri)
-        self.experiment_id = experiment_id(experiment, self.uri)
-        mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
-        mlflow.set_system_metrics_samples_before_logging(1)
-        if resume_run_id is not None and not self._run_exists(resume_run_id):
-            print(
-                f"warning: the checkpoint's MLflow run {resume_run_id} is not in "
-                f"{redact(self.uri)}; "
-                "starting a new run",
-                file=sys.stderr,
-            )
-            resume_run_id = None
-        self.resumed = resume_run_id is not None
-        self._end_orphans(self.experiment_id, tags.get("model"), keep={resume_run_id or ""})
-        run = mlflow.start_run(
-            run_id=resume_run_id,
-            experiment_id=None if resume_run_id else self.experiment_id,
-            run_name=None if resume_run_id else run_name,
-            log_system_metrics=True,
-        )
-        self.run_id = run.info.run_id
-        if resume_run_id is None:
-            self._guard("log params", mlflow.log_params, params)
-        self._guard("set tags", mlflow.set_tags, {**tags, OWNER_TAG: owner()})
+            self.run_id = run.info.run_id
+            if resume_run_id is None:
+                self._guard("log params", mlflow.log_params, params)
+            self._guard("set tags", mlflow.set_tags, {**tags, OWNER_TAG: owner()})
 
     def _end_orphans(self, experiment: str, model: str | None, keep: set[str]) -> None:
         """End the runs of `model` that killed processes left RUNNING; a failure only warns."""

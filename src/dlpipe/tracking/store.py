@@ -8,6 +8,8 @@ execute in `.dvc/tmp/exps/...`) land in the same place as plain `dvc repro`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -58,17 +60,29 @@ class Refused(DlpipeError):
     train through (`mlflow.require_tracking: false` does not cover it)."""
 
 
+@contextmanager
+def refused_as_error(uri: str) -> Iterator[None]:
+    """A 401 or 403 from the tracking server, raised in the block, as one `Refused` line."""
+    try:
+        yield
+    except Exception as err:  # any client: MlflowException carries the HTTP status
+        if getattr(err, "get_http_status_code", lambda: None)() not in (401, 403):
+            raise
+        raise Refused(f"MLflow tracking server {redact(uri)}: {first_line(err)}") from None
+
+
 def check_credentials(uri: str) -> None:
     """A server running MLflow's basic-auth app answers /health to anyone: one authenticated
     read shows, before any work starts, whether it takes this user's credentials."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except MlflowException as err:
-        if err.get_http_status_code() in (401, 403):
-            raise Refused(f"MLflow tracking server {redact(uri)}: {first_line(err)}") from None
-        raise DlpipeError(f"MLflow tracking server {redact(uri)}: {first_line(err)}") from None
+    with refused_as_error(uri):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except MlflowException as err:
+            if err.get_http_status_code() in (401, 403):
+                raise
+            raise DlpipeError(f"MLflow tracking server {redact(uri)}: {first_line(err)}") from None
 
 
 def check_store(uri: str, *, reading: bool = False) -> None:
