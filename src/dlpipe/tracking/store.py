@@ -118,7 +118,10 @@ def check_store(uri: str, *, reading: bool = False) -> None:
 
 
 def experiment_id(name: str, uri: str) -> str:
-    """The experiment's id, creating it (with an absolute artifact folder for local stores)."""
+    """The experiment's id, creating it (with an absolute artifact folder for local stores);
+    trainings that start together on a new store all get the one that was created."""
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -126,4 +129,10 @@ def experiment_id(name: str, uri: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return str(client.create_experiment(name, artifact_location=location))
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException as err:
+        created = client.get_experiment_by_name(name)  # by a training that started meanwhile
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") or created is None:
+            raise
+        return str(created.experiment_id)
