@@ -154,6 +154,7 @@ class MlflowServer:
     admin_password: str = ""  # given: MLflow's basic-auth app, users in `folder`/auth.db
     artifacts: str = ""  # where it keeps artifacts (default: `folder`/artifacts)
     env: dict[str, str] = field(default_factory=dict)  # the server's own (storage credentials)
+    workers: int = 1
 
     @property
     def url(self) -> str:
@@ -166,7 +167,7 @@ class MlflowServer:
             "--backend-store-uri", self.backend or f"sqlite:///{self.folder / 'srv.db'}",
             "--artifacts-destination", self.artifacts or str(self.folder / "artifacts"),
             "--port", str(self.port),
-            "--workers", "1",
+            "--workers", str(self.workers),
         ]  # fmt: skip
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         if self.admin_password:
