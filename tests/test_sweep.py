@@ -18,10 +18,11 @@ from mlflow.tracking import MlflowClient
 from support.families import REPO_ROOT
 
 from dlpipe.cli import main
+from dlpipe.dvc_queue import trial_env
 from dlpipe.errors import DlpipeError
 from dlpipe.smoke.params import smoke_params
 from dlpipe.smoke.workspace import isolated_env, workspace_files
-from dlpipe.sweep import exp_show_args, trial_env, trial_overrides
+from dlpipe.sweep import exp_show_args, trial_overrides
 
 
 def raw_params() -> dict[str, Any]:

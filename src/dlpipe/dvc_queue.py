@@ -8,6 +8,7 @@ iterative/dvc-task#73), and `--run-all` then waits for ever for an experiment no
 messages) every few seconds. When the queue stops moving for a grace period (some of ours queued
 and no worker running anything, or some of ours running with no worker left to run them), it
 stops following, stops what is left of the workers and starts new ones, a few times at most.
+Also: `dvc`, DVC's command line with its errors as one line, and the workers' environment.
 """
 
 from __future__ import annotations
@@ -23,9 +24,33 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from dlpipe.errors import DlpipeError
+
 CELERY_DIR = Path(".dvc/tmp/exps/celery")  # dvc_task writes each worker's pid and exit code here
 UNFINISHED = ("Queued", "Running")
 LOST = "Lost"  # left Running by a worker that is gone: nothing will finish it
+
+
+def trial_env(jobs: int) -> dict[str, str]:
+    """The queue workers' environment: this venv's `python` and `dvc` first on PATH, each trial
+    importing its own copy's code, one share of the cores per worker."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in ("src", env.get("PYTHONPATH")) if p)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
+    return env
+
+
+def dvc(*args: str) -> str:
+    """`dvc ARGS` in the project; its stdout, or one DlpipeError line with DVC's own error."""
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:] or ["?"]
+        raise DlpipeError(f"`dvc {' '.join(args[:3])} ...` failed: {errors[0]}")
+    return done.stdout
 
 
 class Queue(Protocol):

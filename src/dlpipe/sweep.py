@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import yaml
 
 from dlpipe import lineage, paths
 from dlpipe.config import Params, load_params, parse_params, train_config
-from dlpipe.dvc_queue import run_queued
+from dlpipe.dvc_queue import dvc, run_queued, trial_env
 from dlpipe.errors import DlpipeError
 from dlpipe.family import model_family
 from dlpipe.tables import format_table
@@ -80,28 +78,6 @@ def trial_overrides(params_path: str, model: str, grid: Sequence[str]) -> list[l
             params = parse_params(yaml.safe_load(trial_params.read_text(encoding="utf-8")), label)
             model_family(params, model).model_config(params, model)
     return trials
-
-
-def trial_env(jobs: int) -> dict[str, str]:
-    """The queue workers' environment: this venv's `python` and `dvc` first on PATH, each trial
-    importing its own copy's code, one share of the cores per worker."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in ("src", env.get("PYTHONPATH")) if p)
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, threads)
-    return env
-
-
-def dvc(*args: str) -> str:
-    """`dvc ARGS` in the project; its stdout, or one DlpipeError line with DVC's own error."""
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:] or ["?"]
-        raise DlpipeError(f"`dvc {' '.join(args[:3])} ...` failed: {errors[0]}")
-    return done.stdout
 
 
 def check_baseline(dataset: str) -> None:
