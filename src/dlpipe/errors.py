@@ -40,13 +40,20 @@ def redact(text: str) -> str:
 def first_line(err: BaseException) -> str:
     """The gist of an exception in one line (MLflow puts its reason after "Error: "; a tracking
     server's refusal says who was refused)."""
-    status = getattr(err, "get_http_status_code", lambda: None)()
-    if status in (401, 403):
+    status = refused_status(err)
+    if status is not None:
         return refusal(status)
     text = str(err).strip()
     if "Error: " in text:
         text = text.rsplit("Error: ", 1)[1]
     return redact((text.splitlines() or [type(err).__name__])[0][:300])
+
+
+def refused_status(err: BaseException) -> int | None:
+    """401 or 403 when `err` is a tracking server's refusal (MLflow's exceptions carry the HTTP
+    status), else None."""
+    status = getattr(err, "get_http_status_code", lambda: None)()
+    return status if status in (401, 403) else None
 
 
 def refusal(status: int) -> str:

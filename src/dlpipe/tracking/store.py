@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from dlpipe.errors import REDACTED, DlpipeError, first_line, redact
+from dlpipe.errors import REDACTED, DlpipeError, first_line, redact, refused_status
 from dlpipe.paths import project_root
 
 
@@ -66,7 +66,7 @@ def refused_as_error(uri: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:  # any client: MlflowException carries the HTTP status
-        if getattr(err, "get_http_status_code", lambda: None)() not in (401, 403):
+        if refused_status(err) is None:
             raise
         raise Refused(f"MLflow tracking server {redact(uri)}: {first_line(err)}") from None
 
@@ -80,7 +80,7 @@ def check_credentials(uri: str) -> None:
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except MlflowException as err:
-            if err.get_http_status_code() in (401, 403):
+            if refused_status(err) is not None:
                 raise
             raise DlpipeError(f"MLflow tracking server {redact(uri)}: {first_line(err)}") from None
 
