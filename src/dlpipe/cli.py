@@ -9,6 +9,9 @@
     dlpipe sync                                      (metrics kept while MLflow was down)
     dlpipe sweep cnn -S train.cnn.lr=0.001,0.002 -S train.cnn.batch_size=32,64 --jobs 2
     dlpipe sweep --show [MODEL]                       (dvc exp show, narrowed)
+    dlpipe sweep cnn --search 20 -S 'train.cnn.lr=tag(log, interval(0.0005, 0.01))'
+    dlpipe sweep --join STUDY                         (another worker on the same search)
+    dlpipe sweep --show --study STUDY                 (its trials and their values)
 
 Predictions come from the local DVC outputs (data/models/<name> under the current folder: the
 weights and what reading raw inputs needs, such as the tokenizer) or from any MLflow pyfunc URI;
@@ -309,20 +312,46 @@ def sync(args: argparse.Namespace) -> int:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    """`dlpipe sweep`: queue and run a grid, or show the experiments (see `dlpipe.sweep`)."""
+    """`dlpipe sweep`: a grid of queued DVC experiments (`dlpipe.sweep`), a search shared by
+    workers (`dlpipe.search`), or a table of either."""
+    from dlpipe import search
     from dlpipe import sweep as sweeps
 
     if args.show:
         if args.grid:
             raise DlpipeError("--show takes no -S (it shows the experiments there are)")
+        if args.study:
+            print(search.show_table(args.study, search.storage_url(args.storage)))
+            return 0
         params = load_params(args.params)
         if args.model:
             model_family(params, args.model)
         print(sweeps.show_table(params, args.model))
         return 0
+    if args.join:
+        if args.model or args.grid or args.search:
+            raise DlpipeError("--join STUDY takes no MODEL, -S or --search: the study has them")
+        return search.work(args.join, search.storage_url(args.storage), args.params)
     if not args.model or not args.grid:
         raise DlpipeError("give a MODEL and at least one -S KEY=V1,V2 (see `dlpipe sweep --help`)")
-    return sweeps.run_sweep(args.model, args.grid, args.jobs, args.params)
+    if args.search is None:
+        return sweeps.run_sweep(args.model, args.grid, args.jobs, args.params)
+    if args.jobs != 1:
+        raise DlpipeError("a search runs one trial at a time: start more workers with --join")
+    url = search.storage_url(args.storage)
+    study = search.create_study(
+        args.model,
+        args.grid,
+        args.search,
+        args.params,
+        url,
+        name=args.study,
+        pruner=args.pruner,
+        startup_trials=args.startup_trials,
+        warmup_epochs=args.warmup_epochs,
+        heartbeat_s=args.heartbeat_s,
+    )
+    return search.work(study, url, args.params)
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -371,7 +400,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     s.add_argument("--params", default="params.yaml", help="default params.yaml")
     s.set_defaults(handler=sync)
-    w = commands.add_parser("sweep", help="a grid of one family's params as queued DVC experiments")
+    w = commands.add_parser(
+        "sweep", help="a grid or an Optuna search of one model's params as DVC experiments"
+    )
     w.add_argument("model", nargs="?", metavar="MODEL", help="the family the grid trains")
     w.add_argument(
         "-S",
@@ -384,6 +415,30 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     w.add_argument("-j", "--jobs", type=int, default=1, help="trials run at once (default 1)")
     w.add_argument("--show", action="store_true", help="print the experiments, one screen")
+    w.add_argument(
+        "--search",
+        type=int,
+        metavar="N",
+        help="an Optuna search of N trials (TPE, pruned on the per-epoch validation metric) "
+        "instead of the grid: -S takes choice(...), range(...), interval(...)",
+    )
+    w.add_argument("--study", help="the search's name (default MODEL-DATE-TIME); with --show")
+    w.add_argument("--join", metavar="STUDY", help="run trials of an existing search here")
+    w.add_argument(
+        "--storage",
+        help="the study's database URL (default $DLPIPE_SEARCH_STORAGE, else .dlpipe/search.db)",
+    )
+    w.add_argument("--pruner", default="median", help="median (default) or halving")
+    w.add_argument(
+        "--startup-trials", type=int, default=3, help="median: no pruning before N complete"
+    )
+    w.add_argument("--warmup-epochs", type=int, default=0, help="epochs never pruned")
+    w.add_argument(
+        "--heartbeat-s",
+        type=int,
+        default=60,
+        help="a worker silent for twice this long has its trial marked failed",
+    )
     w.add_argument("--params", default="params.yaml", help="default params.yaml")
     w.set_defaults(handler=sweep)
     return parser, {"predict": p, "compare": c, "check": g, "sync": s, "sweep": w}

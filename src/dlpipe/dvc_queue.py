@@ -43,14 +43,22 @@ def trial_env(jobs: int) -> dict[str, str]:
     return env
 
 
-def dvc(*args: str) -> str:
-    """`dvc ARGS` in the project; its stdout, or one DlpipeError line with DVC's own error."""
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+def dvc(*args: str, env: Mapping[str, str] | None = None, log: Path | None = None) -> str:
+    """`dvc ARGS` in the project; its stdout (or, with `log`, everything it printed written
+    there), or one DlpipeError line with DVC's own error."""
+    command = [sys.executable, "-m", "dvc", *args]
+    if log is None:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        output = done.stderr + done.stdout
+    else:
+        with log.open("w", encoding="utf-8") as out:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        output = log.read_text(encoding="utf-8", errors="replace")
     if done.returncode != 0:
-        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        lines = [line for line in output.splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:] or ["?"]
         raise DlpipeError(f"`dvc {' '.join(args[:3])} ...` failed: {errors[0]}")
-    return done.stdout
+    return done.stdout or ""
 
 
 class Queue(Protocol):

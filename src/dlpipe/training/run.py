@@ -43,6 +43,7 @@ from dlpipe.training.distributed import (
     under_launcher,
 )
 from dlpipe.training.outputs import log_results, write_outputs
+from dlpipe.training.pruning import PRUNED_AT, TrialReport, in_search, trial_from_env
 from dlpipe.training.runtime import (
     Runtime,
     compute_dtypes,
@@ -239,6 +240,7 @@ class Training:
     precision: MeasuredPrecision
     store: CheckpointStore
     run: StageRun
+    trial: TrialReport | None  # when a search's worker runs this training as one of its trials
 
 
 def launch(name: str, params: Params, argv: list[str]) -> None:
@@ -297,18 +299,24 @@ def train(name: str, params: Params) -> dict[str, Any] | None:
         store = checkpoints(model, params, data)
         resume = world.broadcast(store.load() if world.is_main else None)
         network = build_model(model, model_config, config, params.seed, data, runtime)
-        if not world.is_main:
-            trainer = Trainer(network, config, runtime, params.seed, label=name, world=world)
+        if not world.is_main:  # in a search, rank 0's pruner decides for every process
+            follow = (lambda epoch, value: False) if in_search() else None
+            trainer = Trainer(
+                network, config, runtime, params.seed, label=name, world=world, stop=follow
+            )
             trainer.fit(data.train, data.val, resume)
             return None
         precision = measure_precision(network, data, runtime)
+        trial = trial_from_env()
         with sigterm_as_interrupt():
             run = start_run(model, params, runtime, data, resume, precision, world)
             run.call(
                 "tag the checkpoint folder", mlflow.set_tag, "checkpoint_dir", store.folder.name
             )
+            if trial is not None:
+                run.call("tag the search trial", mlflow.set_tags, trial.tags)
             training = Training(
-                model, model_config, params, runtime, world, data, precision, store, run
+                model, model_config, params, runtime, world, data, precision, store, run, trial
             )
             try:
                 summary = fit_and_record(training, network, resume)
@@ -350,7 +358,15 @@ def fit_and_record(
                 log_epoch(row)
     seed = training.params.seed
     trainer = Trainer(
-        network, config, training.runtime, seed, store, log_epoch, label=name, world=training.world
+        network,
+        config,
+        training.runtime,
+        seed,
+        store,
+        log_epoch,
+        label=name,
+        world=training.world,
+        stop=training.trial,
     )
     start = time.perf_counter()
     extra = {"mlflow_run_id": run.run_id or ""}
@@ -361,6 +377,8 @@ def fit_and_record(
         label = determinism_label(config.deterministic, kernels)
         print(f"train@{name}: deterministic: {label}")
         run.call("tag determinism", mlflow.set_tag, "deterministic", label)
+    if training.trial is not None and training.trial.pruned_at:
+        run.call("tag the pruned trial", mlflow.set_tag, PRUNED_AT, training.trial.pruned_at)
     with signals_deferred():
         summary = write_outputs(training, trainer.model, result, wall)
     log_results(training, trainer.model, result, summary)

@@ -34,6 +34,7 @@ from dlpipe.training.runtime import Runtime
 from dlpipe.training.schedule import make_optimizer, make_scheduler
 
 EpochCallback = Callable[[dict[str, float]], None]
+StopCallback = Callable[[int, float], bool]  # (epoch, monitored value) -> stop now?
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Trainer:
         on_epoch_end: EpochCallback | None = None,
         label: str = "train",
         world: World | None = None,
+        stop: StopCallback | None = None,
     ) -> None:
         self.world = world or World()
         self.config = config
@@ -101,6 +103,7 @@ class Trainer:
         self.seed = seed
         self.checkpoints = checkpoints
         self.on_epoch_end = on_epoch_end
+        self.stop = stop  # asked after every epoch (a search's pruner); rank 0's answer counts
         self.label = label
         self.model = model.to(runtime.device)
         self.network: nn.Module = self.model  # what the training steps call
@@ -222,7 +225,8 @@ class Trainer:
         resume: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> FitResult:
-        """Train for `config.epochs` (or until early stopping); the best weights end up loaded."""
+        """Train for `config.epochs` (or until early stopping, or `stop` says so); the best
+        weights end up loaded."""
         config, world = self.config, self.world
         cuda = self.runtime.device.type == "cuda"
         steps = train.steps(config.batch_size, world.size)
@@ -292,6 +296,9 @@ class Trainer:
                 )
             if self.on_epoch_end is not None:
                 self.on_epoch_end(row)
+            if self.stop is not None and world.broadcast(self.stop(epoch, row[config.monitor])):
+                stopped_early = True
+                break
         self.model.load_state_dict(best_state)
         return FitResult(
             history,
