@@ -243,6 +243,7 @@ def test_search_usage_errors_are_one_line(
         (["sweep", "--join", "s", "-S", lr], "--join STUDY takes no MODEL, -S or --search"),
         (["sweep", "--join", "gone", "--storage", storage], "no study 'gone' in the search"),
         (["sweep", "--show", "--study", "gone", "--storage", storage], "(studies: other)"),
+        (["sweep", "--join", "other", "--storage", storage], "study 'other' was not made (whole)"),
         (
             ["sweep", "--show", "--study", "s", "--storage", "postgresql://u:pw@127.0.0.1:1/x"],
             "://***@127.0.0.1:1/x: ",  # the driver named (postgresql+psycopg2), the password not

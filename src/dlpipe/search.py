@@ -208,7 +208,10 @@ def study_attrs(storage: optuna.storages.RDBStorage, name: str) -> dict[str, Any
     except KeyError:
         names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage)) or "none"
         raise DlpipeError(f"no study {name!r} in the search storage (studies: {names})") from None
-    return storage.get_study_user_attrs(study_id)
+    attrs = storage.get_study_user_attrs(study_id)
+    if "parent_run" not in attrs:  # the last thing `create_study` records
+        raise DlpipeError(f"study {name!r} was not made (whole) by `dlpipe sweep MODEL --search`")
+    return attrs
 
 
 def create_study(
@@ -277,19 +280,19 @@ def create_study(
         + [Param(f"search.pruner.{k}", str(v)) for k, v in settings.items()],
     )
     study_id = storage.get_study_id_from_name(name)
-    for key, value in {
+    for key, value in {  # parent_run last: a study without it was not made whole
         "model": model,
         "space": list(items),
         "n_trials": n_trials,
         "monitor": monitor,
         "pruner": settings,
         "heartbeat_s": heartbeat_s,
-        "parent_run": parent,
         "git_sha": lineage.git_state()["git_sha"],
+        "parent_run": parent,
     }.items():
         storage.set_study_user_attr(study_id, key, value)
     print(f"search: study {name} in {redact(url)}: {n_trials} trials of {model}, {monitor}")
-    print(f"search: MLflow parent run {parent} in {uri}; more workers: dlpipe sweep --join {name}")
+    print(f"search: MLflow parent run {parent} in {redact(uri)}; more: dlpipe sweep --join {name}")
     return name
 
 
