@@ -403,7 +403,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     w = commands.add_parser(
         "sweep", help="a grid or an Optuna search of one model's params as DVC experiments"
     )
-    w.add_argument("model", nargs="?", metavar="MODEL", help="the family the grid trains")
+    w.add_argument("model", nargs="?", metavar="MODEL", help="the model (train.MODEL) it trains")
     w.add_argument(
         "-S",
         "--set-param",
@@ -426,18 +426,26 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     w.add_argument("--join", metavar="STUDY", help="run trials of an existing search here")
     w.add_argument(
         "--storage",
+        metavar="URL",
         help="the study's database URL (default $DLPIPE_SEARCH_STORAGE, else .dlpipe/search.db)",
     )
-    w.add_argument("--pruner", default="median", help="median (default) or halving")
+    w.add_argument("--pruner", default="median", metavar="KIND", help="median (default), halving")
     w.add_argument(
-        "--startup-trials", type=int, default=3, help="median: no pruning before N complete"
+        "--startup-trials",
+        type=int,
+        default=3,
+        metavar="N",
+        help="median: no pruning before N trials complete (default 3)",
     )
-    w.add_argument("--warmup-epochs", type=int, default=0, help="epochs never pruned")
+    w.add_argument(
+        "--warmup-epochs", type=int, default=0, metavar="N", help="epochs never pruned (default 0)"
+    )
     w.add_argument(
         "--heartbeat-s",
         type=int,
         default=60,
-        help="a worker silent for twice this long has its trial marked failed",
+        metavar="S",
+        help="a worker silent for twice this long has its trial marked failed (default 60)",
     )
     w.add_argument("--params", default="params.yaml", help="default params.yaml")
     w.set_defaults(handler=sweep)
