@@ -3,6 +3,7 @@ a clock that only the watchdog's own sleeps move."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from dlpipe import dvc_queue
 from dlpipe.dvc_queue import LOST, run_queued
+from dlpipe.errors import DlpipeError
 
 GRACE, POLL = 60.0, 5.0
 
@@ -121,3 +123,27 @@ def test_restarts_are_bounded(clock: list[float]) -> None:
     assert watch(queue, restarts=2) == {"t-1": "Queued", "t-2": "Missing"}
     assert queue.restarts == [2, 2]
     assert clock[0] < 3 * (GRACE + 2 * POLL)
+
+
+def test_a_repo_busy_with_another_dvc_process_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queue worker that is finishing holds the repo's lock for a moment: `dvc exp list` right
+    after the queue ends is tried again, and an error that is not the lock is one line at once."""
+    answers = [(1, "ERROR: Unable to acquire lock. Most likely another DVC process is running")] * 2
+    answers.append((0, "exp-1\n"))
+    calls: list[list[str]] = []
+
+    def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(command)
+        code, text = answers.pop(0)
+        out, err = (text, "") if code == 0 else ("", text)
+        return subprocess.CompletedProcess(command, code, stdout=out, stderr=err)
+
+    monkeypatch.setattr(dvc_queue.subprocess, "run", run)
+    monkeypatch.setattr(dvc_queue.time, "sleep", lambda seconds: None)
+    assert dvc_queue.dvc("exp", "list", "--name-only") == "exp-1\n" and len(calls) == 3
+    answers.extend([(1, "ERROR: unexpected error - no such experiment")] * 2)
+    with pytest.raises(DlpipeError, match="no such experiment"):
+        dvc_queue.dvc("exp", "remove", "x")
+    assert len(calls) == 4 and len(answers) == 1

@@ -53,7 +53,11 @@ def test_eight_trainings_and_two_readers_through_a_restarted_server(
         started_at = time.monotonic()
         for process in processes:
             process.start()
-        time.sleep(16)  # the trainings are logging
+        deadline = time.monotonic() + 180  # spawned processes start slowly on a busy machine
+        while not all((tmp_path / f"training-{w}/started").exists() for w in range(TRAININGS)):
+            assert time.monotonic() < deadline, "the trainings did not all start their runs"
+            time.sleep(0.5)
+        time.sleep(4)  # every training is logging
         server.kill()
         time.sleep(3)
         server.start()

@@ -29,6 +29,8 @@ from dlpipe.errors import DlpipeError
 CELERY_DIR = Path(".dvc/tmp/exps/celery")  # dvc_task writes each worker's pid and exit code here
 UNFINISHED = ("Queued", "Running")
 LOST = "Lost"  # left Running by a worker that is gone: nothing will finish it
+LOCK_BUSY = "Unable to acquire lock"  # DVC's error when another DVC process holds the repo
+LOCK_RETRIES = 30  # a second apart
 
 
 def trial_env(jobs: int) -> dict[str, str]:
@@ -45,15 +47,22 @@ def trial_env(jobs: int) -> dict[str, str]:
 
 def dvc(*args: str, env: Mapping[str, str] | None = None, log: Path | None = None) -> str:
     """`dvc ARGS` in the project; its stdout (or, with `log`, everything it printed written
-    there), or one DlpipeError line with DVC's own error."""
+    there), or one DlpipeError line with DVC's own error. A repo busy with another DVC process
+    (its lock taken) is tried again, up to LOCK_RETRIES times."""
     command = [sys.executable, "-m", "dvc", *args]
-    if log is None:
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        output = done.stderr + done.stdout
-    else:
-        with log.open("w", encoding="utf-8") as out:
-            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-        output = log.read_text(encoding="utf-8", errors="replace")
+    for attempt in range(LOCK_RETRIES + 1):
+        if log is None:
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            output = done.stderr + done.stdout
+        else:
+            with log.open("w", encoding="utf-8") as out:
+                done = subprocess.run(
+                    command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env
+                )
+            output = log.read_text(encoding="utf-8", errors="replace")
+        if done.returncode == 0 or LOCK_BUSY not in output or attempt == LOCK_RETRIES:
+            break
+        time.sleep(1.0)  # a queue worker still finishing holds the repo's lock for a moment
     if done.returncode != 0:
         lines = [line for line in output.splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:] or ["?"]
