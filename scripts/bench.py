@@ -143,22 +143,47 @@ class Workspace:
         """train@name with the project's params; held-out = its validation split."""
         wall, rss, output = self.stage("train", name)
         record = stage_record(self.folder, name, self.params)
-        return {**record, "test_accuracy": round(self.test_accuracy(name), 4),
+        model_dir = self.folder / "data" / "models" / name
+        model, test = load_shipped(model_dir, self.folder)
+        return {**record, **shipped_figures(model_dir, model, test),
+                "test_accuracy": round(test_accuracy(model, test), 4),
                 "stage_wall_s": round(wall, 1), "peak_rss_mib": round(rss),
                 "mlflow_logging_s": mlflow_logging_s(output)}  # fmt: skip
 
-    def test_accuracy(self, name: str) -> float:
-        import torch
 
-        from dlpipe.family import load_trained
-        from dlpipe.training.runtime import make_runtime
-        from dlpipe.training.trainer import predict_logits
+LATENCY_ROWS, LATENCY_REPEATS = 256, 20  # as the evaluate stage measures (params.yaml)
 
-        model, info, family = load_trained(self.folder / "data" / "models" / name)
-        prepared = self.folder / "data" / "prepared" / info["dataset"]
-        test = family.inputs.load_split(prepared, "test", torch.device("cpu"))
-        logits = predict_logits(model, test, make_runtime("cpu", "fp32"), 512)
-        return float((logits.argmax(1) == test.labels).float().mean())
+
+def load_shipped(model_dir: Path, root: Path) -> tuple[Any, Any]:
+    """A train stage's model as evaluate and serving load it, and its dataset's test split."""
+    import torch
+
+    from dlpipe.family import load_trained
+
+    model, info, family = load_trained(model_dir)
+    prepared = root / "data" / "prepared" / info["dataset"]
+    return model, family.inputs.load_split(prepared, "test", torch.device("cpu"))
+
+
+def shipped_figures(model_dir: Path, model: Any, test: Any) -> dict[str, Any]:
+    """What a user ships: model.pt's size (MiB, as eval.json's model_size_mb) and the CPU's
+    median time (ms) to answer LATENCY_ROWS test rows at once, as the evaluate stage times it."""
+    from dlpipe.evaluation.metrics import latency
+    from dlpipe.training.runtime import make_runtime
+
+    ms = latency(model, test, make_runtime("cpu", "fp32"), LATENCY_ROWS, LATENCY_REPEATS)
+    return {
+        "model_mb": round((model_dir / "model.pt").stat().st_size / 2**20, 1),
+        "latency_ms": round(ms, 1),
+    }
+
+
+def test_accuracy(model: Any, test: Any) -> float:
+    from dlpipe.training.runtime import make_runtime
+    from dlpipe.training.trainer import predict_logits
+
+    logits = predict_logits(model, test, make_runtime("cpu", "fp32"), 512)
+    return float((logits.argmax(1) == test.labels).float().mean())
 
 
 def mlflow_logging_s(output: str) -> float | None:
@@ -193,8 +218,10 @@ def reused_program(name: str) -> dict[str, Any]:
     record = stage_record(ROOT, name, params)
     trained = read_json(ROOT / "reports" / "models" / name / "train.json")
     evaluated = read_json(ROOT / "reports" / "models" / name / "eval.json")
+    model_dir = ROOT / "data" / "models" / name
     return {
         **record,
+        **shipped_figures(model_dir, *load_shipped(model_dir, ROOT)),
         "program": record["program"] + " (from the last make repro, not rerun)",
         "test_accuracy": round(evaluated["test_accuracy"], 4),
         "stage_wall_s": trained["wall_time_s"],
@@ -382,17 +409,21 @@ def markdown(result: dict[str, Any]) -> str:
         "(scripts/bench.py): one run, one program at a time; compare ratios, not seconds.",
         "",
         "| program | what | epochs | median epoch | samples/s | train time | to best | "
-        "test acc | vs best linear 25k / 20k | peak RSS | time vs yardstick |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "test acc | vs best linear 25k / 20k | peak RSS | time vs yardstick | model.pt | "
+        f"latency, {LATENCY_ROWS} rows |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["programs"].items():
         points = " / ".join(f"{r[key]:+.2f}" for key in LINEAR_YARDSTICKS if key in r)
+        shipped = (
+            f"{r['model_mb']:.1f} MiB | {r['latency_ms']:.0f} ms" if "model_mb" in r else "- | -"
+        )
         lines.append(
             f"| {name} | {r['program']} | {r['epochs']} | {r['median_epoch_s']:.1f} s | "
             f"{r['samples_per_s']:,} | {r['train_time_s']:.1f} s | {r['time_to_best_s']:.1f} s "
             f"({r['heldout']}) | {100 * r['test_accuracy']:.2f} % | "
             f"{points + ' pt' if points else ''} | {rss(r['peak_rss_mib'])} | "
-            f"{r['time_vs_yardstick']:.2f}x {r['yardstick']} |"
+            f"{r['time_vs_yardstick']:.2f}x {r['yardstick']} | {shipped} |"
         )
     lines += ["", "Targets (issues #13 and #23), judged from the rows above:", ""]
     verdicts = targets(result["programs"], result["noop_repro_s"])

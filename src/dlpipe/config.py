@@ -78,6 +78,10 @@ class TrainConfig(Strict):
     # Processes the train stage starts on this machine (torchrun); batch_size stays the global
     # batch, split evenly among them. Under an outer torchrun (several machines) it is ignored.
     nproc: Annotated[int, Field(ge=1, le=256)] = 1
+    # What model.pt stores floating tensors as. float16 halves the file (and the registry's,
+    # and what `dvc push` uploads); training and its checkpoints stay float32, and a model is
+    # evaluated with the weights it ships: loading upcasts them.
+    weights_dtype: Literal["float32", "float16"] = "float32"
     model: dict[str, Any] = {}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.tiny import TinyProject
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
 
@@ -103,6 +104,7 @@ def test_text_targets_and_the_markdown(bench: Any) -> None:
             "transformer": record([40.0], [0.91], 0.9250, 20000),
         },
     )
+    rows["rnn"] |= {"model_mb": 41.94, "latency_ms": 250.4}  # dlpipe rows: what it ships
     verdicts = dict(bench.targets(rows))
     assert verdicts == {
         "rnn test accuracy 88.26 % >= 92.0 %": False,
@@ -130,10 +132,12 @@ def test_text_targets_and_the_markdown(bench: Any) -> None:
         "| rnn | p | 1 | 50.0 s | 400 | 50.0 s | 50.0 s (test) | 88.26 % | -2.40 / -2.09 pt |"
         in text
     )
+    assert "| 1.00x rnn | 41.9 MiB | 250 ms |" in text
     assert (
         "| tfidf-20k | p | 1 | 7.0 s | 2,857 | 7.0 s | 7.0 s (test) | 90.35 % | -0.31 / +0.00 pt |"
         in text
     )
+    assert "| 1.00x tfidf | - | - |" in text.splitlines()[6]  # the tfidf row: no model.pt
     assert (
         "- MISSED: rnn >= 0.5 points over the best linear model fit on the same 20k reviews "
         "(-2.09 points)" in text
@@ -149,3 +153,19 @@ def test_mlflow_logging_share_target(bench: Any) -> None:
     assert verdicts["cnn: MLflow's closing logging 2.5 % of its training time < 2 %"] is False
     assert verdicts["rnn: MLflow's closing logging 0.5 % of its training time < 2 %"] is True
     assert verdicts["no-op `dvc repro` 1.6 s < 1.5 s"] is False
+
+
+def test_shipped_figures_of_a_trained_model(bench: Any, tiny_project: TinyProject) -> None:
+    """model.pt's size as the file says, and a latency measured on test rows."""
+    from support.tiny import add_test_splits
+
+    from dlpipe.training.run import train
+
+    add_test_splits(tiny_project)
+    train("rnn", tiny_project.params)
+    model_dir = tiny_project.root / "data" / "models" / "rnn"
+    model, test = bench.load_shipped(model_dir, tiny_project.root)
+    figures = bench.shipped_figures(model_dir, model, test)
+    assert figures["model_mb"] == round((model_dir / "model.pt").stat().st_size / 2**20, 1) > 0
+    assert figures["latency_ms"] > 0
+    assert 0.0 <= bench.test_accuracy(model, test) <= 1.0

@@ -665,6 +665,33 @@ def test_train_writes_every_output(tiny_project: TinyProject, name: str) -> None
     assert not list(Path(".").rglob(".*.tmp"))  # no half-written files
 
 
+def test_float16_weights_halve_model_pt_and_are_the_weights_served(
+    tiny_project: TinyProject,
+) -> None:
+    """weights_dtype float16: model.pt holds 16-bit tensors, half the bytes; what loads from it
+    (evaluate, predict, the raw-input pyfunc) and the MLflow model both hold the float32
+    training's weights rounded to float16, so the evaluated model is the one shipped."""
+    import mlflow.pytorch
+
+    from dlpipe.family import load_trained
+
+    weights = Path("data/models/rnn/model.pt")
+    run_module.train("rnn", tiny_project.with_train("rnn", weights_dtype="float32"))
+    full = torch.load(weights, weights_only=True)
+    full_bytes = weights.stat().st_size
+    run_module.train("rnn", tiny_project.with_train("rnn", weights_dtype="float16"))
+    half = torch.load(weights, weights_only=True)
+    assert {v.dtype for v in half.values() if v.is_floating_point()} == {torch.float16}
+    assert weights.stat().st_size < 0.6 * full_bytes
+    rounded = {k: v.half().float() if v.is_floating_point() else v for k, v in full.items()}
+    assert any(not torch.equal(rounded[k], full[k]) for k in full)  # the rounding is visible
+    model, _, _ = load_trained(Path("data/models/rnn"))
+    assert_same_weights({k: v for k, v in model.state_dict().items()}, rounded)
+    run_id = json.loads(Path("data/models/rnn/mlflow_run.json").read_text())["run_id"]
+    logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model").model  # inside TokensOnly
+    assert_same_weights(logged.state_dict(), rounded)
+
+
 def test_train_learns_the_tiny_data(tiny_project: TinyProject) -> None:
     summary = run_module.train("cnn", tiny_project.params)
     assert summary["best"]["val_accuracy"] > 0.5  # chance is 0.1

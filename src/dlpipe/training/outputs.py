@@ -72,7 +72,7 @@ def write_model_folder(
     # Saved through a handle: given a path, torch.save names the archive's folder inside the
     # file after it, and the temp file's random name would make every save's bytes differ.
     with atomic_path(folder / "model.pt") as tmp, open(tmp, "wb") as handle:
-        torch.save({k: v.cpu() for k, v in network.state_dict().items()}, handle)
+        torch.save(stored_weights(network, model.config.weights_dtype), handle)
     for name in model.family.inputs.bundled:
         with atomic_path(folder / name) as tmp:
             shutil.copyfile(prepared / name, tmp)
@@ -90,6 +90,16 @@ def write_model_folder(
     # Last of the model files: the checksums load_trained (evaluate, predict, the pyfunc) checks,
     # so a model file changed from now on is an error instead of wrong answers.
     seal(folder)
+
+
+def stored_weights(network: torch.nn.Module, dtype: str) -> dict[str, torch.Tensor]:
+    """The network's state on the CPU, its floating tensors as `dtype` (train.<name>.weights_dtype):
+    `load_state_dict` casts them back into the float32 network."""
+    cast = getattr(torch, dtype)
+    return {
+        k: v.detach().cpu().to(cast) if v.is_floating_point() else v.cpu()
+        for k, v in network.state_dict().items()
+    }
 
 
 def train_summary(
@@ -118,9 +128,10 @@ def train_summary(
 
 def portable_model(training: Training, trained: torch.nn.Module) -> torch.nn.Module:
     """The trained weights in a fresh CPU build of the family's network: what serving gets, since
-    training may have swapped in modules that run on GPUs only (SyncBatchNorm)."""
+    training may have swapped in modules that run on GPUs only (SyncBatchNorm). The weights pass
+    through weights_dtype, so that it answers as model.pt, the model evaluated, does."""
     network = training.model.family.build(training.model_config, training.data.meta)
-    network.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
+    network.load_state_dict(stored_weights(trained, training.model.config.weights_dtype))
     return network.eval()
 
 
