@@ -151,7 +151,7 @@ class Workspace:
                 "mlflow_logging_s": mlflow_logging_s(output)}  # fmt: skip
 
 
-LATENCY_ROWS, LATENCY_REPEATS = 256, 20  # as the evaluate stage measures (params.yaml)
+LATENCY_ROWS = 256  # rows answered at once; timed as the evaluate stage times them
 
 
 def load_shipped(model_dir: Path, root: Path) -> tuple[Any, Any]:
@@ -168,10 +168,12 @@ def load_shipped(model_dir: Path, root: Path) -> tuple[Any, Any]:
 def shipped_figures(model_dir: Path, model: Any, test: Any) -> dict[str, Any]:
     """What a user ships: model.pt's size (MiB, as eval.json's model_size_mb) and the CPU's
     median time (ms) to answer LATENCY_ROWS test rows at once, as the evaluate stage times it."""
+    from dlpipe.config import load_params
     from dlpipe.evaluation.metrics import latency
     from dlpipe.training.runtime import make_runtime
 
-    ms = latency(model, test, make_runtime("cpu", "fp32"), LATENCY_ROWS, LATENCY_REPEATS)
+    repeats = load_params(ROOT / "params.yaml").evaluate.latency_repeats
+    ms = latency(model, test, make_runtime("cpu", "fp32"), LATENCY_ROWS, repeats)
     return {
         "model_mb": round((model_dir / "model.pt").stat().st_size / 2**20, 1),
         "latency_ms": round(ms, 1),

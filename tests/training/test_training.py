@@ -686,7 +686,7 @@ def test_float16_weights_halve_model_pt_and_are_the_weights_served(
     rounded = {k: v.half().float() if v.is_floating_point() else v for k, v in full.items()}
     assert any(not torch.equal(rounded[k], full[k]) for k in full)  # the rounding is visible
     model, _, _ = load_trained(Path("data/models/rnn"))
-    assert_same_weights({k: v for k, v in model.state_dict().items()}, rounded)
+    assert_same_weights(model.state_dict(), rounded)
     run_id = json.loads(Path("data/models/rnn/mlflow_run.json").read_text())["run_id"]
     logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model").model  # inside TokensOnly
     assert_same_weights(logged.state_dict(), rounded)
