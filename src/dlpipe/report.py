@@ -2,8 +2,9 @@
 
 The models are params.yaml's `train` sections; each one's results are read from
 reports/models/<name>/ (what its train and evaluate stages wrote), and each dataset's linear
-models from reports/linear/<dataset>.json, so a new model or dataset appears here without a
-change to this module.
+models from reports/linear/<dataset>.json (their test predictions beside, in
+reports/linear/<dataset>/<model>/), so a new model or dataset appears here without a change to
+this module.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from dlpipe import paths
 from dlpipe.config import load_params
+from dlpipe.evaluation.paired import PREDICTIONS_FILE, compare_files
 from dlpipe.io import atomic_path, read_json
 from dlpipe.learning_curves import plot_history
 from dlpipe.lineage import git_state
@@ -153,9 +155,11 @@ def _mistakes_line(name: str, models: Path) -> str:
 def _linear_lines(
     linear: dict[str, dict[str, dict[str, Any]]],
     results: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+    reports: Path,
 ) -> list[str]:
     """What each deep model buys over the best linear model of its dataset (the highest test
-    accuracy of the run's linear models: the strictest yardstick), in points and time."""
+    accuracy of the run's linear models: the strictest yardstick), in points and time, and
+    whether the two differ beyond chance on the same test rows (McNemar's exact test)."""
     lines = []
     for dataset, fitted in linear.items():
         top = max(fitted.values(), key=lambda result: float(result["test_accuracy"]))
@@ -168,15 +172,27 @@ def _linear_lines(
             for r in fitted.values()
         ]
         lines.append("")
+        top_predictions = reports / "linear" / dataset / top["model"] / PREDICTIONS_FILE
         for name, (train, evaluation) in results.items():
             if train.get("dataset") != dataset:
                 continue
             gain = 100 * (evaluation["test_accuracy"] - accuracy)
             cost = train["train_time_s"] / max(seconds, 1e-9)
+            predictions = reports / paths.MODEL_REPORTS_DIR.name / name / PREDICTIONS_FILE
+            paired = compare_files(predictions, top_predictions)
             verdict = "beats it" if gain > 0 else "does not beat it"
+            evidence = ""
+            if paired is not None:
+                if not paired.significant:
+                    verdict = "ties it"
+                evidence = (
+                    f" ({'' if paired.significant else 'not '}significant: {paired.only_a:,} "
+                    f"test rows only {name} gets right, {paired.only_b:,} only {top['model']}; "
+                    f"McNemar p = {paired.p_value:.2g})"
+                )
             lines.append(
-                f"- {name} {verdict}: {gain:+.2f} points of test accuracy over {top['model']}, "
-                f"{cost:.0f}x its training time"
+                f"- {name} {verdict}: {gain:+.2f} points of test accuracy over {top['model']}"
+                f"{evidence}, {cost:.0f}x its training time"
             )
         lines.append("")
     return lines
@@ -218,7 +234,7 @@ def write_report(
         "",
         format_table(COLUMNS, rows, markdown=True),
         "",
-        *_linear_lines(linear, results),
+        *_linear_lines(linear, results, reports),
         "## Learning curves",
         "",
         f"![learning curves]({curves.name})",

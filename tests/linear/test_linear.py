@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from support.tiny import TinyProject, tiny_mnist_arrays
 
 from dlpipe.errors import DlpipeError
+from dlpipe.evaluation.paired import read_predictions
 from dlpipe.inputs.tokens import TEXTS_FILE, labelled_texts
 from dlpipe.integrity import seal
 from dlpipe.linear import fit_and_evaluate, models_for, nbsvm, pixels_logreg, tfidf_logreg
@@ -79,6 +80,11 @@ def test_every_text_linear_model_learns_the_same_split_and_is_logged(
         assert result["model"] == module.NAME and result["dataset"] == "imdb"
         assert result["test_rows"] == 200 and result["train_rows"] == 240
         assert result["test_accuracy"] == 1.0  # one sentiment word decides each review
+        predictions = Path(f"reports/linear/imdb/{module.NAME}/confusion.csv")
+        actual, predicted = read_predictions(predictions)  # type: ignore[misc]
+        with np.load("data/prepared/imdb/test.npz") as arrays:  # the split's rows, in order
+            assert actual.tolist() == [["neg", "pos"][i] for i in arrays["labels"]]
+        assert (actual == predicted).all()
         run = run_of(tiny_project, f"{module.NAME}@imdb")
         assert run.data.tags["model_family"] == module.NAME and run.data.tags["linear"] == "true"
         assert run.data.tags["dataset"] == "imdb" and run.data.tags["dvc_stage"] == "linear@imdb"
@@ -140,6 +146,11 @@ def test_the_image_linear_model_fits_the_pixels_and_is_logged(tiny_project: Tiny
     assert result["train_rows"] == 256 and result["test_rows"] == 100
     assert result["features"] == 28 * 28
     assert result["test_accuracy"] > 0.9  # the bright patch's place is the label
+    actual, predicted = read_predictions(  # type: ignore[misc]
+        Path("reports/linear/mnist/pixels_logreg/confusion.csv")
+    )
+    assert len(actual) == 100
+    assert (actual == predicted).mean() == pytest.approx(result["test_accuracy"])
     assert json.loads(Path("reports/linear/mnist.json").read_text()) == results
     run = run_of(tiny_project, "pixels_logreg@mnist")
     assert run.data.tags["model_family"] == pixels_logreg.NAME

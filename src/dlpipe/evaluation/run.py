@@ -20,6 +20,7 @@ from dlpipe.config import Params, train_config
 from dlpipe.errors import DlpipeError
 from dlpipe.evaluation.figures import plot_confusion
 from dlpipe.evaluation.metrics import classification_report, latency
+from dlpipe.evaluation.paired import PREDICTIONS_FILE, write_predictions
 from dlpipe.family import Family, load_trained
 from dlpipe.integrity import read_verified
 from dlpipe.io import atomic_path, read_json, write_json_atomic
@@ -162,13 +163,7 @@ def evaluate(name: str, params: Params) -> dict[str, Any]:
 
     reports = paths.MODEL_REPORTS_DIR / name
     predicted = probs.argmax(1)
-    _write_csv(
-        reports / "confusion.csv",
-        [
-            {"actual": label_names[a], "predicted": label_names[p]}
-            for a, p in zip(labels, predicted, strict=True)
-        ],
-    )
+    write_predictions(reports / PREDICTIONS_FILE, labels, predicted, label_names)
     _write_csv(reports / "per_class.csv", report["per_class"])
     confusion_png = reports / "confusion_matrix.png"
     title = f"{name} on the {dataset} test split"

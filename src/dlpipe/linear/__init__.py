@@ -5,8 +5,9 @@ One module per linear model, `dlpipe/linear/<name>.py`, declaring `NAME`, the `I
 reads and `fit(params, prepared_dir) -> Fitted`: TF-IDF word n-grams + logistic regression and
 NBSVM for texts, logistic regression on the pixels for images. Each is fit on exactly the
 training rows the deep models train on and scored on the same test rows, so the report can say
-how many points each deep model buys over the best of them. Each is logged to MLflow as its own
-run, `<name>@<dataset>`, in the same experiment (tag linear=true).
+how many points each deep model buys over the best of them and, from each one's test predictions
+(reports/linear/<dataset>/<name>/confusion.csv), whether the difference is beyond chance. Each is
+logged to MLflow as its own run, `<name>@<dataset>`, in the same experiment (tag linear=true).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dlpipe import paths
 from dlpipe.config import Params
 from dlpipe.errors import DlpipeError
 from dlpipe.evaluation.metrics import classification_report
+from dlpipe.evaluation.paired import PREDICTIONS_FILE, write_predictions
 from dlpipe.io import read_json, write_json_atomic
 
 
@@ -41,9 +43,9 @@ def run_name(model: str, dataset: str) -> str:
 
 
 def fit_and_evaluate(params: Params, dataset: str) -> dict[str, dict[str, Any]]:
-    """Fit each linear model of the dataset's input kind on train, score val and test; write
-    reports/linear/<dataset>.json (model name -> results) once all are done; log each to
-    MLflow. Returns what the file holds."""
+    """Fit each linear model of the dataset's input kind on train, score val and test; write its
+    test predictions, then reports/linear/<dataset>.json (model name -> results) once all are
+    done; log each to MLflow. Returns what the file holds."""
     if dataset not in params.datasets:
         raise DlpipeError(
             f"unknown dataset {dataset!r}; params.yaml declares: {', '.join(params.datasets)}"
@@ -58,6 +60,12 @@ def fit_and_evaluate(params: Params, dataset: str) -> dict[str, dict[str, Any]]:
             fitted.test_labels, fitted.test_probs, label_names, params.evaluate.calibration_bins
         )
         val_accuracy = float((fitted.val_probs.argmax(1) == fitted.val_labels).mean())
+        write_predictions(
+            paths.REPORTS_DIR / "linear" / dataset / model.NAME / PREDICTIONS_FILE,
+            fitted.test_labels,
+            fitted.test_probs.argmax(1),
+            label_names,
+        )
         results[model.NAME] = {
             "model": model.NAME,
             "dataset": dataset,
