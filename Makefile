@@ -37,8 +37,8 @@ docs: $(STAMP)  ## the user guide as a site in site/ (open site/index.html); fai
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings --strict counts
 	@echo "docs: site/index.html"
 
-smoke: $(STAMP)  ## the whole pipeline on small slices of the real data, in a temp copy (~2 min)
-	$(BIN)/python -m dlpipe.smoke
+smoke: $(STAMP)  ## the whole pipeline on small slices of the real data, in a temp copy (~2 min); MODELS="cnn" only those
+	$(BIN)/python -m dlpipe.smoke $(if $(MODELS),--models $(MODELS))
 
 # Quiet (@): without CUDA the whole output is the script's one line saying so.
 gpu-check: $(STAMP)  ## on CUDA: gpu tests, full pipeline on the GPU, 2-GPU DDP; table in .dlpipe/gpu-check/

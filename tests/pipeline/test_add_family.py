@@ -113,6 +113,7 @@ def test_a_fourth_family_needs_only_its_module_and_a_params_section(
     # The copy's own src (with mlp.py) is what runs, in this process's interpreter.
     out = tmp_path / "out"
     smoke = [sys.executable, "-m", "dlpipe.smoke", "--mirror", mirror, "--out", str(out)]
+    smoke += ["--models", "mlp"]  # its own stages: the others are the CI smoke step's
     result = subprocess.run(
         [*smoke, "--keep", "--tmp", str(tmp_path)],
         cwd=project,

@@ -72,6 +72,18 @@ def test_extra_overrides_win_and_are_validated() -> None:
         smoke_params(raw, parse_set(["train.rnn.epochs=0"]))
 
 
+def test_models_keep_only_their_sections_datasets_and_gates() -> None:
+    raw = project_params()
+    params = parse_params(smoke_params(raw, models=["transformer"]), "smoke")
+    assert params.models == ("transformer",)
+    assert list(params.datasets) == [params.train["transformer"].dataset]
+    assert list(params.gates.smoke_floors) == list(params.gates.floors) == ["transformer"]
+    assert params.train["transformer"] == parse_params(smoke_params(raw)).train["transformer"]
+    assert list(parse_params(smoke_params(raw, models=["rnn", "cnn"])).train) == ["cnn", "rnn"]
+    with pytest.raises(DlpipeError, match=r"unknown model 'gpt'; choose from cnn, rnn"):
+        smoke_params(raw, models=["gpt"])
+
+
 def test_parse_set_reads_yaml_values_into_nested_keys() -> None:
     assert parse_set(["train.cnn.lr=0.01", "evaluate.latency_batch_sizes=[1, 8]", "a=x"]) == {
         "train": {"cnn": {"lr": 0.01}},

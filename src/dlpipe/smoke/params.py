@@ -47,11 +47,33 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return updates
 
 
-def smoke_params(raw: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The project's params with the smoke overrides (and `extra`) merged in, validated."""
+def smoke_params(
+    raw: dict[str, Any], extra: dict[str, Any] | None = None, models: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The project's params with the smoke overrides (and `extra`) merged in, validated;
+    with `models`, only those models and the datasets they train on."""
+    raw = only_models(raw, models) if models else raw
     merged = merge(merge(raw, smoke_overrides(raw)), extra or {})
     parse_params(merged, "smoke params")
     return merged
+
+
+def only_models(raw: dict[str, Any], models: Sequence[str]) -> dict[str, Any]:
+    """`raw` with just these `train` sections, the `datasets` they train on and their gates:
+    a smoke run of one model runs only its own stages (and its datasets' linear models)."""
+    train = raw.get("train") or {}
+    unknown = [model for model in models if model not in train]
+    if unknown:
+        raise DlpipeError(f"unknown model {unknown[0]!r}; choose from {', '.join(train)}")
+    kept = copy.deepcopy(raw)
+    kept["train"] = {name: section for name, section in train.items() if name in models}
+    used = {section.get("dataset") for section in kept["train"].values()}
+    datasets = raw.get("datasets") or {}
+    kept["datasets"] = {name: entry for name, entry in datasets.items() if name in used}
+    for section, floors in (raw.get("gates") or {}).items():
+        if section in ("floors", "smoke_floors") and isinstance(floors, dict):
+            kept["gates"][section] = {m: f for m, f in floors.items() if m in models}
+    return kept
 
 
 def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:

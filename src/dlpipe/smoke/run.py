@@ -3,6 +3,7 @@
     python -m dlpipe.smoke                    (DLPIPE_DATA_MIRROR: where fetch reads the data)
     python -m dlpipe.smoke --keep             keep the temporary workspace for a look afterwards
     python -m dlpipe.smoke --set train.rnn.epochs=2
+    python -m dlpipe.smoke --models cnn       only these models' stages (and their datasets')
 
 What it does, in a temporary folder:
 
@@ -141,9 +142,11 @@ def run_smoke(
     timeout: float = 1200,
     tmp_base: str | None = None,
     tracking_uri: str | None = None,
+    models: Sequence[str] = (),
 ) -> int:
     """The smoke run; 0 when every check holds. `tracking_uri`: log to that store (a shared
-    server) instead of a throw-away sqlite file in the workspace."""
+    server) instead of a throw-away sqlite file in the workspace; `models`: only these models
+    (default: all of params.yaml's)."""
     from dlpipe.gates import run_check
 
     steps = Steps()
@@ -158,7 +161,7 @@ def run_smoke(
                 env["MLFLOW_TRACKING_URI"] = tracking_uri
             print(f"smoke: workspace {work}; data mirror {mirror or '<none: downloads>'}")
             with steps.step("copy the working tree, shrink params.yaml, commit") as note:
-                raw = build_workspace(source, work, env, extra or {})
+                raw = build_workspace(source, work, env, extra or {}, models)
                 params = parse_params(raw, "smoke params")
                 note.append(f"{sum(1 for p in repo.rglob('*') if p.is_file())} files")
             with steps.step("dvc repro") as note:
@@ -251,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="log to this MLflow store (e.g. a shared server) instead of a temporary one; "
         "give a fresh --set mlflow.experiment=... and registry.name_prefix=... there",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="only these train sections of params.yaml, and the datasets they train on",
+    )
     args = parser.parse_args(argv)
     source = Path(args.project).resolve()
     mirror = args.mirror
@@ -266,7 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out = out if out.is_absolute() else source / out
     return run_smoke(
-        source, out, mirror, args.keep, extra, args.timeout, args.tmp, args.tracking_uri
+        source,
+        out,
+        mirror,
+        args.keep,
+        extra,
+        args.timeout,
+        args.tmp,
+        args.tracking_uri,
+        args.models,
     )
 
 

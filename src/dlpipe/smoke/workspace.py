@@ -133,9 +133,14 @@ def _copy_own_data(source: Path, repo: Path, raw: dict[str, Any]) -> None:
 
 
 def build_workspace(
-    source: Path, work: Path, env: dict[str, str], extra: dict[str, Any]
+    source: Path,
+    work: Path,
+    env: dict[str, str],
+    extra: dict[str, Any],
+    models: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Copy the working tree into `work/repo`, shrink its params, commit; its params."""
+    """Copy the working tree into `work/repo`, shrink its params (to `models`, if any),
+    commit; its params."""
     files, skipped = workspace_files(source)
     if skipped:
         print(
@@ -150,8 +155,8 @@ def build_workspace(
     if not (repo / "dvc.yaml").is_file() or not (repo / "params.yaml").is_file():
         raise DlpipeError(f"{source}: no dvc.yaml / params.yaml (run from the project root)")
     raw = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")) or {}
-    _copy_own_data(source, repo, raw)
-    params = smoke_params(raw, extra)
+    params = smoke_params(raw, extra, models)
+    _copy_own_data(source, repo, params)
     (repo / "params.yaml").write_text(
         "# make smoke: the project's params.yaml with dlpipe.smoke.params merged in\n"
         + yaml.safe_dump(params, sort_keys=False),
