@@ -646,6 +646,28 @@ def test_train_on_unsup_adds_the_unlabeled_reviews_to_the_vocabulary(
     assert card["train"]["count"] == len(raw_imdb.keep)  # unsup adds vocabulary, not rows
 
 
+def test_max_unlabeled_samples_the_unlabeled_reviews(raw_imdb: RawImdb, tmp_path: Path) -> None:
+    card = run_prepare_imdb(
+        raw_imdb, tmp_path / "out", train_on_unsup=True, word_vectors_dim=8, max_unlabeled=30
+    )
+    assert card["word_vectors"]["unlabeled"] == 30
+    assert card["word_vectors"]["texts"] == len(raw_imdb.keep) + 30
+
+
+def test_sample_texts_draws_from_every_column_in_file_order() -> None:
+    def column(n: int, name: str) -> text.TextColumn:
+        return text.TextColumn(lambda: iter([[f"{name}{i}" for i in range(n)]]), np.arange(n))
+
+    columns = [column(50, "a"), column(150, "b")]
+    sample = text.sample_texts(columns, 100, seed=0)
+    rows = [list(c) for c in sample]
+    assert sum(map(len, rows)) == 100 and all(rows)  # some of each (50 + 150 drawn from)
+    assert all(r == sorted(r, key=lambda t: int(t[1:])) for r in rows)
+    assert [list(c) for c in text.sample_texts(columns, 100, seed=0)] == rows
+    assert text.sample_texts(columns, 0, seed=0) == columns
+    assert text.sample_texts(columns, 500, seed=0) == columns
+
+
 def test_prepare_imdb_is_byte_for_byte_reproducible(raw_imdb: RawImdb, tmp_path: Path) -> None:
     outputs = []
     for run in ("a", "b"):

@@ -59,6 +59,7 @@ class TextSettings(DatasetSettings):
     truncation: Literal["head", "tail", "head+tail"] = "head+tail"
     word_vectors_dim: Annotated[int, Field(ge=0, le=1024)] = 128  # PPMI-SVD vectors; 0: none
     word_vectors_window: Annotated[int, Field(ge=1, le=20)] = 5  # tokens either side that count
+    max_unlabeled: Annotated[int, Field(ge=0)] = 0  # 0 = all; >0 = a random sample (smoke)
 
 
 @dataclass(frozen=True)
@@ -380,6 +381,19 @@ class _TextsWriter:
             self.writer.close()
 
 
+def sample_texts(columns: Sequence[TextColumn], limit: int, seed: int) -> list[TextColumn]:
+    """At most `limit` of the texts of `columns` (0: all), drawn at random, in file order."""
+    sizes = [len(column) for column in columns]
+    if not limit or sum(sizes) <= limit:
+        return list(columns)
+    chosen = np.sort(np.random.default_rng(seed).choice(sum(sizes), limit, replace=False))
+    starts = np.cumsum([0, *sizes])
+    return [
+        column.take(chosen[(chosen >= start) & (chosen < end)] - start)
+        for column, start, end in zip(columns, starts[:-1], starts[1:], strict=True)
+    ]
+
+
 def prepare_texts(
     splits: Mapping[str, LabelledTexts],
     unlabeled: Sequence[TextColumn],
@@ -392,6 +406,7 @@ def prepare_texts(
     more texts for the vocabulary and the word vectors. The tokenizer and the vectors learn from
     the training split and `unlabeled` only, never validation or test text. Returns the data
     card."""
+    unlabeled = sample_texts(unlabeled, config.max_unlabeled, seed)
 
     def corpus() -> Iterator[str]:
         return itertools.chain(splits["train"].texts, *unlabeled)

@@ -298,6 +298,7 @@ FORMAT = DatasetFormat(
     smoke={
         "max_train": 8000,
         "max_test": 2000,
+        "max_unlabeled": 8000,
         "val_size": 1000,
         "vocab_size": 2000,
         "max_len": 128,

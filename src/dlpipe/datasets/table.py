@@ -181,5 +181,11 @@ FORMAT = DatasetFormat(
     settings=TableSettings,
     inputs=TOKENS,
     prepare=prepare,
-    smoke={"max_train": 8000, "max_test": 2000, "vocab_size": 2000, "max_len": 128},
+    smoke={
+        "max_train": 8000,
+        "max_test": 2000,
+        "max_unlabeled": 8000,
+        "vocab_size": 2000,
+        "max_len": 128,
+    },
 )
