@@ -45,7 +45,11 @@ def test_the_server_authenticates_beyond_loopback_and_needs_an_admin_password(
     assert argv[argv.index("--app-name") + 1] == "basic-auth"
     config = Path(os.environ["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
     assert users in config and "default_permission = READ" in config
+    assert "auth_cache_ttl_seconds = 60" in config  # a password is checked once a minute
     assert ADMIN_PASSWORD not in config + " ".join(argv)
+    execs.clear()
+    team_server.main(["--host", "0.0.0.0", "--auth-db-uri", users, "--auth-cache-seconds", "0"])
+    assert "auth_cache_ttl_seconds = 0" in Path(os.environ["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
     execs.clear()
     team_server.main(["--host", "127.0.0.1", "--port", "5099"])  # loopback: as before
     assert "--app-name" not in execs[0]

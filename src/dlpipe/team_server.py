@@ -48,12 +48,17 @@ default_permission = READ
 database_uri = {database}
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = {cache_seconds}
 """
 
 
-def auth_environment(database: str, config_path: Path) -> dict[str, str]:
+def auth_environment(database: str, config_path: Path, cache_seconds: int) -> dict[str, str]:
     """What the `basic-auth` app reads: its config (no secret in it) and the key that signs its
-    forms; refuses to start an empty user store without an admin password."""
+    forms; refuses to start an empty user store without an admin password.
+
+    `cache_seconds` > 0: each worker checks a user's password once per that many seconds, not
+    on every request (MLflow's `auth_cache_ttl_seconds`). The check is a deliberately slow
+    scrypt hash, and a training's logging sends a request every few seconds."""
     try:
         import flask_wtf  # noqa: F401
     except ImportError:
@@ -68,7 +73,8 @@ def auth_environment(database: str, config_path: Path) -> dict[str, str]:
         raise DlpipeError(
             "the first authenticated start creates the admin user: set MLFLOW_AUTH_ADMIN_PASSWORD"
         )
-    config_path.write_text(AUTH_CONFIG.format(database=database), encoding="utf-8")
+    config = AUTH_CONFIG.format(database=database, cache_seconds=cache_seconds)
+    config_path.write_text(config, encoding="utf-8")
     return {
         "MLFLOW_AUTH_CONFIG_PATH": str(config_path),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
@@ -141,6 +147,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         or f"sqlite:///{root / 'mlflow-auth.db'}",
         help="where the users and their permissions are kept",
     )
+    parser.add_argument(
+        "--auth-cache-seconds",
+        type=int,
+        default=int(os.environ.get("DLPIPE_MLFLOW_AUTH_CACHE_S", "60")),
+        help="how long a worker trusts a checked password (0: check on every request); a "
+        "password change reaches the server's other workers within it",
+    )
     return parser.parse_args(argv)
 
 
@@ -153,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if auth:
         config = Path(tempfile.gettempdir(), f"dlpipe-mlflow-auth-{args.port}.ini")  # no secret
-        os.environ.update(auth_environment(args.auth_db_uri, config))
+        os.environ.update(auth_environment(args.auth_db_uri, config, args.auth_cache_seconds))
     print(
         f"mlflow server: store {redact(args.backend_store_uri)}, artifacts "
         f"{args.artifacts_destination}, http://{args.host}:{args.port}"
