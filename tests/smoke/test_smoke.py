@@ -26,7 +26,7 @@ from dlpipe.errors import DlpipeError
 from dlpipe.family import model_family, validate_models
 from dlpipe.smoke.checks import check_file, check_outputs
 from dlpipe.smoke.params import merge, parse_set, smoke_params
-from dlpipe.smoke.workspace import SmokeFailure, workspace_files
+from dlpipe.smoke.workspace import SmokeFailure, workspace, workspace_files
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -199,6 +199,16 @@ def test_the_workspace_is_the_working_tree_without_dvc_outputs(tmp_path: Path) -
 def test_outside_a_git_checkout_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(DlpipeError, match="not a git checkout"):
         workspace_files(tmp_path)
+
+
+def test_the_workspace_parent_is_made_or_refused_in_one_line(tmp_path: Path) -> None:
+    with workspace(keep=False, base=str(tmp_path / "new" / "parent")) as work:
+        assert work.parent == (tmp_path / "new" / "parent").resolve()
+    assert not work.exists()
+    (tmp_path / "file").write_text("")
+    refused = pytest.raises(DlpipeError, match="--tmp .*file/x: cannot create it")
+    with refused, workspace(keep=False, base=str(tmp_path / "file" / "x")):
+        pass
 
 
 # --- the whole thing ----------------------------------------------------------------------------

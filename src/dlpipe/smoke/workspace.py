@@ -174,6 +174,11 @@ def build_workspace(
 @contextmanager
 def workspace(keep: bool, base: str | None) -> Iterator[Path]:
     """A temporary folder, removed afterwards unless `keep` or the block failed."""
+    if base:
+        try:
+            Path(base).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DlpipeError(f"--tmp {base}: cannot create it ({err.strerror})") from None
     work = Path(tempfile.mkdtemp(prefix="dlpipe-smoke-", dir=base)).resolve()
     ok = False
     try:
