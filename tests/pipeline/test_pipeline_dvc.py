@@ -358,7 +358,9 @@ def test_full_data_pipeline_from_the_real_files(tmp_path: Path, data_mirror: str
 
     def smaller(raw: dict[str, Any]) -> None:
         raw["datasets"]["mnist"]["val_size"] = 1000
-        raw["datasets"]["imdb"].update(val_size=1000, vocab_size=2000)
+        # every labelled review, 8,000 of the 50,000 unlabeled (as smoke runs do; params.yaml
+        # keeps all of them)
+        raw["datasets"]["imdb"].update(val_size=1000, vocab_size=2000, max_unlabeled=8000)
 
     repo.edit_params(smaller)
     try:
