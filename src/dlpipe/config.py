@@ -69,6 +69,9 @@ class TrainConfig(Strict):
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
     grad_clip: NonNegFloat = 0.0
     label_smoothing: Probability = 0.0
+    # > 0: each step also trains on embeddings moved this share of their norm against the model
+    # (text families; training/adversarial.py). Costs a second pass a step.
+    adversarial_eps: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"

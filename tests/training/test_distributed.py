@@ -170,11 +170,11 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(
 # --- the train stage under torchrun -------------------------------------------------------------
 
 
-def stage(project: TinyProject, *args: str) -> subprocess.Popen[str]:
-    """`python stages/train.py cnn` in the tiny project, importing this checkout's dlpipe."""
+def stage(project: TinyProject, model: str = "cnn") -> subprocess.Popen[str]:
+    """`python stages/train.py MODEL` in the tiny project, importing this checkout's dlpipe."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, str(STAGE), "cnn", *args],
+        [sys.executable, str(STAGE), model],
         cwd=project.root,
         env=env,
         stdout=subprocess.PIPE,
@@ -195,26 +195,38 @@ def runs_of(project: TinyProject) -> list[Any]:
 
 
 @pytest.mark.integration
-def test_two_processes_train_the_weights_of_one(tiny_project: TinyProject) -> None:
+@pytest.mark.parametrize(
+    ("name", "updates"),
+    [
+        ("cnn", {}),
+        # an adversarial pass after the clean one: DDP averages the gradients once, after both
+        ("rnn", {"adversarial_eps": 0.05, "model": {"dropout": 0.0}}),
+    ],
+)
+def test_two_processes_train_the_weights_of_one(
+    tiny_project: TinyProject, name: str, updates: dict[str, Any]
+) -> None:
     """Global batch 32 as 2 x 16 (gloo, fp32): the same weights as one process within float
     tolerance (measured: 2e-6 at most), one more MLflow run, with world_size 2."""
-    params = tiny_project.with_train("cnn", epochs=2, batch_size=32)
-    run_module.train("cnn", params)
-    single = torch.load("data/models/cnn/model.pt", weights_only=True)
-    single_report = json.loads(Path("reports/models/cnn/train.json").read_text())
+    params = tiny_project.with_train(name, epochs=2, batch_size=32, **updates)
+    run_module.train(name, params)
+    single = torch.load(f"data/models/{name}/model.pt", weights_only=True)
+    single_report = json.loads(Path(f"reports/models/{name}/train.json").read_text())
     assert len(runs_of(tiny_project)) == 1
 
-    tiny_project.write_params(tiny_project.with_train("cnn", epochs=2, batch_size=32, nproc=2))
-    code, output = finish(stage(tiny_project))
+    tiny_project.write_params(
+        tiny_project.with_train(name, epochs=2, batch_size=32, nproc=2, **updates)
+    )
+    code, output = finish(stage(tiny_project, name))
     assert code == 0, output[-3000:]
     assert "--nproc_per_node=2" in output
-    assert output.count("cnn epoch 2/2") == 1  # rank 0 alone reports
+    assert output.count(f"{name} epoch 2/2") == 1  # rank 0 alone reports
 
-    double = torch.load("data/models/cnn/model.pt", weights_only=True)
+    double = torch.load(f"data/models/{name}/model.pt", weights_only=True)
     assert double.keys() == single.keys()
     for key in single:
         torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=2e-5, msg=key)
-    report = json.loads(Path("reports/models/cnn/train.json").read_text())
+    report = json.loads(Path(f"reports/models/{name}/train.json").read_text())
     assert report["world_size"] == 2
     for key in ("train_loss", "val_loss", "val_accuracy"):
         assert report["final"][key] == pytest.approx(single_report["final"][key], abs=1e-3)
@@ -224,7 +236,7 @@ def test_two_processes_train_the_weights_of_one(tiny_project: TinyProject) -> No
     [ddp] = [r for r in runs if r.data.params["world_size"] == "2"]
     assert ddp.info.status == "FINISHED"
     assert ddp.data.params["train.nproc"] == "2"
-    info = json.loads(Path("data/models/cnn/mlflow_run.json").read_text())
+    info = json.loads(Path(f"data/models/{name}/mlflow_run.json").read_text())
     assert info["run_id"] == ddp.info.run_id
 
 

@@ -209,8 +209,9 @@ class DeviceReads(TorchDispatchMode):
 def test_an_epoch_reads_from_the_device_only_at_its_end(
     tiny_project: TinyProject, family: str
 ) -> None:
-    """8 batches of text (with gradient clipping) or images; 2 reads in all (loss and accuracy
-    sums), none per batch."""
+    """8 batches of text (with gradient clipping and, the RNN's default, an adversarial pass) or
+    images; 2 reads in all (loss and accuracy sums; 3 with the adversarial loss's), none per
+    batch."""
     params = tiny_project.with_train(family, epochs=1)
     config = train_config(params, family)
     train, meta = tiny_data(family)
@@ -219,7 +220,7 @@ def test_an_epoch_reads_from_the_device_only_at_its_end(
     with DeviceReads() as reads:
         row = trainer._train_epoch(train, 1, scheduler)
     assert train.steps(config.batch_size) == 8
-    assert len(reads.read) == 2, reads.read
+    assert len(reads.read) == 2 + (config.adversarial_eps > 0), reads.read
     assert row["train_loss"] > 0
 
 

@@ -187,6 +187,8 @@ def test_the_tiny_mnist_is_learnable(tiny_project: TinyProject) -> None:
         ("cnn", {"epochs": 2}),
         # dropout > 0 and a warm-up + cosine schedule: RNG and scheduler state both must resume
         ("transformer", {"epochs": 2, "model": {"dropout": 0.3}}),
+        # a second, adversarial pass a step (training/adversarial.py)
+        ("rnn", {"epochs": 2, "adversarial_eps": 0.05}),
     ],
 )
 def test_resume_gives_exactly_the_uninterrupted_weights_and_metrics(
@@ -651,11 +653,15 @@ def test_train_writes_every_output(tiny_project: TinyProject, name: str) -> None
     assert report["epochs"] == config.epochs and report["model"] == name
     assert report["device"] == "CPU" and report["precision"] == "fp32"
     assert report["world_size"] == 1 and set(report["compute_dtypes"].values()) == {"fp32"}
-    assert set(report["final"]) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+    # with adversarial_eps (the RNN's default), the adversarial pass's loss beside the clean one
+    adversarial = ["train_adversarial_loss"] if config.adversarial_eps else []
+    final = {"train_loss", *adversarial, "train_accuracy", "val_loss", "val_accuracy"}
+    assert set(report["final"]) == final
     assert 1 <= report["best_epoch"] <= config.epochs
 
     with open(reports / "history.csv", newline="") as handle:
-        assert next(csv.reader(handle)) == HISTORY_COLUMNS
+        columns = HISTORY_COLUMNS[:3] + adversarial + HISTORY_COLUMNS[3:]
+        assert next(csv.reader(handle)) == columns
     rows = read_history(name)
     assert [row["epoch"] for row in rows] == list(range(1, config.epochs + 1))
     assert rows[-1]["val_accuracy"] == pytest.approx(report["final"]["val_accuracy"])

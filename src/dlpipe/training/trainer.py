@@ -17,6 +17,7 @@ import copy
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from dlpipe.config import TrainConfig
 from dlpipe.data.tensors import Split
+from dlpipe.training.adversarial import EmbeddingAdversary
 from dlpipe.training.checkpoint import CheckpointStore
 from dlpipe.training.distributed import World
 from dlpipe.training.runtime import Runtime
@@ -116,6 +118,11 @@ class Trainer:
                 torch.manual_seed(_rank_seed(seed, self.world.rank))
         self.optimizer = make_optimizer(self.model, config)
         self.scaler = runtime.grad_scaler()
+        self.adversary = (
+            EmbeddingAdversary(self.model, config.adversarial_eps)
+            if config.adversarial_eps > 0
+            else None
+        )
 
     def _better(self, value: float, best: float) -> bool:
         return value < best if self.config.monitor == "val_loss" else value > best
@@ -149,6 +156,7 @@ class Trainer:
         if config.max_steps_per_epoch:
             batches = batches[: config.max_steps_per_epoch]
         loss_sum = torch.zeros((), device=device)
+        adversarial_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(
@@ -158,43 +166,65 @@ class Trainer:
             disable=not (sys.stderr.isatty() and world.is_main),
             leave=True,
         )
+        adversary = self.adversary.attached() if self.adversary else nullcontext()
+        # With an adversarial pass after the clean one, DDP averages the gradients once, after it.
+        first_pass: Callable[[], AbstractContextManager[Any]] = nullcontext
+        if self.adversary and isinstance(self.network, DistributedDataParallel):
+            first_pass = self.network.no_sync
         self.runtime.synchronize()
         start = time.perf_counter()
-        for step, batch in enumerate(bar):
-            inputs, targets = train.batch(batch.index, batch.width)
-            with self.runtime.autocast():
-                logits = self.network(*inputs)
-                loss = F.cross_entropy(
-                    logits.float(), targets, label_smoothing=config.label_smoothing
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            # DDP averages gradients over processes: weighting by the share of an uneven last
-            # batch makes that average the mean over the global batch's rows.
-            weighted = loss if batch.share == 1.0 else loss * batch.share
-            self.scaler.scale(weighted).backward()
-            if config.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach() * len(targets)
-            correct += (logits.argmax(1) == targets).sum()
-            seen += len(targets)
-            if step % 20 == 0 and not bar.disable:  # the live bar reads the loss (TTY only)
-                rate = seen * world.size / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
+        with adversary:
+            for step, batch in enumerate(bar):
+                inputs, targets = train.batch(batch.index, batch.width)
+                self.optimizer.zero_grad(set_to_none=True)
+                with first_pass():
+                    logits, loss = self._loss(inputs, targets)
+                    self._backward(loss, batch.share)
+                if self.adversary is not None:
+                    self.adversary.arm()
+                    _, adversarial = self._loss(inputs, targets)
+                    self._backward(adversarial, batch.share)
+                    adversarial_sum += adversarial.detach() * len(targets)
+                if config.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                scheduler.step()
+                loss_sum += loss.detach() * len(targets)
+                correct += (logits.argmax(1) == targets).sum()
+                seen += len(targets)
+                if step % 20 == 0 and not bar.disable:  # the live bar reads the loss (TTY only)
+                    rate = seen * world.size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:,.0f}")
         self.runtime.synchronize()
         elapsed = time.perf_counter() - start
-        total_loss, total_correct, total_seen = world.all_reduce(
-            [loss_sum.item(), float(correct.item()), float(seen)]
-        )
-        return {
-            "train_loss": total_loss / max(1.0, total_seen),
+        sums = [loss_sum.item(), float(correct.item()), float(seen)]
+        if self.adversary is not None:
+            sums.append(adversarial_sum.item())
+        total_loss, total_correct, total_seen, *total_adversarial = world.all_reduce(sums)
+        row = {"train_loss": total_loss / max(1.0, total_seen)}
+        if total_adversarial:
+            row["train_adversarial_loss"] = total_adversarial[0] / max(1.0, total_seen)
+        return row | {
             "train_accuracy": total_correct / max(1.0, total_seen),
             "epoch_time_s": elapsed,
             "samples_per_s": total_seen / elapsed if elapsed > 0 else 0.0,
         }
+
+    def _loss(self, inputs: tuple[Tensor, ...], targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The network's logits and its training loss on one batch."""
+        with self.runtime.autocast():
+            logits = self.network(*inputs)
+            loss = F.cross_entropy(
+                logits.float(), targets, label_smoothing=self.config.label_smoothing
+            )
+        return logits, loss
+
+    def _backward(self, loss: Tensor, share: float) -> None:
+        """DDP averages gradients over processes: weighting by the share of an uneven last batch
+        makes that average the mean over the global batch's rows."""
+        self.scaler.scale(loss if share == 1.0 else loss * share).backward()
 
     def _restore_rng(self, resume: dict[str, Any]) -> None:
         """Each process's generators as checkpointed; fresh per-process seeds when the
